@@ -1,0 +1,1 @@
+"""CapFilt: BLIP-large captioner + CLIP ranker as a Ray Data job (reads pipelines' shards)."""

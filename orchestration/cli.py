@@ -1,0 +1,88 @@
+"""`blip2 <command>`: every command takes ``--config PRESET|FILE`` and trailing ``key=value`` overrides.
+
+Commands live in ``orchestration/commands/<name>.py`` and expose ``HELP``, ``add_arguments``
+and ``run(args, cfg)``; their heavy imports (torch, ray) happen inside ``run`` so that
+``blip2 --help`` is instant.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import re
+import sys
+
+from orchestration.config import ConfigError, available_presets, load_config
+
+# command name -> module under orchestration.commands
+COMMANDS = {
+    "config": "show_config",
+    "tiny-models": "tiny_models",
+    "download": "download",
+    "capfilt": "capfilt",
+    "train": "train",
+    "eval": "eval",
+    "export-hf": "export_hf",
+    "shards": "shards",
+    "caption": "caption",
+    "vqa": "vqa",
+    "submit": "submit",
+    "demo": "demo",
+}
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate ``key=value`` overrides from the arguments argparse should see."""
+    rest, overrides = [], []
+    for a in argv:
+        (overrides if _OVERRIDE.match(a) else rest).append(a)
+    return rest, overrides
+
+
+def _load_command(name: str):
+    try:
+        return importlib.import_module(f"orchestration.commands.{COMMANDS[name]}")
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("orchestration.commands"):
+            return None
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="blip2",
+        description="BLIP-2 pre-training pipeline: download -> capfilt -> train -> eval/export.",
+        epilog=f"Config: --config PRESET|FILE.yaml plus key=value overrides. Presets: {', '.join(available_presets())}",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        mod = _load_command(name)
+        if mod is None:
+            continue
+        p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
+        p.add_argument("--config", default=getattr(mod, "DEFAULT_PRESET", None),
+                       help="preset name or YAML file (overrides: key=value after the command)")
+        mod.add_arguments(p)
+        p.set_defaults(_module=mod)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset's albumentations phones home
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest, overrides = split_overrides(argv)
+    args = build_parser().parse_args(rest)
+    args.overrides = overrides
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"blip2 {args.command}: config error: {e}", file=sys.stderr)
+        return 2
+    rc = args._module.run(args, cfg)
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per `blip2` command (see orchestration.cli)."""

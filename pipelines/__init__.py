@@ -1,0 +1,1 @@
+"""Data layer: URL lists, download, Parquet contracts and shard IO. Imports nothing downstream."""

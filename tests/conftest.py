@@ -1,0 +1,97 @@
+"""Shared fixtures: tiny models, the synthetic corpus, the HTTP server, moto S3, local Ray."""
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from tests.helpers.servers import RayHead, free_port, start_http_server  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """name -> directory of every tiny model (bert, vision, vision_eva, captioner, ranker, opt, t5)."""
+    from orchestration.tiny_models import build_tiny_models
+
+    return build_tiny_models(tmp_path_factory.mktemp("tiny-models"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """(folder, items): 48 synthetic images with true captions, seed 0."""
+    from pipelines.synthetic import make_corpus
+
+    root = tmp_path_factory.mktemp("corpus")
+    return root, make_corpus(root, n=48, seed=0)
+
+
+@pytest.fixture(scope="session")
+def http_server(corpus):
+    """The corpus (and hostile routes, see tests.helpers.servers) on http://127.0.0.1:<port>."""
+    server = start_http_server(corpus[0])
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real moto S3 server on 127.0.0.1; the AWS env vars point every client at it."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield endpoint
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh bucket; returns its ``s3://name`` URI."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    """A local Ray instance for the session (started after moto so workers inherit its env)."""
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}})
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_head(s3_server):
+    """A `ray start --head` node with the job server, for `ray job submit` tests."""
+    head = RayHead(num_cpus=2)
+    try:
+        head.wait_ready()
+        yield head
+    finally:
+        head.stop()

@@ -1,0 +1,64 @@
+import hashlib
+import json
+
+import pyarrow as pa
+import pytest
+
+from pipelines.schema import DOWNLOAD, SchemaError
+from pipelines.shardio import ShardSet, redact, shard_name
+
+
+def table(n, start=0):
+    return pa.Table.from_pylist(
+        [dict(key=f"s/{i}", source="s", url=f"http://h/{i}", caption=f"c{i}", image=None, width=None,
+              height=None, original_width=None, original_height=None, status="http_error", error="404",
+              sha256=None) for i in range(start, start + n)],
+        schema=DOWNLOAD.schema,
+    )
+
+
+@pytest.fixture(params=["local", "s3"])
+def shard_uri(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "set")
+    return request.getfixturevalue("s3_bucket") + "/prefix/set"
+
+
+def test_write_commit_and_manifest(shard_uri):
+    shards = ShardSet(shard_uri)
+    assert shards.committed() == []
+    info0 = shards.write_shard(0, table(3), DOWNLOAD)
+    shards.write_shard(2, table(5, 3), DOWNLOAD)
+    assert shards.committed() == [shard_name(0), shard_name(2)]
+    assert shards.committed_indices() == {0, 2}
+    data = shards.fs.cat(shards.path(shard_name(0)))
+    assert info0.sha256 == hashlib.sha256(data).hexdigest() and info0.rows == 3
+    manifest = shards.write_manifest(DOWNLOAD, config={"output": shard_uri, "aws_secret_access_key": "x"})
+    assert manifest["num_rows"] == 8 and manifest["schema"] == "download/1"
+    assert manifest["config"]["aws_secret_access_key"] == "<redacted>"
+    assert json.loads(shards.fs.cat(shards.path("_manifest.json")))["num_shards"] == 2
+    keys = [r["key"] for _, b in shards.iter_batches(DOWNLOAD) for r in b.to_pylist()]
+    assert keys == [f"s/{i}" for i in range(8)]
+
+
+def test_no_temporary_files_left_behind(tmp_path):
+    shards = ShardSet(str(tmp_path / "set"))
+    shards.write_shard(1, table(2), DOWNLOAD)
+    names = sorted(p.name for p in (tmp_path / "set").iterdir())
+    assert names == ["_commits", "part-00001.parquet"]
+
+
+def test_check_schema_refuses_wrong_input(tmp_path):
+    import pyarrow.parquet as pq
+
+    (tmp_path / "bad").mkdir()
+    pq.write_table(pa.table({"url": ["u"]}), tmp_path / "bad" / "part-00000.parquet")
+    with pytest.raises(SchemaError, match="missing column 'key'"):
+        ShardSet(str(tmp_path / "bad")).check_schema(DOWNLOAD)
+    with pytest.raises(SchemaError, match="no committed shards"):
+        ShardSet(str(tmp_path / "empty")).check_schema(DOWNLOAD)
+
+
+def test_redact_nested():
+    assert redact({"a": {"AWS_SECRET_ACCESS_KEY": "s", "x": [{"token": 1}]}}) == {
+        "a": {"AWS_SECRET_ACCESS_KEY": "<redacted>", "x": [{"token": "<redacted>"}]}}
