@@ -1,29 +1,74 @@
 """Config sections of the training layer (``model.*``, ``train.*``, ``eval.*`` keys)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
 class ModelConfig:
+    # frozen image encoder
     vision: str = "eva_vit_g"          # eva_vit_g (Blip2VisionModel) | clip_vit_l (CLIPVisionModel)
     vision_path: str = ""              # save_pretrained directory (local or s3://)
-    qformer_init: str = ""             # bert-base-uncased layout directory; empty: random init
-    num_query_tokens: int = 32
+    frozen_dtype: str = "float16"      # float16 | bfloat16 | float32 (fp32 on CPU)
     image_size: int = 224
-    frozen_dtype: str = "float16"      # float16 | bfloat16 | float32
+    # Q-Former
+    qformer_init: str = ""             # bert-base-uncased layout directory (weights + tokenizer)
+    num_query_tokens: int = 32
+    cross_attention_frequency: int = 2
+    embed_dim: int = 256               # ITC projection size
+    max_text_len: int = 32
+    # stage 2
+    stage1_checkpoint: str = ""        # stage 2 starts from this stage-1 checkpoint directory
+    llm_family: str = "opt"            # opt | t5
+    llm_path: str = ""                 # save_pretrained directory of the frozen LLM (+ tokenizer)
+    llm_dtype: str = "auto"            # auto: float16 for OPT, bfloat16 for FlanT5 (float32 on CPU)
+    prompt: str = ""                   # stage-2 training prompt (the paper uses none)
+    freeze_vision: bool = True         # fine-tuning may unfreeze the image encoder
+
+    def validate(self) -> None:
+        if self.vision not in ("eva_vit_g", "clip_vit_l"):
+            raise ValueError(f"vision must be eva_vit_g or clip_vit_l, got {self.vision!r}")
+        if self.llm_family not in ("opt", "t5"):
+            raise ValueError(f"llm_family must be opt or t5, got {self.llm_family!r}")
+        for name in ("frozen_dtype",):
+            if getattr(self, name) not in ("float16", "bfloat16", "float32"):
+                raise ValueError(f"{name} must be float16, bfloat16 or float32")
 
 
 @dataclass
 class TrainConfig:
     stage: int = 1
-    input: str = "runs/capfilt"
-    output: str = "runs/train"
+    input: str = "runs/capfilt"        # CapFilt shard set (local or s3://)
+    output: str = "runs/train"         # RunConfig storage_path (local or s3://)
+    name: str = ""                     # run name (default: stage<k>)
     steps: int = 250_000
-    batch_size: int = 32               # per worker micro-batch
+    batch_size: int = 32               # per-worker micro-batch
+    global_batch: int = 0              # 0: batch_size * workers (no accumulation)
     lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 2000
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = 0.0             # 0: off
+    precision: str = "fp32"            # fp32 | fp16 | bf16 (autocast for the trainable parts)
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    checkpoint_every: int = 1000
+    max_failures: int = 0
+    log_every: int = 10
+    shuffle_buffer: int = 0            # local shuffle buffer rows (0: off)
+    ingest_cpus: float = 1.0           # CPU per decode/augment task
+    image_size: int = 224
+    min_scale: float = 0.5             # random resized crop scale range (min, 1)
+    max_words: int = 50
 
 
 @dataclass
 class EvalConfig:
-    k_test: int = 128
+    k_test: int = 128                  # ITC shortlist re-ranked by ITM
+    batch_size: int = 32
+    num_beams: int = 5
+    max_new_tokens: int = 30
+    caption_prompt: str = "a photo of"
+    extra: dict = field(default_factory=dict)

@@ -1,0 +1,64 @@
+"""Frozen image encoders: patch features ``[B, N, D]`` for the Q-Former to cross-attend to.
+
+* ``eva_vit_g`` — EVA ViT-g/14 as stored in HF BLIP-2 checkpoints (``Blip2VisionModel``, 39 layers,
+  width 1408). Its ``post_layernorm`` is the paper's trainable ``ln_vision``, so it is taken out
+  of the frozen tower here (``ln_init`` hands its weights to the trainable LayerNorm).
+* ``clip_vit_l`` — CLIP ViT-L/14 (``CLIPVisionModel``) with the last layer removed (paper §3.1:
+  second-to-last layer's features), all 257 tokens, no post-LayerNorm.
+
+Weights are cast to ``dtype`` (fp16/bf16 on GPU), kept in eval mode and never require grad.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipelines.remote import local_dir
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class FrozenImageEncoder(nn.Module):
+    def __init__(self, kind: str, model: nn.Module, ln_init: nn.LayerNorm | None, trainable: bool = False):
+        super().__init__()
+        self.kind = kind
+        self.model = model
+        self.ln_init = [ln_init]  # a list keeps it out of state_dict / parameters()
+        self.trainable = trainable
+        self.width = model.config.hidden_size
+        if not trainable:
+            self.model.requires_grad_(False)
+            self.model.eval()
+
+    @classmethod
+    def from_pretrained(cls, kind: str, path: str, dtype: str = "float16", trainable: bool = False):
+        path = local_dir(path)
+        if kind == "eva_vit_g":
+            from transformers import Blip2VisionModel
+
+            model = Blip2VisionModel.from_pretrained(path, dtype=torch.float32)
+            ln = model.post_layernorm
+            model.post_layernorm = nn.Identity()
+        elif kind == "clip_vit_l":
+            from transformers import CLIPVisionModel
+
+            model = CLIPVisionModel.from_pretrained(path, dtype=torch.float32)
+            tower = getattr(model, "vision_model", model)  # transformers 5 flattened CLIPVisionModel
+            tower.encoder.layers = tower.encoder.layers[:-1]  # paper: use the second-to-last layer
+            model.config.num_hidden_layers -= 1
+            ln = None
+        else:
+            raise ValueError(f"unknown image encoder {kind!r} (eva_vit_g | clip_vit_l)")
+        return cls(kind, model.to(DTYPES[dtype]), ln, trainable=trainable)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not self.trainable:
+            self.model.eval()  # frozen: dropout/drop-path stay off whatever the parent does
+        return self
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``pixel_values [B, 3, H, W]`` → features ``[B, N, D]`` in the encoder's dtype."""
+        dtype = next(self.model.parameters()).dtype
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            return self.model(pixel_values=pixel_values.to(dtype)).last_hidden_state
