@@ -1,0 +1,23 @@
+"""Starting or joining Ray happens here, at the edge, once per command."""
+from __future__ import annotations
+
+import os
+
+from orchestration.config import RayConfig
+
+# Every Ray worker imports img2dataset/albumentations lazily; keep them offline and quiet.
+WORKER_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def ensure_ray(cfg: RayConfig):
+    """Join the cluster named by ``cfg.address`` / ``RAY_ADDRESS`` or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    kwargs = {"runtime_env": {"env_vars": WORKER_ENV}, "log_to_driver": True}
+    if cfg.address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=cfg.address or os.environ["RAY_ADDRESS"], **kwargs)
+    else:
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, **kwargs)
+    return ray
