@@ -1,0 +1,432 @@
+"""Shard-set inspection: streaming statistics and manifest/checksum consistency.
+
+``inspect_shards(uri)`` walks every committed shard of a download or CapFilt shard set
+(local or ``s3://``) one row group at a time, so memory stays bounded by the number of
+*distinct* values seen (caption lengths, image sizes, quantised CLIP scores) plus 8 bytes
+per row for duplicate-key detection - fine for 10k shards. Every problem it finds (missing,
+extra, truncated, corrupted, unreadable or wrongly-typed shards, a missing manifest) is
+named in ``Inspection.problems``; a bad shard never stops the walk.
+
+With ``verify=True`` every shard's bytes are read once, hashed and compared with the
+manifest's sha256, validated against the contract and fully decoded.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipelines.schema import CONTRACTS, Contract, SchemaError, contract_of, validate
+from pipelines.shardio import MANIFEST, ROW_GROUP_ROWS, SHARD_RE, ShardSet
+
+THUMB_PX = 160  # longest side of a report thumbnail
+
+
+@dataclass
+class Distribution:
+    """Exact streaming distribution of values quantised to ``resolution``.
+
+    Memory grows with the number of distinct quantised values, never with the rows.
+    """
+    resolution: float = 1.0
+    counts: Counter = field(default_factory=Counter)
+
+    def add(self, values) -> None:
+        v = np.asarray(values, dtype=np.float64)
+        v = v[np.isfinite(v)]
+        if v.size:
+            q, c = np.unique(np.round(v / self.resolution).astype(np.int64), return_counts=True)
+            self.counts.update(dict(zip(q.tolist(), c.tolist())))
+
+    @property
+    def n(self) -> int:
+        return sum(self.counts.values())
+
+    def values_and_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        keys = np.array(sorted(self.counts), dtype=np.int64)
+        return keys * self.resolution, np.array([self.counts[k] for k in keys], dtype=np.int64)
+
+    def quantile(self, q: float) -> float:
+        vals, cnts = self.values_and_counts()
+        cum = np.cumsum(cnts)
+        return float(vals[np.searchsorted(cum, q * cum[-1], side="left")])
+
+    def summary(self) -> dict:
+        """{n, min, p05, p50, p95, max, mean}; only n when empty."""
+        if not self.counts:
+            return {"n": 0}
+        vals, cnts = self.values_and_counts()
+        return {"n": int(cnts.sum()), "min": float(vals[0]), "p05": self.quantile(0.05),
+                "p50": self.quantile(0.5), "p95": self.quantile(0.95), "max": float(vals[-1]),
+                "mean": float((vals * cnts).sum() / cnts.sum())}
+
+
+@dataclass
+class Thumbnail:
+    key: str
+    jpeg: bytes                        # re-encoded, longest side THUMB_PX
+    captions: list[str]
+    scores: list[float | None]
+
+
+@dataclass
+class Inspection:
+    uri: str
+    contract: str | None = None        # the manifest's contract tag, else the first shard's
+    manifest: dict | None = None
+    shards: int = 0
+    rows: int = 0
+    bytes: int = 0
+    schema_versions: Counter = field(default_factory=Counter)
+    status: Counter = field(default_factory=Counter)
+    sources: Counter = field(default_factory=Counter)
+    width: Distribution = field(default_factory=Distribution)
+    height: Distribution = field(default_factory=Distribution)
+    original_width: Distribution = field(default_factory=Distribution)
+    original_height: Distribution = field(default_factory=Distribution)
+    caption_words: Distribution = field(default_factory=Distribution)
+    clip_scores: Distribution = field(default_factory=lambda: Distribution(resolution=0.001))
+    original_kept: int = 0             # CapFilt rows whose original caption is one of the two kept
+    image_errors: int = 0              # image bytes PIL cannot read a header from
+    duplicate_keys: int = 0            # rows whose key appeared earlier
+    duplicate_examples: dict = field(default_factory=dict)   # key -> [shard names]
+    problems: list[str] = field(default_factory=list)        # each names the shard/file concerned
+    verified: bool = False
+    samples: list[dict] = field(default_factory=list)
+    thumbnails: list[Thumbnail] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def share_original_kept(self) -> float | None:
+        return self.original_kept / self.rows if self.contract == "capfilt/1" and self.rows else None
+
+    def to_dict(self) -> dict:
+        """A JSON-friendly summary (no image bytes)."""
+        return {
+            "uri": self.uri, "contract": self.contract, "manifest": self.manifest is not None,
+            "shards": self.shards, "rows": self.rows, "bytes": self.bytes,
+            "schema_versions": dict(self.schema_versions), "status": dict(self.status),
+            "sources": dict(self.sources),
+            "width": self.width.summary(), "height": self.height.summary(),
+            "original_width": self.original_width.summary(),
+            "original_height": self.original_height.summary(),
+            "caption_words": self.caption_words.summary(), "clip_scores": self.clip_scores.summary(),
+            "share_original_kept": self.share_original_kept, "image_errors": self.image_errors,
+            "duplicate_keys": self.duplicate_keys, "duplicate_examples": self.duplicate_examples,
+            "problems": self.problems, "verified": self.verified, "samples": self.samples,
+        }
+
+
+# -- per-batch accumulation ---------------------------------------------------------------
+def _word_counts(strings: pa.Array) -> np.ndarray:
+    valid = pc.drop_null(strings)
+    return pc.list_value_length(pc.utf8_split_whitespace(valid)).to_numpy(zero_copy_only=False)
+
+
+def _thumbnail(data: bytes) -> tuple[bytes, tuple[int, int]]:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        size = im.size
+        im = im.convert("RGB")
+        im.thumbnail((THUMB_PX, THUMB_PX))
+        out = io.BytesIO()
+        im.save(out, format="JPEG", quality=85)
+    return out.getvalue(), size
+
+
+def _image_size(data: bytes) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:  # reads the header only
+        return im.size
+
+
+def _sample_row(row: dict) -> dict:
+    """A printable row: image bytes replaced by their length, candidates summarised."""
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, (bytes, bytearray)):
+            out[k] = f"<{len(v)} bytes>"
+        elif k == "candidates" and v is not None:
+            out[k] = f"<{len(v)} candidates>"
+        else:
+            out[k] = v
+    return out
+
+
+class _Walker:
+    """Accumulates one Inspection over the batches of every shard."""
+
+    def __init__(self, ins: Inspection, sample: int, thumbnails: int):
+        self.ins, self.sample, self.want_thumbs = ins, sample, thumbnails
+        self.key_hashes: list[np.ndarray] = []
+
+    def needs_images(self, contract: Contract | None) -> bool:
+        # CapFilt rows carry no width/height: image sizes come from the image headers.
+        return (contract is not None and contract.name == "capfilt") or len(self.ins.thumbnails) < self.want_thumbs
+
+    def add(self, batch: pa.RecordBatch, contract: Contract | None) -> None:
+        ins, cols = self.ins, batch.schema.names
+        ins.rows += batch.num_rows
+        if "key" in cols:
+            self.key_hashes.append(np.fromiter((hash(k) for k in batch.column("key").to_pylist()),
+                                               dtype=np.int64, count=batch.num_rows))
+        if "source" in cols:
+            ins.sources.update(batch.column("source").to_pylist())
+        if "status" in cols:
+            ins.status.update(batch.column("status").to_pylist())
+        for name in ("width", "height", "original_width", "original_height"):
+            if name in cols:
+                getattr(ins, name).add(pc.drop_null(batch.column(name)).to_numpy(zero_copy_only=False))
+        if "caption" in cols:
+            ins.caption_words.add(_word_counts(batch.column("caption")))
+        if "captions" in cols:
+            ins.caption_words.add(_word_counts(pc.list_flatten(batch.column("captions"))))
+        if "scores" in cols:
+            ins.clip_scores.add(pc.list_flatten(batch.column("scores")).to_numpy(zero_copy_only=False))
+        if "captions" in cols and "original_caption" in cols:
+            for kept, orig in zip(batch.column("captions").to_pylist(),
+                                  batch.column("original_caption").to_pylist()):
+                ins.original_kept += bool(orig is not None and kept and orig in kept)
+        if "image" in cols:
+            self._images(batch, contract)
+        if len(ins.samples) < self.sample:
+            rows = batch.slice(0, self.sample - len(ins.samples)).to_pylist()
+            ins.samples.extend(_sample_row(r) for r in rows)
+
+    def _images(self, batch: pa.RecordBatch, contract: Contract | None) -> None:
+        ins = self.ins
+        capfilt = contract is not None and contract.name == "capfilt"
+        images = batch.column("image").to_pylist()
+        widths, heights = [], []
+        for i, data in enumerate(images):
+            if data is None:
+                continue
+            thumb = len(ins.thumbnails) < self.want_thumbs
+            if not (capfilt or thumb):
+                break
+            try:
+                jpeg, size = _thumbnail(data) if thumb else (None, _image_size(data))
+            except Exception:  # noqa: BLE001 - any undecodable image is a counted outcome
+                ins.image_errors += 1
+                continue
+            if capfilt:
+                widths.append(size[0])
+                heights.append(size[1])
+            if thumb:
+                ins.thumbnails.append(self._thumb(batch, i, jpeg))
+        if capfilt:
+            ins.width.add(widths)
+            ins.height.add(heights)
+
+    @staticmethod
+    def _thumb(batch: pa.RecordBatch, i: int, jpeg: bytes) -> Thumbnail:
+        row = batch.slice(i, 1).to_pylist()[0]
+        if "captions" in row:
+            caps, scores = list(row["captions"] or []), list(row.get("scores") or [])
+        else:
+            caps, scores = [row.get("caption") or ""], []
+        scores = scores + [None] * (len(caps) - len(scores))
+        return Thumbnail(str(row.get("key")), jpeg, caps, scores)
+
+    def finish_duplicates(self, shards: ShardSet, names: list[str]) -> None:
+        if not self.key_hashes:
+            return
+        hashes = np.concatenate(self.key_hashes)
+        uniq, counts = np.unique(hashes, return_counts=True)
+        dup = set(uniq[counts > 1].tolist())
+        if not dup:
+            return
+        # Rare path: a second, key-column-only pass confirms the strings and names the shards.
+        seen: dict[str, list[str]] = {}
+        for name in names:
+            try:
+                keys = shards.open_parquet(name).read(columns=["key"]).column("key").to_pylist()
+            except Exception:  # noqa: BLE001 - already reported as unreadable
+                continue
+            for k in keys:
+                if hash(k) in dup:
+                    seen.setdefault(k, []).append(name)
+        dups = {k: v for k, v in seen.items() if len(v) > 1}
+        self.ins.duplicate_keys = sum(len(v) - 1 for v in dups.values())
+        self.ins.duplicate_examples = dict(list(sorted(dups.items()))[:10])
+
+
+# -- the walk -----------------------------------------------------------------------------
+def _listing(shards: ShardSet) -> dict[str, int]:
+    """Committed shard name -> size in bytes (one listing call)."""
+    if not shards.fs.exists(shards.root):
+        return {}
+    out = {}
+    for entry in shards.fs.ls(shards.root, detail=True):
+        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+        if SHARD_RE.match(name):
+            out[name] = int(entry.get("size") or 0)
+    return dict(sorted(out.items()))
+
+
+def _check_manifest(ins: Inspection, manifest: dict | None, listing: dict[str, int]) -> dict:
+    """Compare the manifest with the listing; returns name -> manifest shard record."""
+    if manifest is None:
+        if listing:
+            ins.problems.append(f"{MANIFEST} is missing (a job still running, or one that never finished)")
+        return {}
+    records = {s["name"]: s for s in manifest.get("shards", [])}
+    for name in sorted(set(records) - set(listing)):
+        ins.problems.append(f"{name}: listed in the manifest but missing from storage")
+    for name in sorted(set(listing) - set(records)):
+        ins.problems.append(f"{name}: on storage but not in the manifest")
+    for name in sorted(set(records) & set(listing)):
+        if records[name].get("bytes") is not None and records[name]["bytes"] != listing[name]:
+            ins.problems.append(f"{name}: size {listing[name]} bytes, manifest says {records[name]['bytes']}")
+    if manifest.get("num_rows") is not None and manifest["num_rows"] != sum(s.get("rows", 0) for s in records.values()):
+        ins.problems.append(f"{MANIFEST}: num_rows does not match the sum of its shards' rows")
+    return records
+
+
+def inspect_shards(uri: str, sample: int = 0, thumbnails: int = 0, verify: bool = False,
+                   batch_size: int = ROW_GROUP_ROWS) -> Inspection:
+    """Walk the shard set at ``uri`` once and return its statistics and problems.
+
+    sample: rows to keep for printing (first rows in shard order, image bytes elided).
+    thumbnails: images to keep as small JPEGs (first decodable images in shard order).
+    verify: read every shard's full bytes; compare sha256, rows and schema with the manifest.
+    """
+    shards = ShardSet(uri)
+    ins = Inspection(uri=shards.uri, verified=verify)
+    try:
+        manifest = shards.read_manifest()
+    except Exception as e:  # noqa: BLE001 - an unreadable manifest is a finding, not a crash
+        ins.problems.append(f"{MANIFEST}: unreadable ({e})")
+        manifest = None
+    ins.manifest = manifest
+    listing = _listing(shards)
+    records = _check_manifest(ins, manifest, listing)
+    expected = CONTRACTS.get((manifest or {}).get("schema", "").partition("/")[0])
+    if expected is not None and expected.tag != manifest.get("schema"):
+        ins.problems.append(f"{MANIFEST}: unknown schema version {manifest.get('schema')!r}")
+        expected = None
+    ins.contract = expected.tag if expected else None
+    ins.shards, ins.bytes = len(listing), sum(listing.values())
+    walker = _Walker(ins, sample, thumbnails)
+    for name in listing:
+        _walk_shard(shards, name, records.get(name), expected, walker, verify, batch_size)
+    walker.finish_duplicates(shards, list(listing))
+    if manifest is not None and manifest.get("num_rows") is not None and not any(
+            "missing" in p or "unreadable" in p for p in ins.problems):
+        if manifest["num_rows"] != ins.rows:
+            ins.problems.append(f"{MANIFEST}: says {manifest['num_rows']} rows, the shards hold {ins.rows}")
+    if not listing:
+        ins.problems.append(f"{shards.uri}: no committed shards (part-NNNNN.parquet)")
+    return ins
+
+
+def _walk_shard(shards: ShardSet, name: str, record: dict | None, expected: Contract | None,
+                walker: _Walker, verify: bool, batch_size: int) -> None:
+    ins = walker.ins
+    try:
+        if verify:
+            data = shards.fs.cat(shards.path(name))
+            digest = hashlib.sha256(data).hexdigest()
+            if record is not None and record.get("sha256") and record["sha256"] != digest:
+                ins.problems.append(f"{name}: sha256 {digest[:12]}… does not match the manifest's "
+                                    f"{record['sha256'][:12]}… (corrupted)")
+            pf = pq.ParquetFile(io.BytesIO(data))
+        else:
+            pf = shards.open_parquet(name)
+        schema = pf.schema_arrow
+        declared = contract_of(schema)
+        ins.schema_versions[declared.tag if declared else "undeclared"] += 1
+        contract = expected or declared
+        if ins.contract is None and declared is not None:
+            ins.contract = declared.tag
+        if contract is not None:
+            validate(schema, contract, where=name)
+        if record is not None and record.get("rows") is not None and pf.metadata.num_rows != record["rows"]:
+            ins.problems.append(f"{name}: {pf.metadata.num_rows} rows, manifest says {record['rows']}")
+        # Without --verify skip the heavy columns we do not need (download images, candidates).
+        columns = None if verify else [
+            c for c in schema.names
+            if c != "candidates" and (c != "image" or walker.needs_images(contract))]
+        for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
+            walker.add(batch, contract)
+    except SchemaError as e:
+        ins.problems.append(f"{name}: {e}")
+    except Exception as e:  # noqa: BLE001 - a corrupt shard is named, the walk goes on
+        ins.problems.append(f"{name}: unreadable ({type(e).__name__}: {str(e)[:200]})")
+
+
+# -- the one-screen text summary ----------------------------------------------------------
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _fmt_dist(d: Distribution, digits: int = 0) -> str:
+    s = d.summary()
+    if not s["n"]:
+        return "-"
+    f = f"{{:.{digits}f}}"
+    return (f"n={s['n']}  min {f.format(s['min'])}  p05 {f.format(s['p05'])}  p50 {f.format(s['p50'])}  "
+            f"p95 {f.format(s['p95'])}  max {f.format(s['max'])}  mean {s['mean']:.{max(digits, 1)}f}")
+
+
+def _fmt_counter(c: Counter, limit: int = 12) -> str:
+    items = c.most_common()
+    text = ", ".join(f"{k}: {v}" for k, v in items[:limit])
+    return text + (f", … ({len(items) - limit} more)" if len(items) > limit else "") if items else "-"
+
+
+def format_text(ins: Inspection) -> str:
+    """The printed report: one screen of statistics, then problems and sample rows."""
+    lines = [
+        f"shard set        {ins.uri}",
+        f"contract         {ins.contract or 'unknown'}   schema versions: {_fmt_counter(ins.schema_versions)}",
+        f"shards           {ins.shards}   rows {ins.rows}   bytes {ins.bytes} ({_human_bytes(ins.bytes)})",
+        f"manifest         {'present' if ins.manifest is not None else 'MISSING'}"
+        + (f" ({ins.manifest.get('num_shards')} shards, {ins.manifest.get('num_rows')} rows, "
+           f"created {ins.manifest.get('created_at')})" if ins.manifest else ""),
+        f"sources          {_fmt_counter(ins.sources)}",
+    ]
+    if ins.status:
+        lines.append(f"status           {_fmt_counter(ins.status)}")
+    lines += [
+        f"image width      {_fmt_dist(ins.width)}",
+        f"image height     {_fmt_dist(ins.height)}",
+    ]
+    if ins.original_width.n:
+        lines += [f"original width   {_fmt_dist(ins.original_width)}",
+                  f"original height  {_fmt_dist(ins.original_height)}"]
+    lines.append(f"caption words    {_fmt_dist(ins.caption_words)}")
+    if ins.clip_scores.n:
+        lines.append(f"CLIP score kept  {_fmt_dist(ins.clip_scores, 3)}")
+    if ins.share_original_kept is not None:
+        lines.append(f"original kept    {ins.original_kept}/{ins.rows} rows "
+                     f"({100 * ins.share_original_kept:.1f}%) keep the web caption among the two")
+    if ins.image_errors:
+        lines.append(f"image errors     {ins.image_errors} images whose header PIL cannot read")
+    lines.append(f"duplicate keys   {ins.duplicate_keys}"
+                 + (f"  e.g. {', '.join(f'{k} in {v}' for k, v in list(ins.duplicate_examples.items())[:3])}"
+                    if ins.duplicate_keys else ""))
+    check = "verified: sha256 + schema + full decode of every shard" if ins.verified else \
+        "listing vs manifest (names, sizes, rows); --verify also checks sha256"
+    lines.append(f"consistency      {'OK' if ins.ok else f'{len(ins.problems)} PROBLEM(S)'} ({check})")
+    lines += [f"  ! {p}" for p in ins.problems]
+    if ins.samples:
+        lines.append(f"sample rows ({len(ins.samples)}):")
+        for row in ins.samples:
+            lines.append("  " + "  ".join(f"{k}={v!r}" for k, v in row.items()))
+    return "\n".join(lines)

@@ -1,0 +1,125 @@
+"""A self-contained HTML report of one shard-set inspection.
+
+Everything is inlined (histograms rendered with matplotlib's Agg backend as base64 PNGs,
+thumbnails as base64 JPEGs), so the file can be mailed, opened offline or attached to CI.
+All text from the data (captions, keys, sources) is HTML-escaped: web captions are hostile.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections import Counter
+from pathlib import Path
+
+from pipelines.inspect import Distribution, Inspection, format_text
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1180px}
+h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:22px 0 8px}
+table.stats td{padding:2px 12px 2px 0;vertical-align:top;font-size:13px}
+.problems li{color:#b00020}.ok{color:#167a2e}
+.charts{display:flex;flex-wrap:wrap;gap:8px}.charts img{width:370px;border:1px solid #ddd}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(170px,1fr));gap:10px}
+figure.thumb{margin:0;padding:6px;border:1px solid #ddd;border-radius:4px;font-size:12px}
+figure.thumb img{display:block;max-width:160px;max-height:160px;margin:0 auto 4px}
+.key{color:#777;font-family:monospace}.score{color:#1f4e99;font-family:monospace}
+pre{background:#f6f6f6;padding:8px;font-size:12px;overflow-x:auto}
+"""
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _charts(ins: Inspection) -> list[tuple[str, str]]:
+    """(title, data URI) of each histogram / bar chart that has data."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    out = []
+
+    def hist(title: str, dist: Distribution, xlabel: str, color: str):
+        if not dist.n:
+            return
+        vals, cnts = dist.values_and_counts()
+        fig, ax = plt.subplots(figsize=(4.6, 2.8))
+        if dist.resolution >= 1 and len(vals) <= 40:  # few integer values: one bar each
+            ax.bar(vals, cnts, width=0.8 * dist.resolution, color=color)
+        else:
+            ax.hist(vals, bins=min(40, len(vals)), weights=cnts, color=color)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel, fontsize=9)
+        ax.set_ylabel("count", fontsize=9)
+        out.append((title, _png(fig)))
+        plt.close(fig)
+
+    def bars(title: str, counter: Counter, color: str):
+        if not counter:
+            return
+        items = counter.most_common(12)
+        fig, ax = plt.subplots(figsize=(4.6, 2.8))
+        ax.barh([str(k)[:24] for k, _ in items][::-1], [v for _, v in items][::-1], color=color)
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(labelsize=8)
+        out.append((title, _png(fig)))
+        plt.close(fig)
+
+    bars("rows per status", ins.status, "#6a8caf")
+    bars("rows per source", ins.sources, "#8f6aaf")
+    hist("image width", ins.width, "pixels", "#4c9a6a")
+    hist("image height", ins.height, "pixels", "#4c9a6a")
+    hist("caption length", ins.caption_words, "words", "#c27c2c")
+    hist("CLIP score of kept captions", ins.clip_scores, "cosine", "#2c6fc2")
+    return out
+
+
+def _thumb_html(t) -> str:
+    caps = "".join(
+        f"<div class='caption'>{html.escape(c)}"
+        + (f" <span class='score'>{s:.3f}</span>" if s is not None else "") + "</div>"
+        for c, s in zip(t.captions, t.scores))
+    uri = "data:image/jpeg;base64," + base64.b64encode(t.jpeg).decode()
+    return (f"<figure class='thumb'><img class='thumb' src='{uri}' alt='{html.escape(t.key)}'>"
+            f"<figcaption><div class='key'>{html.escape(t.key)}</div>{caps}</figcaption></figure>")
+
+
+def render_html(ins: Inspection) -> str:
+    d = ins.to_dict()
+    rows = [("contract", ins.contract or "unknown"), ("shards", ins.shards), ("rows", ins.rows),
+            ("bytes", ins.bytes), ("manifest", "present" if ins.manifest is not None else "missing"),
+            ("duplicate keys", ins.duplicate_keys)]
+    if d["share_original_kept"] is not None:
+        rows.append(("original caption kept", f"{100 * d['share_original_kept']:.1f}%"))
+    stats = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    if ins.problems:
+        consistency = "<ul class='problems'>" + "".join(
+            f"<li>{html.escape(p)}</li>" for p in ins.problems) + "</ul>"
+    else:
+        consistency = f"<p class='ok'>consistent{' (verified)' if ins.verified else ''}</p>"
+    charts = "".join(f"<img class='chart' src='{uri}' alt='{html.escape(title)}' title='{html.escape(title)}'>"
+                     for title, uri in _charts(ins))
+    thumbs = "".join(_thumb_html(t) for t in ins.thumbnails)
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>shard report: {html.escape(ins.uri)}</title>
+<style>{_CSS}</style></head><body>
+<h1>Shard report</h1><div class="key">{html.escape(ins.uri)}</div>
+<h2>Summary</h2><table class="stats">{stats}</table>
+<h2>Consistency</h2>{consistency}
+<h2>Distributions</h2><div class="charts">{charts}</div>
+<h2>Sample images ({len(ins.thumbnails)})</h2><div class="grid">{thumbs}</div>
+<h2>Text summary</h2><pre>{html.escape(format_text(ins))}</pre>
+</body></html>
+"""
+
+
+def write_html(ins: Inspection, out: str | Path) -> Path:
+    """Write the report to a local file; returns its path."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_html(ins), encoding="utf-8")
+    return out
