@@ -1,0 +1,103 @@
+"""Blip2Stage1: the trainer-facing interface, gradients, degenerate batches, checkpoints."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.training.stage1_helpers import CAPTIONS, build_model, eva_tower, model_config, pixels
+
+
+@pytest.fixture(scope="module")
+def eva(tiny_models, tmp_path_factory):
+    return eva_tower(tiny_models["vision_eva"], tmp_path_factory.mktemp("eva"))
+
+
+@pytest.fixture(scope="module")
+def cfg(tiny_models, eva):
+    return model_config(tiny_models, eva)
+
+
+def test_forward_returns_the_three_losses_and_their_sum(cfg):
+    model = build_model(cfg)
+    out = model(pixels(4), CAPTIONS[:4], generator=torch.Generator().manual_seed(0))
+    assert set(out) == {"loss", "loss_itc", "loss_itm", "loss_itg"}
+    for v in out.values():
+        assert v.ndim == 0 and v.dtype == torch.float32 and torch.isfinite(v)
+    assert torch.allclose(out["loss"], out["loss_itc"] + out["loss_itm"] + out["loss_itg"])
+    # untrained: ITC near log(B), ITG near log(V), ITM near log(2)
+    assert abs(out["loss_itc"].item() - math.log(4)) < 0.5
+    assert abs(out["loss_itg"].item() - math.log(len(model.tokenizer))) < 1.0
+    assert abs(out["loss_itm"].item() - math.log(2)) < 0.5
+
+
+def test_shapes_and_normalisation(cfg):
+    model = build_model(cfg)
+    image_embeds, image_feat = model.encode_image(pixels(3))
+    assert image_embeds.shape == (3, 65, model.vision.width) and image_embeds.dtype == torch.float32
+    assert image_feat.shape == (3, 8, 32)
+    assert torch.allclose(image_feat.norm(dim=-1), torch.ones(3, 8), atol=1e-5)
+    ids, mask, text_feat = model.encode_text(CAPTIONS[:3])
+    assert ids.shape == mask.shape and ids.shape[0] == 3 and (ids[:, 0] == model.tokenizer.cls_token_id).all()
+    assert text_feat.shape == (3, 32) and torch.allclose(text_feat.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert model.itm_logits(image_embeds, ids, mask).shape == (3, 2)
+    assert model.tokenizer.bos_token == "[DEC]" and model.tokenizer.bos_token_id == len(model.tokenizer) - 1
+    long = model.encode_text(["red " * 100])[0]
+    assert long.shape[1] == cfg.max_text_len
+
+
+def test_batch_of_one_and_duplicate_captions_are_finite(cfg):
+    model = build_model(cfg)
+    one = model(pixels(1), ["a red circle"])
+    assert all(torch.isfinite(v) for v in one.values())
+    same = model(pixels(3), ["a red circle"] * 3)  # every other caption is a duplicate: no negatives
+    assert all(torch.isfinite(v) for v in same.values())
+    same["loss"].backward()
+    assert torch.isfinite(model.itm_head.weight.grad).all()
+
+
+def test_gradients_reach_trainable_parts_and_never_the_frozen_encoder(cfg):
+    model = build_model(cfg).train()
+    frozen_before = {k: v.clone() for k, v in model.vision.state_dict().items()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert not any(p.requires_grad for p in model.vision.parameters())
+    opt = torch.optim.AdamW(trainable, lr=1e-3)
+    out = model(pixels(4), CAPTIONS[:4], generator=torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    named = dict(model.named_parameters())
+    for name in ["temp", "ln_vision.weight", "ln_vision.bias", "query_tokens", "vision_proj.weight",
+                 "text_proj.weight", "itm_head.weight", "itg_head.predictions.transform.dense.weight",
+                 "embeddings.word_embeddings.weight", "qformer.encoder.layer.0.crossattention.attention.key.weight",
+                 "qformer.encoder.layer.1.intermediate_query.dense.weight",
+                 "qformer.encoder.layer.1.intermediate.dense.weight"]:
+        g = named[name].grad
+        assert g is not None and g.abs().sum() > 0, name
+    assert all(p.grad is None for p in model.vision.parameters())
+    opt.step()
+    for k, v in model.vision.state_dict().items():
+        assert torch.equal(v, frozen_before[k]), k
+
+
+def test_save_and_load_roundtrip(cfg, tmp_path):
+    from training.stage1 import Blip2Stage1
+
+    model = build_model(cfg, seed=3)
+    with torch.no_grad():
+        model.temp.fill_(0.05)
+    sd = model.trainable_state_dict()
+    assert sd and not any(k.startswith("vision.") for k in sd)
+    model.save_pretrained(str(tmp_path / "ckpt"))
+    assert {"model.safetensors", "blip2_config.json"} <= {p.name for p in (tmp_path / "ckpt").iterdir()}
+    loaded = Blip2Stage1.from_pretrained(str(tmp_path / "ckpt")).eval()
+    for k, v in model.trainable_state_dict().items():
+        assert torch.equal(v, loaded.trainable_state_dict()[k]), k
+    gen = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    a = model(pixels(3), CAPTIONS[:3], generator=gen())
+    b = loaded(pixels(3), CAPTIONS[:3], generator=gen())
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    # the decoder stays tied to the word embeddings after loading
+    assert loaded.itg_head.predictions.decoder.weight is loaded.embeddings.word_embeddings.weight
+    with pytest.raises(KeyError):
+        loaded.load_trainable_state_dict({**sd, "bogus": torch.zeros(1)})
