@@ -1,0 +1,34 @@
+"""Helpers for the training-loop tests: CapFilt shard sets made from the synthetic corpus."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+
+from pipelines.schema import CAPFILT
+from pipelines.shardio import ShardSet
+
+
+def capfilt_table(corpus_dir: Path, items, start: int, stop: int, bad: set[int] = frozenset()) -> pa.Table:
+    """Rows [start, stop) of the corpus as CapFilt rows; indices in ``bad`` get undecodable bytes."""
+    rows = items[start:stop]
+    images = [b"not an image" if it.index in bad else (corpus_dir / it.file).read_bytes() for it in rows]
+    return pa.Table.from_pydict({
+        "key": [f"{it.index:06d}" for it in rows],
+        "source": ["synthetic"] * len(rows),
+        "image": images,
+        "captions": [[it.caption, f"a picture of {it.caption}!"] for it in rows],
+        "scores": [[0.31, 0.29] for _ in rows],
+        "candidates": [None] * len(rows),
+        "original_caption": [it.caption for it in rows],
+    }, schema=CAPFILT.schema)
+
+
+def write_capfilt(uri: str, corpus, rows_per_shard: int = 12, bad: set[int] = frozenset()) -> ShardSet:
+    """The corpus as a committed CapFilt shard set at ``uri`` (local path or s3://)."""
+    corpus_dir, items = corpus
+    shards = ShardSet(uri)
+    for i, start in enumerate(range(0, len(items), rows_per_shard)):
+        shards.write_shard(i, capfilt_table(corpus_dir, items, start, start + rows_per_shard, bad), CAPFILT)
+    shards.write_manifest(CAPFILT)
+    return shards
