@@ -230,10 +230,16 @@ _LAVIS_RULES = [
 ]
 
 
+# a buffer and a tied alias (= Qformer.bert.embeddings.word_embeddings.weight)
+_LAVIS_SKIP = {"Qformer.bert.embeddings.position_ids", "Qformer.cls.predictions.decoder.weight"}
+
+
 def lavis_to_ours(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename LAVIS keys; EVA's separate ``q_bias``/``v_bias`` become HF's fused ``qkv.bias``."""
     out = {}
     for key, value in state_dict.items():
+        if key in _LAVIS_SKIP:
+            continue
         m = re.match(r"^visual_encoder\.blocks\.(\d+)\.attn\.(q|v)_bias$", key)
         if m:
             if m.group(2) == "q":

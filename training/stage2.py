@@ -94,19 +94,23 @@ def resolve_llm_dtype(cfg: ModelConfig, cuda: bool) -> torch.dtype:
     return torch.float16 if cfg.llm_family == "opt" else torch.bfloat16
 
 
-def qformer_config_from_bert(bert_path: str, cfg: ModelConfig, vision_width: int):
-    """A ``Blip2QFormerConfig`` with the BERT init's sizes and cross-attention every k-th layer."""
+def stage2_qformer_config(cfg: ModelConfig, vision_width: int, stage1_dir: str = ""):
+    """The Q-Former's ``Blip2QFormerConfig``: the stage-1 checkpoint's (``qformer_config.json``)
+    when there is one, else built from the BERT init like stage 1 does; without the text FFNs,
+    which stage 2 never runs (``Blip2ForConditionalGeneration``'s Q-Former has none)."""
     from transformers import AutoConfig, Blip2QFormerConfig
 
-    bert = AutoConfig.from_pretrained(local_dir(bert_path))
-    return Blip2QFormerConfig(
-        vocab_size=bert.vocab_size, hidden_size=bert.hidden_size, num_hidden_layers=bert.num_hidden_layers,
-        num_attention_heads=bert.num_attention_heads, intermediate_size=bert.intermediate_size,
-        hidden_act=bert.hidden_act, hidden_dropout_prob=bert.hidden_dropout_prob,
-        attention_probs_dropout_prob=bert.attention_probs_dropout_prob,
-        max_position_embeddings=bert.max_position_embeddings, layer_norm_eps=bert.layer_norm_eps,
-        pad_token_id=bert.pad_token_id, cross_attention_frequency=cfg.cross_attention_frequency,
-        encoder_hidden_size=vision_width)
+    from training.qformer import qformer_config
+
+    saved = Path(local_dir(stage1_dir)) / "qformer_config.json" if stage1_dir else None
+    if saved is not None and saved.exists():
+        qcfg = Blip2QFormerConfig.from_json_file(str(saved))
+    else:
+        bert = AutoConfig.from_pretrained(local_dir(cfg.qformer_init))
+        qcfg = qformer_config(bert, bert.vocab_size, vision_width, cfg.cross_attention_frequency, bert.pad_token_id)
+    qcfg.use_qformer_text_input = False
+    qcfg.encoder_hidden_size = vision_width
+    return qcfg
 
 
 def load_llm(cfg: ModelConfig, dtype: torch.dtype):
@@ -195,12 +199,14 @@ class Blip2Stage2(nn.Module):
         vision = FrozenImageEncoder.from_pretrained(cfg.vision, cfg.vision_path,
                                                     cfg.frozen_dtype if cfg.freeze_vision else "float32",
                                                     trainable=not cfg.freeze_vision)
-        ln_vision = nn.LayerNorm(vision.width, eps=1e-6 if cfg.vision == "eva_vit_g" else 1e-5)
+        # EVA: HF's post_layernorm eps, so that the exported Blip2ForConditionalGeneration is exact
+        ln_vision = nn.LayerNorm(vision.width, eps=getattr(vision.model.config, "layer_norm_eps", 1e-5)
+                                 if cfg.vision == "eva_vit_g" else 1e-5)
         if vision.ln_init[0] is not None:
-            ln_vision.load_state_dict(vision.ln_init[0].state_dict())
-        qcfg = qformer_config_from_bert(cfg.qformer_init, cfg, vision.width)
+            ln_vision.load_state_dict(vision.ln_init[0].float().state_dict())
+        qcfg = stage2_qformer_config(cfg, vision.width, cfg.stage1_checkpoint)
         qformer = Blip2QFormerModel(qcfg)
-        query_tokens = torch.randn(1, cfg.num_query_tokens, qcfg.hidden_size) * 0.02  # N(0, 0.02) as in the paper
+        query_tokens = torch.randn(1, cfg.num_query_tokens, qcfg.hidden_size) * qcfg.initializer_range  # N(0, 0.02)
         llm, tokenizer = load_llm(cfg, resolve_llm_dtype(cfg, torch.cuda.is_available()))
         image_id = add_image_token(tokenizer, llm)
         projection = nn.Linear(qcfg.hidden_size, llm.config.hidden_size if cfg.llm_family == "opt" else llm.config.d_model)
