@@ -19,7 +19,17 @@ class DownloadConfig:
     max_redirects: int = 5
     allow_hosts: list[str] = field(default_factory=list)  # hosts/CIDRs exempt from the address guard
     concurrency: int | None = None     # Ray tasks in flight (None: Ray decides)
+    url_prefix: str = ""               # base URL for lists of relative image paths (COCO/VG); "" = the source's own
+    encode_quality: int = 95           # JPEG quality of the stored images (img2dataset's default)
+    task_cpus: float = 1.0             # CPUs reserved per download task (downloads are I/O bound)
 
     def validate(self) -> None:
         if self.image_size <= 0 or self.rows_per_shard <= 0 or self.threads <= 0:
             raise ValueError("image_size, rows_per_shard and threads must be positive")
+        if self.resize_mode not in ("no", "keep_ratio", "center_crop", "border", "keep_ratio_largest"):
+            raise ValueError(f"resize_mode {self.resize_mode!r} is not one of no, keep_ratio, center_crop, "
+                             "border, keep_ratio_largest")
+        if self.max_pixels <= 0 or self.timeout <= 0 or self.max_redirects < 0 or self.retries < 0:
+            raise ValueError("max_pixels and timeout must be positive, max_redirects and retries >= 0")
+        if not 0 < self.task_cpus:
+            raise ValueError("task_cpus must be positive")

@@ -1,0 +1,42 @@
+"""`blip2 download`: URL lists → Parquet shards of downloaded, resized images (local or s3://)."""
+from __future__ import annotations
+
+import sys
+
+HELP = "download image-text URL lists (COCO/VG/CC3M/CC12M/SBU/LAION) into Parquet shards; resumable"
+DEFAULT_PRESET = None
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--input", help="URL list: file, glob or folder (local or s3://); sets download.input")
+    parser.add_argument("--source", help="auto, coco, vg, cc3m, cc12m, sbu, laion, generic; sets download.source")
+    parser.add_argument("--output", help="output shard set: folder or s3://bucket/prefix; sets download.output")
+    parser.add_argument("--no-progress", action="store_true", help="hide Ray Data progress bars")
+
+
+def run(args, cfg) -> int:
+    from orchestration.ray_session import ensure_ray
+    from pipelines.download import format_summary, run_download
+    from pipelines.schema import SchemaError
+    from pipelines.sources import open_url_lists
+
+    d = cfg.download
+    for name in ("input", "source", "output"):
+        value = getattr(args, name)
+        if value:
+            setattr(d, name, value)
+    if not d.input:
+        print("blip2 download: no URL list; pass --input LIST (or download.input=...)", file=sys.stderr)
+        return 2
+    if d.allow_hosts:
+        print(f"blip2 download: address guard allows {', '.join(d.allow_hosts)} (download.allow_hosts)",
+              file=sys.stderr)
+    try:
+        lists = open_url_lists(d.input, d.source, d.url_prefix)  # bad input fails here, before Ray starts
+        ensure_ray(cfg.ray)
+        summary = run_download(d, seed=cfg.seed, progress=not args.no_progress, lists=lists)
+    except (SchemaError, ValueError, FileNotFoundError) as e:
+        print(f"blip2 download: {e}", file=sys.stderr)
+        return 2
+    print(format_summary(summary, d.output))
+    return 0 if summary["complete"] else 1
