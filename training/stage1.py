@@ -66,9 +66,10 @@ class Blip2Stage1(nn.Module):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.vision = vision
-        self.ln_vision = nn.LayerNorm(vision.width)
-        if vision.ln_init[0] is not None:  # EVA: HF's post_layernorm is the paper's ln_vision
-            self.ln_vision.load_state_dict(vision.ln_init[0].float().state_dict())
+        ln = vision.ln_init[0]  # EVA: HF's post_layernorm is the paper's ln_vision (same eps, so exports match)
+        self.ln_vision = nn.LayerNorm(vision.width, eps=ln.eps if ln is not None else 1e-5)
+        if ln is not None:
+            self.ln_vision.load_state_dict(ln.float().state_dict())
         H = qcfg.hidden_size
         self.query_tokens = nn.Parameter(torch.randn(1, cfg.num_query_tokens, H) * qcfg.initializer_range)
         self.embeddings = Blip2TextEmbeddings(qcfg)

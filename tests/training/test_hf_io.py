@@ -1,0 +1,125 @@
+"""Export to transformers' Blip2ForImageTextRetrieval and import of LAVIS-layout state dicts."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.training.stage1_helpers import CAPTIONS, build_model, eva_tower, model_config, pixels
+from training.hf_io import EXTRA_FILE, export_retrieval, load_lavis_state_dict
+
+
+@pytest.fixture(scope="module")
+def eva(tiny_models, tmp_path_factory):
+    return eva_tower(tiny_models["vision_eva"], tmp_path_factory.mktemp("eva"))
+
+
+@pytest.fixture(scope="module")
+def trained_like(tiny_models, eva):
+    """A model whose fresh parameters are not near zero, so every weight matters in the checks."""
+    m = build_model(model_config(tiny_models, eva), seed=11)
+    with torch.no_grad():
+        m.query_tokens.normal_(0, 1.0)
+        m.itm_head.weight.normal_(0, 1.0)
+        m.ln_vision.weight.uniform_(0.5, 1.5)
+        m.ln_vision.bias.normal_(0, 0.1)
+        m.temp.fill_(0.05)
+    return m
+
+
+@torch.no_grad()
+def test_export_loads_into_transformers_with_same_itm_and_itc(trained_like, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import Blip2ForImageTextRetrieval
+
+    model = trained_like
+    out = export_retrieval(model, str(tmp_path / "hf"))
+    hf, info = Blip2ForImageTextRetrieval.from_pretrained(out, output_loading_info=True)
+    hf.eval()
+    assert info["missing_keys"] == set() or not info["missing_keys"]
+    assert not info["unexpected_keys"] and not info["mismatched_keys"]
+
+    px = pixels(3, seed=5)
+    ids, mask = model.tokenize(CAPTIONS[:3])
+    image_embeds, image_feat = model.encode_image(px)
+    ours_itm = model.itm_logits(image_embeds, ids, mask)
+    theirs_itm = hf(pixel_values=px, input_ids=ids, attention_mask=mask, use_image_text_matching_head=True)
+    assert (ours_itm - theirs_itm.logits_per_image).abs().max() <= 1e-5
+    assert ours_itm.std() > 1e-3  # non-trivial logits
+
+    text_feat = model.encode_text(CAPTIONS[:3])[2]
+    ours_itc = torch.einsum("iqe,te->itq", image_feat, text_feat).amax(-1)
+    theirs_itc = hf(pixel_values=px, input_ids=ids, attention_mask=mask, use_image_text_matching_head=False)
+    assert (ours_itc - theirs_itc.logits_per_image).abs().max() <= 1e-5
+
+    extra = load_file(str(out / EXTRA_FILE))  # what HF has no place for
+    assert set(extra) == {"temp", "itg_head.predictions.bias", "itg_head.predictions.transform.dense.weight",
+                          "itg_head.predictions.transform.dense.bias",
+                          "itg_head.predictions.transform.LayerNorm.weight",
+                          "itg_head.predictions.transform.LayerNorm.bias"}
+    assert extra["temp"].item() == pytest.approx(0.05)
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(out).bos_token == "[DEC]"
+
+
+def test_export_refuses_clip_encoder(tiny_models, tmp_path):
+    model = build_model(model_config(tiny_models, vision="clip_vit_l", vision_path=str(tiny_models["vision"])))
+    with pytest.raises(ValueError, match="no place for a 'clip_vit_l'"):
+        export_retrieval(model, str(tmp_path / "hf"))
+
+
+def to_lavis_layout(model) -> dict[str, torch.Tensor]:
+    """Written independently in LAVIS' own key layout (blip2_qformer.py + eva_vit.py)."""
+    sd = {}
+    for k, v in model.state_dict().items():
+        v = v.clone()
+        if k.startswith("vision.model."):
+            name = k[len("vision.model."):]
+            name = name.replace("embeddings.class_embedding", "cls_token").replace(
+                "embeddings.position_embedding", "pos_embed").replace("embeddings.patch_embedding", "patch_embed.proj")
+            name = name.replace("encoder.layers.", "blocks.").replace("layer_norm1", "norm1").replace(
+                "layer_norm2", "norm2").replace("self_attn.projection", "attn.proj")
+            if name.endswith("self_attn.qkv.bias"):
+                d = v.shape[0] // 3
+                sd["visual_encoder." + name.replace("self_attn.qkv.bias", "attn.q_bias")] = v[:d]
+                sd["visual_encoder." + name.replace("self_attn.qkv.bias", "attn.v_bias")] = v[2 * d:]
+                continue
+            sd["visual_encoder." + name.replace("self_attn.qkv", "attn.qkv")] = v
+        elif k.startswith("qformer.layernorm."):
+            sd["Qformer.bert.embeddings.LayerNorm." + k.rsplit(".", 1)[1]] = v
+        elif k.startswith("embeddings."):
+            sd["Qformer.bert." + k] = v
+        elif k.startswith("qformer.encoder."):
+            name = k.replace("attention.attention.", "attention.self.").replace("crossattention.attention.",
+                                                                                 "crossattention.self.")
+            sd["Qformer.bert.encoder." + name[len("qformer.encoder."):]] = v
+        elif k.startswith("itg_head."):
+            sd["Qformer.cls." + k[len("itg_head."):]] = v
+        else:
+            sd[k] = v
+    sd["Qformer.bert.embeddings.position_ids"] = torch.arange(64)[None]
+    sd["Qformer.cls.predictions.decoder.bias"] = sd["Qformer.cls.predictions.bias"]
+    assert any(k.endswith("attn.q_bias") for k in sd) and "ln_vision.weight" in sd
+    return sd
+
+
+@torch.no_grad()
+def test_lavis_state_dict_imports_and_reproduces_outputs(trained_like, tiny_models, eva, tmp_path):
+    source = trained_like
+    lavis = to_lavis_layout(source)
+    other_eva = eva_tower(tiny_models["vision_eva"], tmp_path / "eva2", seed=9)
+    target = build_model(model_config(tiny_models, other_eva), seed=12)
+    px = pixels(3, seed=6)
+    assert (target.encode_image(px)[0] - source.encode_image(px)[0]).abs().max() > 1e-2  # different before
+    taken = load_lavis_state_dict(target, lavis)
+    assert "vision.model.encoder.layers.0.self_attn.qkv.bias" in taken
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
+    negatives = (torch.tensor([1, 2, 0]), torch.tensor([2, 0, 1]))
+    a, b = source(px, CAPTIONS[:3], itm_negatives=negatives), target(px, CAPTIONS[:3], itm_negatives=negatives)
+    for k in a:
+        assert abs(a[k].item() - b[k].item()) < 1e-6, k
+    with pytest.raises(KeyError, match="no place"):
+        load_lavis_state_dict(target, {**lavis, "Qformer.bert.pooler.dense.weight": torch.zeros(1)})
+    with pytest.raises(KeyError, match="lacks"):
+        load_lavis_state_dict(target, {k: v for k, v in lavis.items() if k != "itm_head.weight"})
