@@ -1,0 +1,93 @@
+"""Retrieval with a tiny stage-1 model: ITC for all pairs, ITM re-rank of the top-k, Ray Data features."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from training.config import EvalConfig
+from training.evaluate.data import ImageFolder, load_caption_annotations, preprocess
+from training.evaluate.retrieval import (OUTSIDE_SHORTLIST, encode_images, encode_images_ray, encode_texts,
+                                         evaluate_retrieval, flatten_captions, itc_similarity, itm_rerank)
+from tests.training.stage1_helpers import build_model, eva_tower, model_config
+from tests.training.test_eval_data import write_coco_eval_set
+
+
+@pytest.fixture(scope="module")
+def stage1_dir(tiny_models, tmp_path_factory):
+    """A tiny stage-1 model (EVA tower with non-degenerate weights) saved in save_pretrained layout."""
+    root = tmp_path_factory.mktemp("eval-stage1")
+    eva = eva_tower(tiny_models["vision_eva"], root / "eva")
+    model = build_model(model_config(tiny_models, eva), seed=0)
+    model.save_pretrained(str(root / "model"))
+    return root / "model"
+
+
+@pytest.fixture(scope="module")
+def stage1(stage1_dir):
+    from training.stage1 import Blip2Stage1
+
+    return Blip2Stage1.from_pretrained(str(stage1_dir)).eval()
+
+
+@pytest.fixture(scope="module")
+def coco(corpus, tmp_path_factory):
+    return write_coco_eval_set(corpus, tmp_path_factory.mktemp("coco"), n=8)
+
+
+def test_scores_match_pair_by_pair_computation(stage1, coco):
+    images = load_caption_annotations(str(coco["karpathy"]))[:6]
+    folder = ImageFolder(str(coco["images"]))
+    texts, _, _ = flatten_captions(images)
+    feats = encode_images(stage1, folder, [i.file for i in images], 64, batch_size=4)
+    tfeats = encode_texts(stage1, texts, batch_size=5)   # batches of different padded lengths
+    sims = itc_similarity(feats.image_feat, tfeats.text_feat)
+    assert sims.shape == (6, 12) and feats.image_feat.shape == (6, 8, 32)
+    k = 3
+    i2t, t2i = itm_rerank(stage1, sims, feats, tfeats, k=k, batch_size=7)
+    # outside each shortlist: -100; inside: k entries per row
+    assert ((i2t > OUTSIDE_SHORTLIST).sum(1) == k).all() and ((t2i > OUTSIDE_SHORTLIST).sum(1) == k).all()
+    with torch.no_grad():
+        for i in (0, 3, 5):
+            px = preprocess([folder.load(images[i].file)], 64)
+            embeds, feat = stage1.encode_image(px)
+            for t in sims[i].topk(k).indices.tolist():
+                ids, mask, tfeat = stage1.encode_text([texts[t]])
+                sim = (feat[0] @ tfeat[0]).max()
+                assert sims[i, t] == pytest.approx(sim.item(), abs=1e-5)
+                logit = stage1.itm_logits(embeds, ids, mask)[0, 1]
+                assert i2t[i, t] == pytest.approx((logit + sim).item(), abs=1e-4)
+        for t in (0, 7, 11):
+            i = sims[:, t].topk(k).indices[0].item()
+            px = preprocess([folder.load(images[i].file)], 64)
+            embeds, _ = stage1.encode_image(px)
+            ids, mask, _ = stage1.encode_text([texts[t]])
+            expected = stage1.itm_logits(embeds, ids, mask)[0, 1] + sims[i, t]
+            assert t2i[t, i] == pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_shortlist_size_edges(stage1, coco):
+    images = load_caption_annotations(str(coco["karpathy"]))
+    folder = ImageFolder(str(coco["images"]))
+    # k = 1: the re-rank can only re-score the ITC top-1, so R@1 cannot change
+    r = evaluate_retrieval(stage1, images, folder, EvalConfig(k_test=1, batch_size=8))
+    assert (r["txt_r1"], r["img_r1"]) == (r["itc"]["txt_r1"], r["itc"]["img_r1"])
+    assert r["images"] == 8 and r["texts"] == 16 and r["image_features"] == "in-process"
+    # k >= all: every pair is re-scored; the shortlist default (128) exceeds this set
+    full = evaluate_retrieval(stage1, images, folder, EvalConfig(batch_size=8))
+    assert full["k_test"] == 128 and all(0 <= full[m] <= 100 for m in ("txt_r1", "txt_r10", "img_r5"))
+    assert full["txt_r1"] <= full["txt_r5"] <= full["txt_r10"] and full["img_r1"] <= full["img_r5"]
+    assert full["seconds"]["itm_rerank"] > 0
+
+
+@pytest.mark.slow
+def test_ray_data_image_features_equal_in_process(stage1, stage1_dir, coco, ray_local):
+    images = load_caption_annotations(str(coco["karpathy"]))
+    files = [i.file for i in images]
+    folder = ImageFolder(str(coco["images"]))
+    local = encode_images(stage1, folder, files, 64, batch_size=8)
+    cfg = dataclasses.replace(EvalConfig(), batch_size=3, num_workers=2, device="cpu")
+    remote = encode_images_ray(str(stage1_dir), str(coco["images"]), files, 64, cfg)
+    assert torch.allclose(remote.image_feat, local.image_feat, atol=1e-5)
+    assert torch.allclose(remote.image_embeds, local.image_embeds, atol=1e-4)
