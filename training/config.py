@@ -62,6 +62,27 @@ class TrainConfig:
     image_size: int = 224
     min_scale: float = 0.5             # random resized crop scale range (min, 1)
     max_words: int = 50
+    map_batch_size: int = 32           # rows per decode/augment task batch
+    keep_checkpoints: int = 3          # newest checkpoints kept in storage (0: all)
+    stop_after: int = 0                # end this invocation after this step (0: at `steps`); the
+                                       # schedule still spans `steps`, a re-run resumes (preemptible slots)
+    model_class: str = ""              # "module:Class" implementing the model interface; "" = Blip2Stage1/2
+    log_keys: bool = False             # log every step's sample keys (all ranks) in metrics.jsonl
+    crash_at_step: int = 0             # test hook: the last rank SIGKILLs itself once at this step ...
+    crash_marker: str = ""             # ... unless this (local) marker file exists; it creates it first
+
+    def validate(self) -> None:
+        if self.stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {self.stage}")
+        if self.precision not in ("fp32", "fp16", "bf16"):
+            raise ValueError(f"precision must be fp32, fp16 or bf16, got {self.precision!r}")
+        if self.steps < 0 or self.batch_size < 1 or self.num_workers < 1:
+            raise ValueError("steps must be >= 0, batch_size and num_workers >= 1")
+        if self.global_batch and self.global_batch % (self.batch_size * self.num_workers):
+            raise ValueError(f"global_batch {self.global_batch} must be a multiple of "
+                             f"batch_size*num_workers = {self.batch_size * self.num_workers}")
+        if not 0 < self.min_scale <= 1:
+            raise ValueError(f"min_scale must be in (0, 1], got {self.min_scale}")
 
 
 @dataclass
