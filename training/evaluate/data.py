@@ -135,3 +135,9 @@ def preprocess(images: list[Image.Image], size: int) -> torch.Tensor:
         arr = np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
         arrays.append(((arr - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1))
     return torch.from_numpy(np.ascontiguousarray(np.stack(arrays)))
+
+
+def model_device(model) -> torch.device:
+    """Where a model's inputs go (``Blip2Stage1`` has ``.device``; any nn.Module has parameters)."""
+    device = getattr(model, "device", None)
+    return device if isinstance(device, torch.device) else next(model.parameters()).device

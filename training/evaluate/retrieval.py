@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from training.config import EvalConfig
-from training.evaluate.data import CaptionImage, ImageFolder, preprocess
+from training.evaluate.data import CaptionImage, ImageFolder, model_device, preprocess
 from training.evaluate.metrics import retrieval_recall
 
 OUTSIDE_SHORTLIST = -100.0
@@ -53,7 +53,7 @@ def encode_images(model, folder: ImageFolder, files: list[str], image_size: int,
     """In-process image features, batch by batch."""
     embeds, feats = [], []
     for s in range(0, len(files), batch_size):
-        pixels = preprocess([folder.load(f) for f in files[s:s + batch_size]], image_size).to(model.device)
+        pixels = preprocess([folder.load(f) for f in files[s:s + batch_size]], image_size).to(model_device(model))
         e, f = model.encode_image(pixels)
         embeds.append(e.float().cpu())
         feats.append(f.float().cpu())
@@ -129,7 +129,7 @@ def itm_rerank(model, sims: torch.Tensor, images: ImageFeatures, texts: TextFeat
     """LAVIS re-ranking: ``(i2t [Ni, Nt], t2i [Nt, Ni])`` with ITM logit + ITC sim on each top-k
     shortlist and -100 elsewhere."""
     n_img, n_txt = sims.shape
-    dev = model.device
+    dev = model_device(model)
 
     def itm(image_rows: torch.Tensor, text_rows: torch.Tensor) -> torch.Tensor:
         out = []
@@ -163,6 +163,19 @@ def flatten_captions(images: list[CaptionImage]) -> tuple[list[str], list[list[i
     return texts, img2txt, txt2img
 
 
+def chance_recall(img2txt: list[list[int]], n_texts: int, ks=(1, 5, 10)) -> dict:
+    """Expected R@k (percent) of a random ranking: image→text hits if any of its c captions is among
+    the first k of n_texts (1 - C(n-c, k) / C(n, k)); text→image: k / n_images."""
+    from math import comb
+
+    out = {}
+    for k in ks:
+        out[f"txt_r{k}"] = 100.0 * float(np.mean([1 - comb(n_texts - len(c), k) / comb(n_texts, k)
+                                                   if k <= n_texts else 1.0 for c in img2txt]))
+        out[f"img_r{k}"] = 100.0 * min(1.0, k / len(img2txt))
+    return out
+
+
 def evaluate_retrieval(model, images: list[CaptionImage], folder: ImageFolder, cfg: EvalConfig,
                        model_dir: str | None = None, use_ray: bool = False) -> dict:
     """R@1/5/10 both directions for ITC alone and after the ITM re-rank, plus timings.
@@ -188,6 +201,6 @@ def evaluate_retrieval(model, images: list[CaptionImage], folder: ImageFolder, c
     i2t, t2i = itm_rerank(model, sims, feats, tfeats, cfg.k_test, cfg.batch_size)
     ranked = retrieval_recall(i2t.numpy(), img2txt, txt2img, scores_t2i=t2i.numpy())
     t3 = time.perf_counter()
-    return {**ranked, "itc": itc, "images": len(images), "texts": len(texts), "k_test": cfg.k_test,
+    return {**ranked, "itc": itc, "chance": chance_recall(img2txt, len(texts)), "images": len(images), "texts": len(texts), "k_test": cfg.k_test,
             "image_features": "ray" if use_ray else "in-process",
             "seconds": {"image_features": t1 - t0, "itc": t2 - t1, "itm_rerank": t3 - t2}}

@@ -1,0 +1,134 @@
+"""`blip2 eval` end to end on a tiny COCO-format set made from the synthetic corpus."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import fsspec
+import pytest
+import torch
+
+from orchestration.cli import main
+from training.config import ModelConfig
+from training.evaluate.data import ImageFolder, load_caption_annotations
+from training.evaluate.metrics import caption_scores
+from tests.training.stage1_helpers import build_model, eva_tower, model_config
+from tests.training.test_eval_data import write_coco_eval_set
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def coco(corpus, tmp_path_factory):
+    return write_coco_eval_set(corpus, tmp_path_factory.mktemp("coco"), n=10)
+
+
+@pytest.fixture(scope="module")
+def stage1_dir(tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cmd-stage1")
+    build_model(model_config(tiny_models, eva_tower(tiny_models["vision_eva"], root / "eva")),
+                seed=0).save_pretrained(str(root / "model"))
+    return root / "model"
+
+
+@pytest.fixture(scope="module")
+def stage2_dir(tiny_models, tmp_path_factory):
+    from training.stage2 import Blip2Stage2
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vision="eva_vit_g", vision_path=str(tiny_models["vision_eva"]), frozen_dtype="float32",
+                      image_size=64, qformer_init=str(tiny_models["bert"]), num_query_tokens=8,
+                      llm_family="opt", llm_path=str(tiny_models["opt"]))
+    out = tmp_path_factory.mktemp("cmd-stage2") / "model"
+    Blip2Stage2.from_config(cfg).save_pretrained(out)
+    return out
+
+
+def test_retrieval_command(stage1_dir, coco, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    rc = main(["eval", "--task", "retrieval", "--model", str(stage1_dir), "--annotations", str(coco["karpathy"]),
+               "--images", str(coco["images"]), "--out", str(out), "eval.k_test=4", "eval.batch_size=10"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "image→text R@1" in printed and "85.4" in printed
+    chance = next(line for line in printed.splitlines() if line.startswith("(chance) i→t R@1"))
+    assert chance.split()[-1] == "10.00"  # 2 captions of 20 texts
+    res = json.loads(out.read_text())
+    m = res["metrics"]
+    assert res["task"] == "retrieval" and res["reference"]["txt_r1"]["value"] == 85.4
+    assert (m["images"], m["texts"], m["k_test"]) == (10, 20, 4)
+    assert all(0 <= m[k] <= 100 for k in ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10"))
+    assert m["chance"]["txt_r1"] == pytest.approx(10.0) and m["chance"]["img_r1"] == pytest.approx(10.0)
+    assert f"{m['txt_r1']:.2f}" in printed
+    # the official COCO captions file gives the same images, captions and so the same numbers
+    out2 = tmp_path / "results2.json"
+    assert main(["eval", "--task", "retrieval", "--model", str(stage1_dir), "--annotations", str(coco["coco"]),
+                 "--images", str(coco["images"]), "--out", str(out2), "eval.k_test=4", "eval.batch_size=10"]) == 0
+    m2 = json.loads(out2.read_text())["metrics"]
+    assert {k: m2[k] for k in ("txt_r1", "img_r1", "r_mean")} == pytest.approx(
+        {k: m[k] for k in ("txt_r1", "img_r1", "r_mean")})
+
+
+def test_caption_command_on_s3_images_and_results(stage2_dir, coco, s3_bucket):
+    images = ImageFolder(s3_bucket + "/coco")
+    images.fs.put(str(coco["images"] / "images") + "/", images.root + "/images/", recursive=True)
+    results = s3_bucket + "/eval/caption.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestration.cli", "eval", "--task", "caption", "--model", str(stage2_dir),
+         "--annotations", str(coco["karpathy"]), "--images", images.uri, "--out", results,
+         "eval.num_beams=2", "eval.max_new_tokens=6", "eval.caption_min_new_tokens=2", "eval.caption_metrics=[spice]"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)  # the moto endpoint is in the inherited env
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "BLEU-4" in proc.stdout and "32.9" in proc.stdout and "111.1" in proc.stdout
+    with fsspec.open(results, "r") as f:
+        res = json.load(f)
+    m = res["metrics"]
+    assert len(m["predictions"]) == 10 and m["tokenizer"] in ("ptb", "simple")
+    refs = {i.image_id: i.captions for i in load_caption_annotations(str(coco["karpathy"]))}
+    again = caption_scores(refs, {p["image_id"]: p["caption"] for p in m["predictions"]}, tokenizer=m["tokenizer"])
+    assert m["cider"] == pytest.approx(again["cider"]) and m["bleu4"] == pytest.approx(again["bleu4"])
+    if "spice" in m["skipped"]:
+        assert "SPICE skipped" in proc.stdout
+
+
+def test_vqa_command(stage2_dir, coco, tmp_path, capsys):
+    out = tmp_path / "vqa.json"
+    rc = main(["eval", "--task", "vqa", "--model", str(stage2_dir), "--questions", str(coco["questions"]),
+               "--annotations", str(coco["answers"]), "--images", str(coco["images"]), "--out", str(out),
+               "eval.vqa_num_beams=2", "eval.vqa_max_new_tokens=3", "eval.limit=6"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "VQA accuracy" in printed and "53.5" in printed
+    m = json.loads(out.read_text())["metrics"]
+    assert m["questions"] == 6 and m["prompt"] == "Question: {} Answer:" and m["length_penalty"] == -1.0
+    assert 0.0 <= m["accuracy"] <= 100.0
+
+
+def test_bad_inputs_get_clear_errors(stage1_dir, coco, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert main(["eval", "--task", "retrieval", "--model", str(stage1_dir), "--annotations", str(bad),
+                 "--images", str(coco["images"])]) == 2
+    assert "cannot read the annotations" in capsys.readouterr().err
+    assert main(["eval", "--task", "retrieval", "--model", str(tmp_path / "no-model"), "--annotations",
+                 str(coco["karpathy"]), "--images", str(coco["images"])]) == 2
+    assert "cannot load the retrieval model" in capsys.readouterr().err
+    assert main(["eval", "--task", "retrieval", "--model", str(stage1_dir), "--annotations", str(coco["karpathy"]),
+                 "--images", str(tmp_path)]) == 1
+    assert "not found under" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_retrieval_command_with_ray_data_features(stage1_dir, coco, tmp_path, capsys, ray_local):
+    out = tmp_path / "ray.json"
+    base = ["eval", "--task", "retrieval", "--model", str(stage1_dir), "--annotations", str(coco["karpathy"]),
+            "--images", str(coco["images"]), "eval.k_test=4", "eval.batch_size=4"]
+    assert main(base + ["--out", str(out), "eval.image_features=ray", "eval.num_workers=2"]) == 0
+    assert main(base + ["--out", str(tmp_path / "local.json"), "eval.image_features=local"]) == 0
+    ray_m = json.loads(out.read_text())["metrics"]
+    local_m = json.loads((tmp_path / "local.json").read_text())["metrics"]
+    assert ray_m["image_features"] == "ray" and local_m["image_features"] == "in-process"
+    for k in ("txt_r1", "txt_r5", "img_r1", "img_r5", "r_mean"):
+        assert ray_m[k] == pytest.approx(local_m[k])
