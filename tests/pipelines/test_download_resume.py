@@ -22,7 +22,8 @@ N_URLS, ROWS_PER_SHARD = 48, 6
 def cli(list_path: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "orchestration.cli", "download", "--config", "tiny",
             "--input", str(list_path), "--source", "cc12m", "--output", str(out), "--no-progress",
-            f"download.rows_per_shard={ROWS_PER_SHARD}", "download.threads=2", "ray.num_cpus=2"]
+            f"download.rows_per_shard={ROWS_PER_SHARD}", "download.threads=2",
+            "ray.address=local"]  # a fresh local Ray, never a cluster someone else started here
 
 
 def child_env() -> dict:
