@@ -19,5 +19,8 @@ def ensure_ray(cfg: RayConfig):
     if cfg.address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=cfg.address or os.environ["RAY_ADDRESS"], **kwargs)
     else:
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, **kwargs)
+        # address="local": never join a stray cluster by accident; 127.0.0.1 keeps Ray's own
+        # traffic on loopback on a laptop or CI box.
+        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False,
+                 _node_ip_address="127.0.0.1", **kwargs)
     return ray

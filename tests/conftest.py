@@ -77,7 +77,7 @@ def ray_local(s3_server):
     """A local Ray instance for the session (started after moto so workers inherit its env)."""
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
              runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}})
     from ray.data import DataContext
 
