@@ -1,0 +1,41 @@
+"""`blip2 train --stage 1|2`: Q-Former pre-training on Ray Train (resumes a run with the same output/name)."""
+from __future__ import annotations
+
+HELP = "pre-train the Q-Former (stage 1 or 2) on Ray Train; re-running with the same output/name resumes"
+DEFAULT_PRESET = "tiny"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--stage", type=int, choices=(1, 2), default=None,
+                        help="1: representation learning (ITC/ITM/ITG), 2: generative with a frozen LLM "
+                             "(default: train.stage)")
+
+
+def run(args, cfg) -> int:
+    from orchestration.ray_session import ensure_ray
+    from training.loop import run_training, run_uri
+    from training.metrics import plot_loss_curve, read_metrics, summary
+
+    if args.stage is not None:
+        cfg.train.stage = args.stage
+    if cfg.train.stage == 2 and not cfg.model.stage1_checkpoint:
+        print("blip2 train: stage 2 needs model.stage1_checkpoint=<stage-1 run>/final "
+              "(the Q-Former is initialised from it)")
+        return 2
+    ensure_ray(cfg.ray)
+    uri = run_uri(cfg.train)
+    print(f"blip2 train: stage {cfg.train.stage}, {cfg.train.num_workers} worker(s), run dir {uri}")
+    result = run_training(cfg.model, cfg.train, seed=cfg.seed)
+    if result.error is not None:
+        print(f"blip2 train: failed: {result.error}")
+        return 1
+    rows = read_metrics(uri)
+    if rows:
+        plot_loss_curve(rows, f"{uri}/loss_curve.png")
+    print(summary(rows))
+    print(f"checkpoint: {result.checkpoint.path if result.checkpoint else '-'}")
+    finished = bool(rows) and rows[-1]["step"] >= cfg.train.steps
+    print(f"final model: {uri}/final" if finished else
+          f"stopped at step {rows[-1]['step'] if rows else 0} of {cfg.train.steps}: run again to resume")
+    print(f"metrics: {uri}/metrics.jsonl, {uri}/metrics.csv, {uri}/loss_curve.png")
+    return 0

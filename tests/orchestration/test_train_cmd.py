@@ -1,0 +1,66 @@
+"""`blip2 train`: both stages end to end with the real BLIP-2 models on the tiny preset."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from orchestration.cli import main
+from orchestration.config import available_presets, load_config
+from tests.training.train_fixtures import write_capfilt
+from training.metrics import read_metrics
+
+
+@pytest.mark.parametrize("preset", available_presets())
+def test_every_preset_loads_with_valid_keys_and_types(preset):
+    cfg = load_config(preset)
+    t = cfg.train
+    if preset.startswith("paper_"):
+        assert t.global_batch % (t.batch_size * t.num_workers) == 0      # accumulation is whole
+        assert t.steps in (250_000, 80_000) and t.warmup_steps == 2000 and t.lr == 1e-4
+        assert t.min_lr == (1e-5 if t.stage == 1 else 5e-5)
+        assert t.global_batch in ({1: (2320, 1680), 2: (1920, 1520)}[t.stage])
+        assert t.use_gpu and t.precision in ("fp16", "bf16")
+
+
+def test_stage2_without_stage1_checkpoint_is_refused(capsys):
+    assert main(["train", "--stage", "2", "--config", "tiny", "model.stage1_checkpoint="]) == 2
+    assert "stage1_checkpoint" in capsys.readouterr().out
+
+
+def _tiny_overrides(tiny_models, data: Path, out: Path) -> list[str]:
+    return [f"model.vision_path={tiny_models['vision']}", f"model.qformer_init={tiny_models['bert']}",
+            f"model.llm_path={tiny_models['opt']}", f"train.input={data}", f"train.output={out}",
+            "train.batch_size=4", "train.checkpoint_every=2", "train.warmup_steps=1", "train.map_batch_size=8"]
+
+
+@pytest.mark.slow
+def test_blip2_train_stage1_then_stage2(ray_local, tiny_models, corpus, tmp_path, capsys):
+    data = tmp_path / "capfilt"
+    write_capfilt(str(data), corpus, rows_per_shard=16)
+    common = _tiny_overrides(tiny_models, data, tmp_path / "runs")
+    assert main(["train", "--stage", "1", "--config", "tiny", *common, "train.steps=3",
+                 "train.num_workers=2", "train.name=s1"]) == 0
+    run = tmp_path / "runs" / "s1"
+    rows = read_metrics(str(run))
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(k in rows[0] for k in ("loss_itc", "loss_itm", "loss_itg", "lr", "samples_per_s",
+                                      "tokens_per_s", "data_wait_s"))
+    assert all(abs(r["loss"] - (r["loss_itc"] + r["loss_itm"] + r["loss_itg"])) < 1e-4 for r in rows)
+    assert (run / "metrics.csv").read_text().splitlines()[0].startswith("step,epoch,lr,loss")
+    assert (run / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ckpt = sorted(run.glob("checkpoint_0*"))[-1]
+    assert ckpt.name == "checkpoint_00000003" and {"rng_rank0.pt", "rng_rank1.pt"} <= {p.name for p in ckpt.iterdir()}
+    from safetensors.torch import load_file
+    assert not any(k.startswith("vision.") for k in load_file(str(ckpt / "trainable.safetensors")))
+    assert (run / "final" / "blip2_config.json").exists()
+    out = capsys.readouterr().out
+    assert "loss_itc" in out and "final model:" in out
+
+    assert main(["train", "--stage", "2", "--config", "tiny", *common, "train.steps=2", "train.num_workers=1",
+                 "train.name=s2", f"model.stage1_checkpoint={run / 'final'}"]) == 0
+    rows2 = read_metrics(str(tmp_path / "runs" / "s2"))
+    assert [r["step"] for r in rows2] == [1, 2] and all("loss_lm" in r for r in rows2)
+    assert json.loads((tmp_path / "runs" / "s2" / "checkpoint_00000002" / "state.json").read_text())["step"] == 2
+    assert (tmp_path / "runs" / "s2" / "final").is_dir()
