@@ -34,7 +34,8 @@ PLAN = "_download_plan.json"
 
 
 def plan_partitions(lists: UrlLists, rows_per_shard: int) -> Iterator[tuple[int, pa.Table]]:
-    """(index, table) of fixed-size partitions in key order, with ``duplicate_of`` and ``partition``.
+    """(index, table) of fixed-size partitions in key order, with ``duplicate_of``, ``partition``
+    and ``partition_rows``.
 
     ``duplicate_of`` holds the key of an earlier row with the same URL (rows with a bad
     caption never count as an occurrence). The driver keeps one 8-byte digest per distinct
@@ -58,7 +59,9 @@ def plan_partitions(lists: UrlLists, rows_per_shard: int) -> Iterator[tuple[int,
         return table.append_column("duplicate_of", pa.array(dup, pa.string()))
 
     def cut(table: pa.Table, i: int) -> pa.Table:
-        return table.append_column("partition", pa.array([i] * table.num_rows, pa.int64()))
+        n = table.num_rows  # carried along so a task can prove it holds the whole partition
+        return (table.append_column("partition", pa.array([i] * n, pa.int64()))
+                .append_column("partition_rows", pa.array([n] * n, pa.int64())))
 
     for batch in lists.batches():
         pending.append(mark(batch))

@@ -200,6 +200,10 @@ def download_partitions(batch: pa.Table, cfg: DownloadConfig, output: str) -> pa
     stats = {"partition": [], "rows": [], "ok": [], "seconds": [], "statuses": []}
     for index in sorted(set(batch.column("partition").to_pylist())):
         part = batch.filter(pc.equal(batch.column("partition"), index))
+        if part.num_rows != part.column("partition_rows")[0].as_py():
+            # Never commit part of a partition as its shard: that would drop rows silently.
+            raise RuntimeError(f"partition {index}: got {part.num_rows} of "
+                               f"{part.column('partition_rows')[0].as_py()} rows in one batch")
         start = time.time()
         table = downloader(part)
         shards.write_shard(index, table, DOWNLOAD)
