@@ -113,7 +113,7 @@ def ours_cmd(url_list: Path, out: Path, a) -> list[str]:
             "--source", "generic", "--output", str(out), "--no-progress",
             f"download.image_size={a.image_size}", "download.resize_mode=keep_ratio",
             f"download.threads={a.threads}", f"download.rows_per_shard={a.rows_per_shard}",
-            f"download.concurrency={a.processes}", "ray.address=local",  # fresh local Ray, all CPUs
+            f"download.concurrency={a.processes}", f"ray.num_cpus={a.processes}",
             "download.allow_hosts=[127.0.0.1]"]
 
 
@@ -135,7 +135,7 @@ def main() -> None:
 
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "RAY_USAGE_STATS_ENABLED": "0",
            "PYTHONPATH": str(REPO)}
-    env["RAY_ADDRESS"] = "local"  # every Ray here is a fresh local one (img2dataset auto-inits too)
+    env.pop("RAY_ADDRESS", None)  # `blip2` starts a fresh local Ray (ensure_ray)
     with tempfile.TemporaryDirectory(prefix="bench-download-") as tmp:
         tmp = Path(tmp)
         items = make_corpus(tmp / "corpus", n=a.distinct_images, seed=0, size=320)
@@ -153,7 +153,9 @@ def main() -> None:
             wall, rss_n, _ = timed(ours_cmd(tmp / "n.parquet", tmp / "ours", a), env)
             rows.append(("blip2 download (Ray Data)", ours_ok(tmp / "ours"), wall, rss_n))
             if not a.skip_ray_distributor:
-                wall, rss_ray, _ = timed(img2dataset_cmd(tmp / "n.parquet", tmp / "i2d_ray", a, "ray"), env)
+                # img2dataset's ray distributor auto-inits Ray: make that a fresh local one too
+                wall, rss_ray, _ = timed(img2dataset_cmd(tmp / "n.parquet", tmp / "i2d_ray", a, "ray"),
+                                         {**env, "RAY_ADDRESS": "local"})
                 rows.append(("img2dataset CLI (--distributor ray)", img2dataset_ok(tmp / "i2d_ray"), wall, rss_ray))
 
             print(f"\n{'tool':<38}{'ok':>7}{'wall s':>9}{'images/s':>10}{'peak RSS MB':>13}")

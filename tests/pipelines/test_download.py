@@ -268,7 +268,7 @@ def test_cli_refuses_missing_column_before_starting_ray(tmp_path, capsys):
 
     (tmp_path / "gcc.tsv").write_text("only-a-caption\n")
     rc = main(["download", "--input", str(tmp_path / "gcc.tsv"), "--source", "cc3m",
-               "--output", str(tmp_path / "out"), "ray.address=local"])
+               "--output", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert rc == 2 and "missing column 'url'" in err and str(tmp_path / "gcc.tsv") in err
     assert not (tmp_path / "out").exists()

@@ -22,12 +22,11 @@ N_URLS, ROWS_PER_SHARD = 48, 6
 def cli(list_path: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "orchestration.cli", "download", "--config", "tiny",
             "--input", str(list_path), "--source", "cc12m", "--output", str(out), "--no-progress",
-            f"download.rows_per_shard={ROWS_PER_SHARD}", "download.threads=2",
-            "ray.address=local"]  # a fresh local Ray, never a cluster someone else started here
+            f"download.rows_per_shard={ROWS_PER_SHARD}", "download.threads=2", "ray.num_cpus=2"]
 
 
 def child_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, not the tests'
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own fresh local Ray
     env["PYTHONPATH"] = str(REPO)
     return env
 
