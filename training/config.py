@@ -95,9 +95,9 @@ class EvalConfig:
     extra: dict = field(default_factory=dict)
     # evaluation runner (training/evaluate/, `blip2 eval`)
     device: str = "auto"               # auto: cuda when available, else cpu
-    image_features: str = "auto"       # where image features run: ray (a Ray Data job) | local | auto (ray from ray_min_images)
+    runner: str = "auto"               # retrieval image features + ITM re-rank: ray (Ray Data jobs) | local | auto (ray from ray_min_images)
     ray_min_images: int = 256
-    num_workers: int = 1               # actors holding the model in the Ray job
+    num_workers: int = 1               # actors holding the model in each Ray job
     gpus_per_worker: float = 0.0
     caption_min_new_tokens: int = 8    # LAVIS COCO captioning: beam 5, 8..30 new tokens
     caption_metrics: list[str] = field(default_factory=lambda: ["meteor", "spice"])  # run when Java allows
@@ -110,8 +110,8 @@ class EvalConfig:
     limit: int = 0                     # evaluate only the first N images / questions (0: all)
 
     def validate(self) -> None:
-        if self.image_features not in ("auto", "ray", "local"):
-            raise ValueError(f"image_features must be auto, ray or local, got {self.image_features!r}")
+        if self.runner not in ("auto", "ray", "local"):
+            raise ValueError(f"runner must be auto, ray or local, got {self.runner!r}")
         if self.tokenizer not in ("auto", "ptb", "simple"):
             raise ValueError(f"tokenizer must be auto, ptb or simple, got {self.tokenizer!r}")
         if self.k_test < 1 or self.batch_size < 1 or self.num_workers < 1:

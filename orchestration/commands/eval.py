@@ -74,7 +74,7 @@ def _evaluate(args, cfg, model, items, folder) -> dict:
     if args.task == "retrieval":
         from training.evaluate.retrieval import evaluate_retrieval
 
-        use_ray = ecfg.image_features == "ray" or (ecfg.image_features == "auto" and len(items) >= ecfg.ray_min_images)
+        use_ray = ecfg.runner == "ray" or (ecfg.runner == "auto" and len(items) >= ecfg.ray_min_images)
         if use_ray:
             from orchestration.ray_session import ensure_ray
 

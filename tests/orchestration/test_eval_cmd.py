@@ -125,10 +125,10 @@ def test_retrieval_command_with_ray_data_features(stage1_dir, coco, tmp_path, ca
     out = tmp_path / "ray.json"
     base = ["eval", "--task", "retrieval", "--model", str(stage1_dir), "--annotations", str(coco["karpathy"]),
             "--images", str(coco["images"]), "eval.k_test=4", "eval.batch_size=4"]
-    assert main(base + ["--out", str(out), "eval.image_features=ray", "eval.num_workers=2"]) == 0
-    assert main(base + ["--out", str(tmp_path / "local.json"), "eval.image_features=local"]) == 0
+    assert main(base + ["--out", str(out), "eval.runner=ray"]) == 0
+    assert main(base + ["--out", str(tmp_path / "local.json"), "eval.runner=local"]) == 0
     ray_m = json.loads(out.read_text())["metrics"]
     local_m = json.loads((tmp_path / "local.json").read_text())["metrics"]
-    assert ray_m["image_features"] == "ray" and local_m["image_features"] == "in-process"
+    assert ray_m["runner"] == "ray" and local_m["runner"] == "in-process"
     for k in ("txt_r1", "txt_r5", "img_r1", "img_r5", "r_mean"):
         assert ray_m[k] == pytest.approx(local_m[k])

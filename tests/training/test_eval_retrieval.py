@@ -9,7 +9,8 @@ import torch
 from training.config import EvalConfig
 from training.evaluate.data import ImageFolder, load_caption_annotations, preprocess
 from training.evaluate.retrieval import (OUTSIDE_SHORTLIST, encode_images, encode_images_ray, encode_texts,
-                                         evaluate_retrieval, flatten_captions, itc_similarity, itm_rerank)
+                                         evaluate_retrieval, flatten_captions, itc_similarity, itm_rerank,
+                                         itm_rerank_ray)
 from tests.training.stage1_helpers import build_model, eva_tower, model_config
 from tests.training.test_eval_data import write_coco_eval_set
 
@@ -73,7 +74,7 @@ def test_shortlist_size_edges(stage1, coco):
     # k = 1: the re-rank can only re-score the ITC top-1, so R@1 cannot change
     r = evaluate_retrieval(stage1, images, folder, EvalConfig(k_test=1, batch_size=8))
     assert (r["txt_r1"], r["img_r1"]) == (r["itc"]["txt_r1"], r["itc"]["img_r1"])
-    assert r["images"] == 8 and r["texts"] == 16 and r["image_features"] == "in-process"
+    assert r["images"] == 8 and r["texts"] == 16 and r["runner"] == "in-process"
     # k >= all: every pair is re-scored; the shortlist default (128) exceeds this set
     full = evaluate_retrieval(stage1, images, folder, EvalConfig(batch_size=8))
     assert full["k_test"] == 128 and all(0 <= full[m] <= 100 for m in ("txt_r1", "txt_r10", "img_r5"))
@@ -82,7 +83,7 @@ def test_shortlist_size_edges(stage1, coco):
 
 
 @pytest.mark.slow
-def test_ray_data_image_features_equal_in_process(stage1, stage1_dir, coco, ray_local):
+def test_ray_data_jobs_equal_in_process(stage1, stage1_dir, coco, ray_local):
     images = load_caption_annotations(str(coco["karpathy"]))
     files = [i.file for i in images]
     folder = ImageFolder(str(coco["images"]))
@@ -91,3 +92,13 @@ def test_ray_data_image_features_equal_in_process(stage1, stage1_dir, coco, ray_
     remote = encode_images_ray(str(stage1_dir), str(coco["images"]), files, 64, cfg)
     assert torch.allclose(remote.image_feat, local.image_feat, atol=1e-5)
     assert torch.allclose(remote.image_embeds, local.image_embeds, atol=1e-4)
+    # the re-rank over 8 images x 16 texts; with k = 12 a text's shortlist holds only 8 images,
+    # so the -1 padding path runs too
+    texts, _, _ = flatten_captions(images)
+    tfeats = encode_texts(stage1, texts, batch_size=8)
+    sims = itc_similarity(local.image_feat, tfeats.text_feat)
+    want = itm_rerank(stage1, sims, local, tfeats, k=12, batch_size=8)
+    got = itm_rerank_ray(str(stage1_dir), sims, local, tfeats, 12, cfg)
+    for w, g in zip(want, got):
+        assert (g > OUTSIDE_SHORTLIST).sum() == (w > OUTSIDE_SHORTLIST).sum()
+        assert torch.allclose(w, g, atol=1e-4)
