@@ -285,27 +285,38 @@ def load_lavis_stage2(cls, source, cfg: ModelConfig):
 
 
 # -- export -----------------------------------------------------------------------------------
+def read_trainer_checkpoint(root: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
+    """``(config, trainable weights)`` of a Ray Train checkpoint (``training.checkpoint`` layout:
+    ``trainable.safetensors`` + ``state.json`` + ``config.json`` = ``{"seed", "train", "model"}``)."""
+    if not ((root / "trainable.safetensors").exists() and (root / "state.json").exists()):
+        return None
+    config = json.loads((root / "config.json").read_text()) if (root / "config.json").exists() else {}
+    return config, load_file(str(root / "trainable.safetensors"))
+
+
+def _model_config_from(saved: dict, overrides: dict) -> ModelConfig:
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    return dataclasses.replace(ModelConfig(**{k: v for k, v in saved.items() if k in known}), **overrides)
+
+
 def export_hf(checkpoint: str, out: str | Path, overrides: dict | None = None) -> Path:
-    """Write the HF directory for a stage-2 checkpoint: an HF/our dir (re-saved, which checks it
-    loads) or a trainer checkpoint (``model.safetensors`` with trainable weights + ``blip2_config.json``)."""
+    """Write the HF directory for a stage-2 checkpoint: one of our/HF directories (re-saved, which
+    also checks that it loads) or a Ray Train checkpoint (trainable weights + the run's config)."""
     from training.stage2 import Blip2Stage2
 
     root = Path(local_dir(str(checkpoint)))
     overrides = overrides or {}
-    if (root / "config.json").exists() or (root / "blip2_hf_config.json").exists():
+    trainer = read_trainer_checkpoint(root)
+    if trainer is not None:
+        config, weights = trainer
+        if "language_projection.weight" not in weights:
+            raise ValueError(f"{checkpoint}: a stage-1 checkpoint (no language_projection)")
+        model = Blip2Stage2.from_config(_model_config_from(config.get("model", {}), overrides))
+        model.load_trainable_state_dict(weights)
+    elif (root / "config.json").exists() or (root / "blip2_hf_config.json").exists():
         model = Blip2Stage2.from_pretrained(str(root), **overrides)
-    elif (root / OUR_CONFIG).exists() and (root / "model.safetensors").exists():
-        sd = load_file(str(root / "model.safetensors"))
-        if "language_projection.weight" not in sd:
-            raise ValueError(f"{checkpoint}: a stage-1 checkpoint (no language_projection); export it with "
-                             "the stage-1 exporter or train stage 2 from it")
-        known = {f.name for f in dataclasses.fields(ModelConfig)}
-        saved = json.loads((root / OUR_CONFIG).read_text())
-        cfg = dataclasses.replace(ModelConfig(**{k: v for k, v in saved.items() if k in known}), **overrides)
-        model = Blip2Stage2.from_config(cfg)
-        model.load_trainable_state_dict(sd)
     else:
-        raise FileNotFoundError(f"{checkpoint}: no config.json, blip2_hf_config.json or blip2_config.json")
+        raise FileNotFoundError(f"{checkpoint}: neither a training checkpoint nor a stage-2 model directory")
     if model.cfg.vision != "eva_vit_g":
         raise ValueError("a clip_vit_l image encoder has no place in Blip2ForConditionalGeneration "
                          "(CLIP's pre-LayerNorm and q/k/v layout differ from Blip2VisionModel); "

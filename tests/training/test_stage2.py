@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,16 +16,49 @@ TEXTS = ["a red circle", "a blue square above a green triangle", "a"]
 LONG = " ".join(["a red circle left of a blue square"] * 8)  # far more than 32 tokens
 
 
-def make_cfg(tiny_models, family: str, **kw) -> ModelConfig:
-    return ModelConfig(vision="eva_vit_g", vision_path=str(tiny_models["vision_eva"]), frozen_dtype="float32",
+def build_eva_tower(tiny_models, out: Path) -> Path:
+    """The tiny EVA tower with a usable init. The shared fixture keeps HF's Blip2VisionConfig
+    ``initializer_range=1e-10``: its features are ~1e-9, so no image information would reach the
+    Q-Former and a wrong vision path could not show in any comparison. The final LayerNorm
+    (= ``ln_vision``) gets non-trivial weights for the same reason."""
+    from transformers import Blip2VisionConfig, Blip2VisionModel
+
+    config = Blip2VisionConfig.from_pretrained(tiny_models["vision_eva"])
+    config.initializer_range = 0.02
+    torch.manual_seed(0)
+    model = Blip2VisionModel(config)
+    with torch.no_grad():
+        model.post_layernorm.weight.uniform_(0.5, 1.5)
+        model.post_layernorm.bias.normal_(0, 0.1)
+    model.save_pretrained(out)
+    shutil.copy(Path(tiny_models["vision_eva"]) / "preprocessor_config.json", out)
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread avoids oversubscription stalls."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def eva(tiny_models, tmp_path_factory):
+    return build_eva_tower(tiny_models, tmp_path_factory.mktemp("eva"))
+
+
+def make_cfg(tiny_models, family: str, eva: Path, **kw) -> ModelConfig:
+    return ModelConfig(vision="eva_vit_g", vision_path=str(eva), frozen_dtype="float32",
                        image_size=64, qformer_init=str(tiny_models["bert"]), num_query_tokens=8,
                        llm_family=family, llm_path=str(tiny_models[family]), **kw)
 
 
 @pytest.fixture(scope="module")
-def models(tiny_models):
+def models(tiny_models, eva):
     torch.manual_seed(0)
-    return {f: Blip2Stage2.from_config(make_cfg(tiny_models, f)).eval() for f in ("opt", "t5")}
+    return {f: Blip2Stage2.from_config(make_cfg(tiny_models, f, eva)).eval() for f in ("opt", "t5")}
 
 
 @pytest.fixture(scope="module")
@@ -167,9 +202,9 @@ def test_random_split_range():
 
 # -- frozen LLM, gradients -------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["opt", "t5"])
-def test_llm_frozen_and_gradients_reach_trainable_parts(tiny_models, family):
+def test_llm_frozen_and_gradients_reach_trainable_parts(tiny_models, eva, family):
     torch.manual_seed(0)
-    model = Blip2Stage2.from_config(make_cfg(tiny_models, family)).train()
+    model = Blip2Stage2.from_config(make_cfg(tiny_models, family, eva)).train()
     llm_before = {k: v.clone() for k, v in model.language_model.state_dict().items()}
     vision_before = {k: v.clone() for k, v in model.vision.state_dict().items()}
     trainable = {k: v.clone() for k, v in model.trainable_state_dict().items()}
@@ -191,17 +226,17 @@ def test_llm_frozen_and_gradients_reach_trainable_parts(tiny_models, family):
     assert not torch.equal(model.language_projection.weight, trainable["language_projection.weight"])
 
 
-def test_unfrozen_vision_trains(tiny_models):
-    model = Blip2Stage2.from_config(make_cfg(tiny_models, "opt", freeze_vision=False)).train()
+def test_unfrozen_vision_trains(tiny_models, eva):
+    model = Blip2Stage2.from_config(make_cfg(tiny_models, "opt", eva, freeze_vision=False)).train()
     assert any(k.startswith("vision.") for k in model.trainable_state_dict())
     model(pixels(2), TEXTS[:2])["loss"].backward()
     grad = model.vision.model.embeddings.patch_embedding.weight.grad
     assert grad is not None and grad.abs().sum() > 0
 
 
-def test_trainable_state_round_trip(tiny_models, models):
+def test_trainable_state_round_trip(tiny_models, eva, models):
     torch.manual_seed(5)
-    other = Blip2Stage2.from_config(make_cfg(tiny_models, "opt")).eval()
+    other = Blip2Stage2.from_config(make_cfg(tiny_models, "opt", eva)).eval()
     assert not torch.equal(other.query_tokens, models["opt"].query_tokens)
     other.load_trainable_state_dict(models["opt"].trainable_state_dict())
     with torch.no_grad():
@@ -221,10 +256,10 @@ def test_llm_dtype_auto():
 
 
 # -- other encoders and formats -------------------------------------------------------------
-def test_clip_encoder_checkpoint_round_trip(tiny_models, tmp_path):
+def test_clip_encoder_checkpoint_round_trip(tiny_models, eva, tmp_path):
     from training.hf_export_stage2 import export_hf
 
-    cfg = dataclasses.replace(make_cfg(tiny_models, "opt"), vision="clip_vit_l", vision_path=str(tiny_models["vision"]))
+    cfg = dataclasses.replace(make_cfg(tiny_models, "opt", eva), vision="clip_vit_l", vision_path=str(tiny_models["vision"]))
     model = Blip2Stage2.from_config(cfg).eval()
     model.save_pretrained(tmp_path / "ckpt")
     assert not (tmp_path / "ckpt" / "config.json").exists()  # plain transformers must refuse it

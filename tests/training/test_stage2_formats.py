@@ -9,22 +9,28 @@ import torch
 from safetensors.torch import load_file
 
 from training.config import ModelConfig
+from tests.training.test_stage2 import build_eva_tower, one_thread  # noqa: F401 (autouse fixture)
 from training.stage2 import Blip2Stage2
 
 TEXTS = ["a red circle", "a blue square above a green triangle"]
 
 
-def eva_cfg(tiny_models, **kw) -> ModelConfig:
-    return ModelConfig(vision="eva_vit_g", vision_path=str(tiny_models["vision_eva"]), frozen_dtype="float32",
+@pytest.fixture(scope="module")
+def eva(tiny_models, tmp_path_factory):
+    return build_eva_tower(tiny_models, tmp_path_factory.mktemp("eva"))
+
+
+def eva_cfg(tiny_models, eva, **kw) -> ModelConfig:
+    return ModelConfig(vision="eva_vit_g", vision_path=str(eva), frozen_dtype="float32",
                        image_size=64, qformer_init=str(tiny_models["bert"]), num_query_tokens=8, **kw)
 
 
 @pytest.fixture(scope="module")
-def stage1_dir(tiny_models, tmp_path_factory):
+def stage1_dir(tiny_models, eva, tmp_path_factory):
     from training.stage1 import Blip2Stage1
 
     torch.manual_seed(3)
-    model = Blip2Stage1.from_config(eva_cfg(tiny_models))
+    model = Blip2Stage1.from_config(eva_cfg(tiny_models, eva))
     with torch.no_grad():  # make every weight distinguishable from a fresh init
         for p in model.parameters():
             if p.requires_grad:
@@ -34,11 +40,11 @@ def stage1_dir(tiny_models, tmp_path_factory):
     return out, model.eval()
 
 
-def test_stage1_checkpoint_into_stage2_and_out_to_hf(tiny_models, stage1_dir, tmp_path):
+def test_stage1_checkpoint_into_stage2_and_out_to_hf(tiny_models, eva, stage1_dir, tmp_path):
     from transformers import Blip2ForConditionalGeneration
 
     path, stage1 = stage1_dir
-    cfg = dataclasses.replace(eva_cfg(tiny_models), stage1_checkpoint=str(path), llm_family="opt",
+    cfg = dataclasses.replace(eva_cfg(tiny_models, eva), stage1_checkpoint=str(path), llm_family="opt",
                               llm_path=str(tiny_models["opt"]))
     model = Blip2Stage2.from_config(cfg).eval()
     saved = load_file(str(path / "model.safetensors"))
@@ -89,8 +95,8 @@ def to_lavis(model: Blip2Stage2, family: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("family", ["opt", "t5"])
-def test_lavis_stage2_state_dict(tiny_models, tmp_path, family):
-    cfg = dataclasses.replace(eva_cfg(tiny_models), llm_family=family, llm_path=str(tiny_models[family]))
+def test_lavis_stage2_state_dict(tiny_models, eva, tmp_path, family):
+    cfg = dataclasses.replace(eva_cfg(tiny_models, eva), llm_family=family, llm_path=str(tiny_models[family]))
     torch.manual_seed(7)
     source = Blip2Stage2.from_config(cfg).eval()
     lavis = to_lavis(source, family)
