@@ -131,6 +131,7 @@ def main() -> None:
     p.add_argument("--rows-per-shard", type=int, default=500)
     p.add_argument("--distinct-images", type=int, default=400)
     p.add_argument("--skip-ray-distributor", action="store_true")
+    p.add_argument("--repeats", type=int, default=1, help="interleaved runs per tool; the best is reported")
     a = p.parse_args()
 
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "RAY_USAGE_STATS_ENABLED": "0",
@@ -147,16 +148,26 @@ def main() -> None:
                   f"{a.processes} processes x {a.threads} threads, resize {a.image_size} keep_ratio, "
                   f"{os.cpu_count()} CPUs", flush=True)
 
-            rows = []
-            wall, rss_i2d, _ = timed(img2dataset_cmd(tmp / "n.parquet", tmp / "i2d", a, "multiprocessing"), env)
-            rows.append(("img2dataset CLI (multiprocessing)", img2dataset_ok(tmp / "i2d"), wall, rss_i2d))
-            wall, rss_n, _ = timed(ours_cmd(tmp / "n.parquet", tmp / "ours", a), env)
-            rows.append(("blip2 download (Ray Data)", ours_ok(tmp / "ours"), wall, rss_n))
+            # Interleaved repeats, best wall time per tool: the machine may be shared and noisy.
+            tools = [("img2dataset CLI (multiprocessing)",
+                      lambda out: img2dataset_cmd(tmp / "n.parquet", out, a, "multiprocessing"), img2dataset_ok, env),
+                     ("blip2 download (Ray Data)", lambda out: ours_cmd(tmp / "n.parquet", out, a), ours_ok, env)]
             if not a.skip_ray_distributor:
                 # img2dataset's ray distributor auto-inits Ray: make that a fresh local one too
-                wall, rss_ray, _ = timed(img2dataset_cmd(tmp / "n.parquet", tmp / "i2d_ray", a, "ray"),
-                                         {**env, "RAY_ADDRESS": "local"})
-                rows.append(("img2dataset CLI (--distributor ray)", img2dataset_ok(tmp / "i2d_ray"), wall, rss_ray))
+                tools.append(("img2dataset CLI (--distributor ray)",
+                              lambda out: img2dataset_cmd(tmp / "n.parquet", out, a, "ray"), img2dataset_ok,
+                              {**env, "RAY_ADDRESS": "local"}))
+            best: dict[str, tuple] = {}
+            for rep in range(a.repeats):
+                for t, (name, cmd, count_ok, tool_env) in enumerate(tools):
+                    out = tmp / f"out-{t}-{rep}"
+                    wall, rss, _ = timed(cmd(out), tool_env)
+                    ok = count_ok(out)
+                    print(f"  run {rep + 1}: {name}: {ok} ok in {wall:.1f}s", flush=True)
+                    if name not in best or wall < best[name][1]:
+                        best[name] = (ok, wall, rss)
+            rows = [(name, *best[name]) for name, *_ in tools]
+            rss_n = rows[1][3]
 
             print(f"\n{'tool':<38}{'ok':>7}{'wall s':>9}{'images/s':>10}{'peak RSS MB':>13}")
             for name, ok, wall, rss in rows:
