@@ -107,7 +107,8 @@ class Inspection:
 
     @property
     def share_original_kept(self) -> float | None:
-        return self.original_kept / self.rows if self.contract == "capfilt/1" and self.rows else None
+        capfilt = (self.contract or "").startswith("capfilt/")
+        return self.original_kept / self.rows if capfilt and self.rows else None
 
     def to_dict(self) -> dict:
         """A JSON-friendly summary (no image bytes)."""
@@ -319,20 +320,21 @@ def inspect_shards(uri: str, sample: int = 0, thumbnails: int = 0, verify: bool 
     ins.contract = expected.tag if expected else None
     ins.shards, ins.bytes = len(listing), sum(listing.values())
     walker = _Walker(ins, sample, thumbnails)
+    complete = not (set(records) - set(listing))  # every listed shard present ...
     for name in listing:
-        _walk_shard(shards, name, records.get(name), expected, walker, verify, batch_size)
+        complete &= _walk_shard(shards, name, records.get(name), expected, walker, verify, batch_size)
     walker.finish_duplicates(shards, list(listing))
-    if manifest is not None and manifest.get("num_rows") is not None and not any(
-            "missing" in p or "unreadable" in p for p in ins.problems):
-        if manifest["num_rows"] != ins.rows:
-            ins.problems.append(f"{MANIFEST}: says {manifest['num_rows']} rows, the shards hold {ins.rows}")
+    # ... and read to the end: only then can the row total be compared
+    if complete and manifest is not None and manifest.get("num_rows") not in (None, ins.rows):
+        ins.problems.append(f"{MANIFEST}: says {manifest['num_rows']} rows, the shards hold {ins.rows}")
     if not listing:
         ins.problems.append(f"{shards.uri}: no committed shards (part-NNNNN.parquet)")
     return ins
 
 
 def _walk_shard(shards: ShardSet, name: str, record: dict | None, expected: Contract | None,
-                walker: _Walker, verify: bool, batch_size: int) -> None:
+                walker: _Walker, verify: bool, batch_size: int) -> bool:
+    """Accumulate one shard; False when it could not be read to the end (the problem is recorded)."""
     ins = walker.ins
     try:
         if verify:
@@ -360,10 +362,12 @@ def _walk_shard(shards: ShardSet, name: str, record: dict | None, expected: Cont
             if c != "candidates" and (c != "image" or walker.needs_images(contract))]
         for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
             walker.add(batch, contract)
+        return True
     except SchemaError as e:
         ins.problems.append(f"{name}: {e}")
     except Exception as e:  # noqa: BLE001 - a corrupt shard is named, the walk goes on
         ins.problems.append(f"{name}: unreadable ({type(e).__name__}: {str(e)[:200]})")
+    return False
 
 
 # -- the one-screen text summary ----------------------------------------------------------

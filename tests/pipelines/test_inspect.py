@@ -180,3 +180,15 @@ def test_unreadable_shard_does_not_stop_the_walk(corpus, tmp_path):
     assert any(p.startswith(shard_name(0)) and "size" in p for p in ins.problems)
     assert ins.rows == 9  # shard 1 still counted
     json.dumps(ins.to_dict(), default=str)  # the JSON summary stays serialisable
+
+
+def test_manifest_that_disagrees_with_the_shards(corpus, tmp_path):
+    ss = write_download_set(str(tmp_path / "m"), corpus, shards=2)
+    manifest = ss.read_manifest()
+    manifest["shards"][1]["rows"] += 5          # a shard record that lies about its rows
+    manifest["num_rows"] += 5
+    (tmp_path / "m" / "_manifest.json").write_text(json.dumps(manifest))
+    ins = inspect_shards(ss.uri)
+    assert f"{shard_name(1)}: 9 rows, manifest says 14" in ins.problems
+    assert "_manifest.json: says 23 rows, the shards hold 18" in ins.problems
+    assert not any(p.startswith(shard_name(0)) for p in ins.problems)
