@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from training.config import EvalConfig
-from training.evaluate.data import CaptionImage, ImageFolder, model_device, preprocess
+from training.evaluate.data import CaptionImage, ImageFolder, model_device, pre_caption, preprocess
 from training.evaluate.metrics import retrieval_recall
 
 OUTSIDE_SHORTLIST = -100.0
@@ -256,6 +256,7 @@ def evaluate_retrieval(model, images: list[CaptionImage], folder: ImageFolder, c
     """
     t0 = time.perf_counter()
     texts, img2txt, txt2img = flatten_captions(images)
+    texts = [pre_caption(t) for t in texts]
     files = [i.file for i in images]
     image_size = model.cfg.image_size
     if use_ray:
