@@ -94,11 +94,12 @@ def count_output(shards: ShardSet) -> dict:
     by_source: dict[str, dict[str, int]] = {}
     rows = 0
     for _, batch in shards.iter_batches(DOWNLOAD, columns=["source", "status"], batch_size=65536):
-        for source, status in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
-            by_status[status] = by_status.get(status, 0) + 1
-            src = by_source.setdefault(source, {})
-            src[status] = src.get(status, 0) + 1
-            rows += 1
+        counts = pa.Table.from_batches([batch]).group_by(["source", "status"]).aggregate([("status", "count")])
+        for source, status, n in zip(*(counts.column(c).to_pylist() for c in ("source", "status", "status_count"))):
+            by_status[status] = by_status.get(status, 0) + n
+            by_source.setdefault(source, {})
+            by_source[source][status] = by_source[source].get(status, 0) + n
+            rows += n
     return {"rows": rows, "by_status": by_status, "by_source": by_source}
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.config import DownloadConfig
-from pipelines.netguard import Policy, install
+from pipelines.netguard import Policy, installed
 from pipelines.schema import DOWNLOAD
 from pipelines.shardio import ShardSet
 
@@ -145,7 +145,10 @@ class PartitionDownloader:
     def __call__(self, part: pa.Table) -> pa.Table:
         from img2dataset.downloader import download_image_with_retry
 
-        guard = install(self.policy)  # this process's urlopen now goes through the guard
+        with installed(self.policy) as guard:  # this process's urlopen goes through the guard
+            return self._download(part, guard, download_image_with_retry)
+
+    def _download(self, part: pa.Table, guard, download_image_with_retry) -> pa.Table:
         rows = part.to_pylist()
         out: list[dict | None] = [None] * len(rows)
         to_fetch = []

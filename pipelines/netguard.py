@@ -13,12 +13,14 @@ inside a download worker, it also guards img2dataset's own ``urllib.request.urlo
 """
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
+from typing import Iterator
 
 ALLOWED_SCHEMES = ("http", "https")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -248,8 +250,14 @@ def guarded_opener(policy: Policy) -> urllib.request.OpenerDirector:
     return opener
 
 
-def install(policy: Policy) -> Guard:
-    """Install the guarded opener process-wide (in a download worker: img2dataset's
-    ``download_image`` calls ``urllib.request.urlopen``, which uses the installed opener)."""
+@contextlib.contextmanager
+def installed(policy: Policy) -> Iterator[Guard]:
+    """Guard this process's ``urllib.request.urlopen`` while the block runs (in a download
+    worker: img2dataset's ``download_image`` calls ``urlopen``, which uses the installed opener).
+    The previous opener is restored afterwards, so a reused Ray worker is left as it was found."""
+    previous = getattr(urllib.request, "_opener", None)
     urllib.request.install_opener(guarded_opener(policy))
-    return Guard(policy)
+    try:
+        yield Guard(policy)
+    finally:
+        urllib.request.install_opener(previous)

@@ -141,3 +141,21 @@ def test_opener_has_no_file_or_ftp_handlers():
     for url in ("file:///etc/passwd", "ftp://127.0.0.1/x"):
         with pytest.raises(urllib.error.URLError, match="unknown url type"):
             opener.open(url, timeout=1)
+
+
+def test_installed_guards_img2dataset_download_image_and_restores(http_server, recorder_on_127_0_0_2, corpus):
+    import urllib.request
+
+    from img2dataset.downloader import download_image
+
+    from pipelines.netguard import installed
+
+    target = f"http://127.0.0.2:{recorder_on_127_0_0_2.server_address[1]}/x.jpg"
+    before = getattr(urllib.request, "_opener", None)
+    with installed(Policy(("127.0.0.1",))):
+        _, stream, err = download_image((0, f"{http_server.base_url}/redirect?to={target}"), 5, None, None)
+        assert stream is None and "blocked:" in err
+        _, stream, err = download_image((1, f"{http_server.base_url}/{corpus[1][2].file}"), 5, None, None)
+        assert err is None and stream.getvalue() == (corpus[0] / corpus[1][2].file).read_bytes()
+    assert getattr(urllib.request, "_opener", None) is before
+    assert recorder_on_127_0_0_2.seen == []
