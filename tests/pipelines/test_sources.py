@@ -153,3 +153,18 @@ def test_every_source_declares_its_columns():
         assert s.url_column and s.caption_column and s.formats
         if not s.header:
             assert {s.url_column, s.caption_column} <= set(s.columns)
+
+
+def test_gzipped_list_read_from_s3(tmp_path, s3_bucket):
+    import gzip
+
+    import fsspec
+
+    data = gzip.compress(b"a caption\thttp://h.example/1.jpg\nanother\thttp://h.example/2.jpg\n")
+    with fsspec.open(f"{s3_bucket}/lists/Train_GCC-training.tsv.gz", "wb") as f:
+        f.write(data)
+    lists, rows = read_all(f"{s3_bucket}/lists/")
+    assert lists.files[0].path == f"{s3_bucket}/lists/Train_GCC-training.tsv.gz"
+    assert lists.files[0].source.name == "cc3m"
+    assert [(r["key"], r["url"]) for r in rows] == [("cc3m/0", "http://h.example/1.jpg"),
+                                                  ("cc3m/1", "http://h.example/2.jpg")]
