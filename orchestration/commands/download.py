@@ -8,6 +8,10 @@ DEFAULT_PRESET = None
 
 
 def add_arguments(parser) -> None:
+    parser.epilog = ("Security: private, loopback, link-local and non-http(s) targets are refused (also after "
+                     "redirects and DNS) and counted as 'blocked'; download.allow_hosts='[127.0.0.1]' exempts "
+                     "hosts/CIDRs, e.g. the local demo server (the tiny preset sets it). Resume: run the same "
+                     "command again; committed shards are skipped.")
     parser.add_argument("--input", help="URL list: file, glob or folder (local or s3://); sets download.input")
     parser.add_argument("--source", help="auto, coco, vg, cc3m, cc12m, sbu, laion, generic; sets download.source")
     parser.add_argument("--output", help="output shard set: folder or s3://bucket/prefix; sets download.output")
