@@ -270,6 +270,9 @@ def run_training(model: ModelConfig, train: TrainConfig, seed: int = 0):
     from ray.train.torch import TorchTrainer
 
     shards = list_shards(train.input)
+    if batches_per_epoch(shards, train.num_workers, train.batch_size) == 0:  # fail here, not in every retry
+        raise ValueError(f"{train.input}: {sum(s.rows for s in shards)} samples cannot give one batch of "
+                         f"{train.batch_size} to each of {train.num_workers} workers")
     spec = IngestSpec(tuple(shards), seed=seed, batch_size=train.batch_size, image_size=train.image_size,
                       min_scale=train.min_scale, max_words=train.max_words,
                       map_batch_size=train.map_batch_size, ingest_cpus=train.ingest_cpus,

@@ -13,6 +13,7 @@ def add_arguments(parser) -> None:
 
 def run(args, cfg) -> int:
     from orchestration.ray_session import ensure_ray
+    from pipelines.schema import SchemaError
     from training.loop import run_training, run_uri
     from training.metrics import plot_loss_curve, read_metrics, summary
 
@@ -25,7 +26,11 @@ def run(args, cfg) -> int:
     ensure_ray(cfg.ray)
     uri = run_uri(cfg.train)
     print(f"blip2 train: stage {cfg.train.stage}, {cfg.train.num_workers} worker(s), run dir {uri}")
-    result = run_training(cfg.model, cfg.train, seed=cfg.seed)
+    try:
+        result = run_training(cfg.model, cfg.train, seed=cfg.seed)
+    except (SchemaError, ValueError) as e:  # bad input: a clear message, no traceback
+        print(f"blip2 train: {e}")
+        return 2
     if result.error is not None:
         print(f"blip2 train: failed: {result.error}")
         return 1

@@ -29,6 +29,14 @@ def test_stage2_without_stage1_checkpoint_is_refused(capsys):
     assert "stage1_checkpoint" in capsys.readouterr().out
 
 
+def test_bad_input_is_a_clear_error(ray_local, tmp_path, corpus, capsys):
+    assert main(["train", "--config", "tiny", f"train.input={tmp_path / 'missing'}"]) == 2
+    assert "no committed shards" in capsys.readouterr().out
+    write_capfilt(str(tmp_path / "small"), (corpus[0], corpus[1][:6]), rows_per_shard=6)
+    assert main(["train", "--config", "tiny", f"train.input={tmp_path / 'small'}", "train.batch_size=4"]) == 2
+    assert "cannot give one batch of 4 to each of 2 workers" in capsys.readouterr().out
+
+
 def _tiny_overrides(tiny_models, data: Path, out: Path) -> list[str]:
     return [f"model.vision_path={tiny_models['vision']}", f"model.qformer_init={tiny_models['bert']}",
             f"model.llm_path={tiny_models['opt']}", f"train.input={data}", f"train.output={out}",
@@ -64,3 +72,4 @@ def test_blip2_train_stage1_then_stage2(ray_local, tiny_models, corpus, tmp_path
     assert [r["step"] for r in rows2] == [1, 2] and all("loss_lm" in r for r in rows2)
     assert json.loads((tmp_path / "runs" / "s2" / "checkpoint_00000002" / "state.json").read_text())["step"] == 2
     assert (tmp_path / "runs" / "s2" / "final").is_dir()
+
