@@ -1,0 +1,46 @@
+"""`blip2 caption IMG... --model DIR`: one caption per image from a stage-2 model."""
+from __future__ import annotations
+
+HELP = "caption images with a stage-2 model (our checkpoint, HF Blip2ForConditionalGeneration dir or LAVIS state dict)"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("images", nargs="+", help="image files")
+    parser.add_argument("--model", required=True, help="checkpoint dir (local or s3://) or LAVIS .pth/.safetensors "
+                                                        "(then model.vision_path/model.llm_path overrides name the frozen parts)")
+    parser.add_argument("--prompt", default=None, help="text the caption continues (default: eval.caption_prompt)")
+    add_generation_arguments(parser)
+
+
+def add_generation_arguments(parser) -> None:
+    parser.add_argument("--num-beams", type=int, default=None, help="beam width (default: eval.num_beams)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: eval.max_new_tokens")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per image")
+
+
+def emit(args, image: str, key: str, value: str) -> None:
+    import json
+
+    print(json.dumps({"image": image, key: value}) if args.json else f"{image}\t{value}", flush=True)
+
+
+def run(args, cfg) -> int:
+    import sys
+
+    from orchestration import api
+
+    gen = {"num_beams": args.num_beams or cfg.eval.num_beams, "max_new_tokens": args.max_new_tokens or cfg.eval.max_new_tokens}
+    prompt = cfg.eval.caption_prompt if args.prompt is None else args.prompt
+    failed = 0
+    for image in args.images:
+        try:
+            result = api.caption(image, model=args.model, prompt=prompt, device=args.device, config=cfg.model, **gen)
+        except ValueError as e:  # an unreadable image is reported and counted, the rest still run
+            print(f"blip2 caption: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        emit(args, image, "pred_caption", result["pred_caption"])
+    if failed:
+        print(f"blip2 caption: {failed} of {len(args.images)} images failed", file=sys.stderr)
+    return 1 if failed else 0
