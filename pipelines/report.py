@@ -50,6 +50,8 @@ def _charts(ins: Inspection) -> list[tuple[str, str]]:
         fig, ax = plt.subplots(figsize=(4.6, 2.8))
         if dist.resolution >= 1 and len(vals) <= 40:  # few integer values: one bar each
             ax.bar(vals, cnts, width=0.8 * dist.resolution, color=color)
+            if len(vals) <= 12:
+                ax.set_xticks(vals, [f"{v:g}" for v in vals])
         else:
             ax.hist(vals, bins=min(40, len(vals)), weights=cnts, color=color)
         ax.set_title(title, fontsize=10)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from training.config import EvalConfig, ModelConfig
-from training.evaluate.captioning import evaluate_captioning, generate_captions, strip_prompt
+from training.evaluate.captioning import evaluate_captioning, strip_prompt
 from training.evaluate.data import ImageFolder, load_caption_annotations, load_vqa, preprocess
 from training.evaluate.metrics import caption_scores, vqa_scores
 from training.evaluate.vqa import PROMPTS, answer_questions, evaluate_vqa, vqa_prompt
