@@ -1,4 +1,10 @@
-"""Config section of CapFilt (``capfilt.*`` keys)."""
+"""Config section of CapFilt (``capfilt.*`` keys).
+
+Each model stage runs on a Ray Data actor pool whose size (``*_concurrency`` = (min, max)
+actors, autoscaled between the two), CPUs and GPUs per actor come from here, so the same
+job fills a one-laptop run and an autoscaling GPU cluster. GPU clusters set
+``capfilt.caption_num_gpus=1 capfilt.rank_num_gpus=1`` (fp16 on GPU is automatic).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,7 +19,41 @@ class CapFiltConfig:
     prompt: str = "a picture of "
     num_captions: int = 10
     top_p: float = 0.9
-    min_length: int = 5
-    max_length: int = 30
+    min_length: int = 5                 # generated tokens, prompt excluded
+    max_length: int = 30                # generated tokens, prompt excluded
     keep: int = 2
-    batch_size: int = 16
+    batch_size: int = 16                # images per captioner call
+    # Demo switch: tiny random captioners write noise, so the learning check keeps the
+    # original caption first and the best synthetic one second. Real presets leave it off.
+    keep_original: bool = False
+    write_candidates: bool = True       # all 10 + 1 captions with scores, for inspection
+    write_embeddings: bool = True       # clip-retrieval layout under <output>/embeddings
+    max_pixels: int = 40_000_000        # decoded images above this are refused (decompression bombs)
+    # Resources per stage. CPU defaults add up to 2 CPUs so the job runs on a 2-core machine.
+    decode_num_cpus: float = 0.25
+    decode_concurrency: int | None = None     # decode tasks in flight (None: Ray Data decides)
+    caption_num_cpus: float = 1.0
+    caption_num_gpus: float = 0.0
+    caption_concurrency: tuple[int, int] = (1, 1)
+    rank_batch_size: int = 32           # images per ranker call (x 11 captions)
+    rank_num_cpus: float = 0.5
+    rank_num_gpus: float = 0.0
+    rank_concurrency: tuple[int, int] = (1, 1)
+    write_num_cpus: float = 0.25
+    dtype: str = "auto"                 # auto: float16 on GPU, float32 on CPU; or float32/float16/bfloat16
+
+    def validate(self) -> None:
+        if self.keep < 1 or self.num_captions < 1 or self.batch_size < 1 or self.rank_batch_size < 1:
+            raise ValueError("keep, num_captions, batch_size and rank_batch_size must be >= 1")
+        if self.keep > self.num_captions + 1:
+            raise ValueError(f"keep={self.keep} exceeds the {self.num_captions + 1} candidates")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_length <= self.max_length:
+            raise ValueError("need 0 <= min_length <= max_length")
+        for name in ("caption_concurrency", "rank_concurrency"):
+            lo, hi = getattr(self, name)
+            if not 1 <= lo <= hi:
+                raise ValueError(f"{name} must be (min, max) with 1 <= min <= max, got {(lo, hi)}")
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")

@@ -1,0 +1,336 @@
+"""CapFilt as one streaming Ray Data job (paper §3.4): caption, rank, keep the best two.
+
+    pending input shards ─► read ok rows + decode once + preprocess (CPU tasks)
+        ─► captioner (actor pool: N nucleus captions per image)
+        ─► ranker (actor pool: CLIP cosine of the N synthetic + 1 original caption)
+        ─► driver groups rows by shard ─► writer task per complete shard:
+           CAPFILT shard i (+ clip-retrieval embeddings, + per-shard stats), committed last
+
+Input shard i becomes output shard i, so a rerun skips committed shards (resume), and
+per-image seeding makes the rewritten shards identical (determinism). Bad rows are never
+dropped silently: each ok input row reaches the writer once with an ``outcome``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow as pa
+
+from capfilt.config import CapFiltConfig
+from capfilt.preprocess import OK, TOO_LARGE, UNDECODABLE, ZERO_SIZE, Preprocess
+from pipelines.remote import local_dir
+from pipelines.schema import CAPFILT, DOWNLOAD, validate
+from pipelines.shardio import ShardSet, shard_index, shard_name
+
+STATS_DIR = "_capfilt_stats"
+EMBEDDINGS_DIR = "embeddings"
+TOO_FEW = "too_few_captions"
+DECODE_FAILURES = (UNDECODABLE, ZERO_SIZE, TOO_LARGE)
+# Per-shard counters; the run and set summaries are their sums.
+COUNTERS = ("rows_in", "rows_not_ok", "images_in", "images_out", "undecodable", "zero_size", "too_large",
+            TOO_FEW, "empty_captions", "truncated_captions", "captions_generated", "kept_score_sum",
+            "kept_scores", "original_kept")
+
+
+# -- input ----------------------------------------------------------------------------------
+def check_input(src: ShardSet) -> list[int]:
+    """Validate every committed input shard's schema (footer reads) before any model loads."""
+    names = src.committed()
+    if not names:
+        src.check_schema(DOWNLOAD)  # raises the "no committed shards" SchemaError
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda n: validate(src.open_parquet(n).schema_arrow, DOWNLOAD, where=src.url(n)), names))
+    return sorted(shard_index(n) for n in names)
+
+
+def read_ok_rows(batch: dict, *, input_uri: str, chunk: int):
+    """Ray Data UDF: shard indices -> that shard's ``status == ok`` rows, ``chunk`` rows at a time."""
+    src = ShardSet(input_uri)
+    for index in batch["shard"]:
+        table = src.read_shard(shard_name(int(index)), DOWNLOAD).select(["key", "caption", "image", "status"])
+        rows = np.flatnonzero(np.asarray(table.column("status").to_pylist(), dtype=object) == OK)
+        ok = table.take(pa.array(rows, pa.int64()))
+        keys, captions, images = (ok.column(c).to_pylist() for c in ("key", "caption", "image"))
+        for start in range(0, len(rows), chunk):
+            sl = slice(start, start + chunk)
+            yield {"shard": np.full(len(rows[sl]), index, np.int64), "row": rows[sl].astype(np.int64),
+                   "n_ok": np.full(len(rows[sl]), len(rows), np.int64),
+                   "key": np.array(keys[sl], dtype=object),
+                   "caption": np.array([c or "" for c in captions[sl]], dtype=object),
+                   "image": np.array(images[sl], dtype=object)}
+
+
+def preprocess(batch: dict, *, pre: Preprocess) -> dict:
+    """Ray Data UDF (CPU task): decode once, both models' pixel tensors."""
+    return pre(batch)
+
+
+# -- model stages (Ray Data actor pools) ------------------------------------------------------
+class CaptionStage:
+    """Adds ``synthetic``: N captions per ok row ([] for rows that failed to decode)."""
+
+    def __init__(self, cfg: CapFiltConfig, seed: int):
+        from capfilt.captioner import Captioner
+
+        self.captioner = Captioner(local_dir(cfg.captioner), prompt=cfg.prompt, num_captions=cfg.num_captions,
+                                   top_p=cfg.top_p, min_length=cfg.min_length, max_length=cfg.max_length,
+                                   seed=seed, dtype=cfg.dtype)
+        self.num_captions = cfg.num_captions
+
+    def __call__(self, batch: dict) -> dict:
+        pixels = batch.pop("caption_pixels")
+        good = np.flatnonzero(batch["outcome"] == OK)
+        synthetic = np.empty(len(pixels), dtype=object)
+        synthetic[:] = [[""] * self.num_captions for _ in range(len(pixels))]  # same Arrow type in every block
+        if good.size:
+            for i, caps in zip(good, self.captioner(pixels[good], [batch["key"][i] for i in good])):
+                synthetic[i] = caps
+        batch["synthetic"] = synthetic
+        return batch
+
+
+class RankStage:
+    """Scores [original] + synthetic with CLIP and keeps the best ``keep``; adds the embeddings."""
+
+    def __init__(self, cfg: CapFiltConfig):
+        from capfilt.ranker import Ranker
+
+        self.ranker = Ranker(local_dir(cfg.ranker), dtype=cfg.dtype)
+        self.keep, self.keep_original = cfg.keep, cfg.keep_original
+        self.dim = self.ranker.model.config.projection_dim
+        self.num_candidates = cfg.num_captions + 1
+
+    def __call__(self, batch: dict) -> dict:
+        from capfilt.ranker import select
+
+        pixels = batch.pop("rank_pixels")
+        n = len(pixels)
+        outcome = batch["outcome"].copy()
+        good = np.flatnonzero(outcome == OK)
+        kept_idx = np.full((n, self.keep), -1, np.int64)                         # into [original, *synthetic]
+        cand_scores = np.full((n, self.num_candidates), -np.inf, np.float32)
+        n_empty = np.zeros(n, np.int64)
+        n_truncated = np.zeros(n, np.int64)
+        img_emb = np.zeros((n, self.dim), np.float32)
+        text_emb = np.zeros((n, self.dim), np.float32)
+        if good.size:
+            candidates = [[batch["caption"][i], *batch["synthetic"][i]] for i in good]
+            scores, images, texts = self.ranker.score(pixels[good], candidates)
+            per = scores.shape[1]
+            text_all = texts.emb.view(len(good), per, -1)
+            for j, i in enumerate(good):
+                row_scores = scores[j].numpy()
+                n_empty[i] = int(texts.empty.view(len(good), per)[j].sum())
+                n_truncated[i] = int(texts.truncated.view(len(good), per)[j].sum())
+                cand_scores[i] = row_scores
+                chosen = select(candidates[j], row_scores, self.keep, self.keep_original)
+                if chosen is None:
+                    outcome[i] = TOO_FEW
+                    continue
+                kept_idx[i] = chosen
+                img_emb[i] = images[j].numpy()
+                text_emb[i] = text_all[j, chosen[0]].numpy()
+        relisted = np.empty(n, dtype=object)  # Arrow cannot convert an object array of arrays
+        relisted[:] = [list(x) for x in batch["synthetic"]]
+        batch.update(synthetic=relisted, outcome=outcome, kept_idx=kept_idx, cand_scores=cand_scores, n_empty=n_empty,
+                     n_truncated=n_truncated, img_emb=img_emb, text_emb=text_emb)
+        return batch
+
+
+# -- output -----------------------------------------------------------------------------------
+def embedding_paths(index: int) -> dict[str, str]:
+    """clip-retrieval's on-disk layout, one file of each kind per shard, rows aligned with the shard."""
+    return {"img_emb": f"{EMBEDDINGS_DIR}/img_emb/img_emb_{index:05d}.npy",
+            "text_emb": f"{EMBEDDINGS_DIR}/text_emb/text_emb_{index:05d}.npy",
+            "metadata": f"{EMBEDDINGS_DIR}/metadata/metadata_{index:05d}.parquet"}
+
+
+def write_output_shard(input_uri: str, output_uri: str, index: int, results: dict | None,
+                       cfg: CapFiltConfig) -> dict:
+    """Join one shard's results with its input rows and commit CAPFILT shard ``index``.
+
+    Embeddings and stats are written first, the shard last: a shard that exists is complete.
+    Returns the shard's counters (also kept in ``_capfilt_stats/part-NNNNN.json``).
+    """
+    import pyarrow.parquet as pq
+
+    src, dst = ShardSet(input_uri), ShardSet(output_uri)
+    table = src.read_shard(shard_name(index), DOWNLOAD)
+    stats = dict.fromkeys(COUNTERS, 0)
+    stats["rows_in"] = table.num_rows
+    stats["rows_not_ok"] = sum(s != OK for s in table.column("status").to_pylist())
+    out, img_emb, text_emb = [], [], []
+    if results is not None:
+        sources, images = table.column("source"), table.column("image")
+        for j in np.argsort(results["row"], kind="stable"):
+            stats["images_in"] += 1
+            outcome = results["outcome"][j]
+            if outcome in DECODE_FAILURES:
+                stats[outcome] += 1  # never captioned
+                continue
+            candidates = [str(results["caption"][j]), *map(str, results["synthetic"][j])]
+            scores = results["cand_scores"][j]
+            stats["captions_generated"] += len(candidates) - 1
+            stats["empty_captions"] += int(results["n_empty"][j])
+            stats["truncated_captions"] += int(results["n_truncated"][j])
+            if outcome == TOO_FEW:
+                stats[TOO_FEW] += 1
+                continue
+            kept = [int(k) for k in results["kept_idx"][j]]
+            row = int(results["row"][j])
+            stats["images_out"] += 1
+            stats["kept_score_sum"] += float(sum(scores[k] for k in kept))
+            stats["kept_scores"] += len(kept)
+            stats["original_kept"] += int(0 in kept)
+            out.append({
+                "key": str(results["key"][j]), "source": sources[row].as_py(), "image": images[row].as_py(),
+                "captions": [candidates[k] for k in kept], "scores": [float(scores[k]) for k in kept],
+                "candidates": [{"caption": c, "score": float(s), "synthetic": k > 0}
+                               for k, (c, s) in enumerate(zip(candidates, scores))] if cfg.write_candidates else None,
+                "original_caption": candidates[0],
+            })
+            img_emb.append(results["img_emb"][j])
+            text_emb.append(results["text_emb"][j])
+    shard = pa.Table.from_pylist(out, schema=CAPFILT.arrow_schema())
+    if cfg.write_embeddings and out:
+        paths = embedding_paths(index)
+        for kind in ("img_emb", "text_emb", "metadata"):
+            dst.fs.makedirs(dst.path(f"{EMBEDDINGS_DIR}/{kind}"), exist_ok=True)
+        for kind, rows in (("img_emb", img_emb), ("text_emb", text_emb)):
+            buf = io.BytesIO()
+            np.save(buf, np.stack(rows).astype(np.float16))  # clip-retrieval stores float16
+            dst.fs.pipe(dst.path(paths[kind]), buf.getvalue())
+        meta = pa.table({"key": shard.column("key"),
+                         "caption": pa.array([r["captions"][0] for r in out], pa.string()),
+                         "original_caption": shard.column("original_caption"),
+                         "score": pa.array([r["scores"][0] for r in out], pa.float32())})
+        buf = io.BytesIO()
+        pq.write_table(meta, buf)
+        dst.fs.pipe(dst.path(paths["metadata"]), buf.getvalue())
+    dst.fs.makedirs(dst.path(STATS_DIR), exist_ok=True)
+    dst.fs.pipe(dst.path(f"{STATS_DIR}/{shard_name(index)}.json"), json.dumps(stats).encode())
+    dst.write_shard(index, shard, CAPFILT)
+    return stats
+
+
+# -- the job ----------------------------------------------------------------------------------
+def build_dataset(cfg: CapFiltConfig, seed: int, input_uri: str, pending: list[int], pre: Preprocess):
+    """The lazy Ray Data pipeline over the pending input shards (nothing runs until iterated)."""
+    import ray
+
+    ds = ray.data.from_items([{"shard": i} for i in pending], override_num_blocks=len(pending))
+    # Decoding stays in CPU tasks that overlap with the models as long as its resources differ
+    # from the captioner's (Ray fuses a task map into the next actor map when they are equal).
+    decode = dict(num_cpus=cfg.decode_num_cpus, compute=ray.data.TaskPoolStrategy(size=cfg.decode_concurrency))
+    ds = ds.map_batches(read_ok_rows, batch_size=1, fn_kwargs={"input_uri": input_uri, "chunk": cfg.batch_size},
+                        **decode)
+    ds = ds.map_batches(preprocess, batch_size=cfg.batch_size, fn_kwargs={"pre": pre}, **decode)
+    ds = ds.map_batches(CaptionStage, fn_constructor_kwargs={"cfg": cfg, "seed": seed}, batch_size=cfg.batch_size,
+                        num_cpus=cfg.caption_num_cpus, num_gpus=cfg.caption_num_gpus,
+                        compute=ray.data.ActorPoolStrategy(min_size=cfg.caption_concurrency[0],
+                                                           max_size=cfg.caption_concurrency[1]))
+    ds = ds.map_batches(RankStage, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.rank_batch_size,
+                        num_cpus=cfg.rank_num_cpus, num_gpus=cfg.rank_num_gpus,
+                        compute=ray.data.ActorPoolStrategy(min_size=cfg.rank_concurrency[0],
+                                                           max_size=cfg.rank_concurrency[1]))
+    return ds
+
+
+def _write_complete_shards(ds, cfg: CapFiltConfig, pending: list[int], log) -> list[dict]:
+    """Stream results, group rows by shard, and hand each complete shard to a writer task."""
+    import ray
+
+    write = ray.remote(num_cpus=cfg.write_num_cpus)(write_output_shard)
+    parts: dict[int, list[dict]] = {}
+    got: dict[int, int] = {}
+    refs = []
+
+    def submit(index: int, results: dict | None) -> None:
+        refs.append(write.remote(cfg.input, cfg.output, index, results, cfg))
+
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for index in np.unique(batch["shard"]).tolist():
+            mask = batch["shard"] == index
+            parts.setdefault(index, []).append({k: v[mask] for k, v in batch.items()})
+            got[index] = got.get(index, 0) + int(mask.sum())
+            if got[index] == int(batch["n_ok"][mask][0]):
+                rows = parts.pop(index)
+                submit(index, {k: np.concatenate([r[k] for r in rows]) for k in rows[0]})
+                log(f"capfilt: shard {index} complete ({got[index]} images), writing")
+    if parts:
+        raise RuntimeError(f"capfilt: shards {sorted(parts)} received only part of their rows")
+    for index in pending:
+        if index not in got:  # no ok rows: still an (empty) output shard, so the set is complete
+            submit(index, None)
+    return ray.get(refs)
+
+
+def summarize(stats: list[dict], seconds: float | None = None) -> dict:
+    """Sum per-shard counters; add the rates and shares the summary reports."""
+    total = {k: sum(s.get(k, 0) for s in stats) for k in COUNTERS}
+    total["mean_kept_score"] = total.pop("kept_score_sum") / max(total.pop("kept_scores"), 1)
+    total["original_kept_share"] = total.pop("original_kept") / max(total["images_out"], 1)
+    if seconds is not None:
+        total["seconds"] = round(seconds, 3)
+        total["images_per_s"] = total["images_in"] / seconds if seconds > 0 else 0.0
+        total["captions_per_s"] = total["captions_generated"] / seconds if seconds > 0 else 0.0
+    return total
+
+
+def read_set_stats(dst: ShardSet) -> list[dict]:
+    """The counters of every committed output shard (the whole set, across resumed runs)."""
+    out = []
+    for name in dst.committed():
+        path = dst.path(f"{STATS_DIR}/{name}.json")
+        if dst.fs.exists(path):
+            out.append(json.loads(dst.fs.cat(path)))
+    return out
+
+
+def run_capfilt(cfg: CapFiltConfig, seed: int, log=print) -> dict:
+    """Run CapFilt from ``cfg.input`` (DOWNLOAD shard set) to ``cfg.output`` (CAPFILT shard set).
+
+    Needs Ray initialised (``orchestration.ray_session.ensure_ray``). Raises SchemaError
+    before any model loads when an input shard has the wrong schema. Returns the summary
+    of this run, with the whole output set's totals under ``"set"``.
+    """
+    src, dst = ShardSet(cfg.input), ShardSet(cfg.output)
+    shards = check_input(src)
+    done = dst.committed_indices()
+    pending = [i for i in shards if i not in done]
+    log(f"capfilt: {len(shards)} input shards, {len(shards) - len(pending)} already done, {len(pending)} to run")
+    started = time.time()
+    stats = []
+    if pending:
+        pre = Preprocess.from_models(cfg.captioner, cfg.ranker, cfg.max_pixels)
+        stats = _write_complete_shards(build_dataset(cfg, seed, src.uri, pending, pre), cfg, pending, log)
+    summary = {"keep": cfg.keep, "shards": len(shards), "shards_skipped": len(shards) - len(pending), "shards_written": len(pending),
+               **summarize(stats, time.time() - started), "output": dst.uri}
+    summary["set"] = summarize(read_set_stats(dst))
+    dst.write_manifest(CAPFILT, config={"capfilt": dataclasses.asdict(cfg), "seed": seed}, summary=summary)
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """The one-screen summary printed at the end of the job."""
+    s, t = summary, summary["set"]
+    lines = [
+        f"CapFilt -> {s['output']}",
+        f"  shards        {s['shards_written']} written, {s['shards_skipped']} already committed, {s['shards']} in total",
+        f"  images        {s['images_in']} in, {s['images_out']} out  ({s['rows_not_ok']} input rows not ok, skipped)",
+        f"  bad input     undecodable {s['undecodable']}, zero-size {s['zero_size']}, too large {s['too_large']}, "
+        f"too few usable captions {s[TOO_FEW]}",
+        f"  captions      {s['captions_generated']} generated, {s['captions_per_s']:.1f}/s "
+        f"({s['images_per_s']:.2f} images/s, {s['seconds']:.1f} s); empty {s['empty_captions']}, "
+        f"truncated {s['truncated_captions']}",
+        f"  kept          mean CLIP score {s['mean_kept_score']:.4f}; original caption in top {s['keep']}: "
+        f"{100 * s['original_kept_share']:.1f}% of images",
+        f"  whole set     {t['images_out']} images out of {t['images_in']}, mean kept score {t['mean_kept_score']:.4f}, "
+        f"original kept {100 * t['original_kept_share']:.1f}%",
+    ]
+    return "\n".join(lines)

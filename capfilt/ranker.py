@@ -1,0 +1,85 @@
+"""The ranker: CLIP (``CLIPModel``) scores each caption by the cosine of L2-normalised embeddings.
+
+Captions longer than the text encoder's context are truncated (counted); a caption that
+tokenises to nothing but the special tokens gets score -inf and can never be kept (counted).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from capfilt.captioner import resolve_device_dtype
+
+
+@dataclass
+class TextEmbeddings:
+    emb: torch.Tensor          # [T, D] float32, L2-normalised
+    empty: torch.Tensor        # [T] bool: no content tokens
+    truncated: torch.Tensor    # [T] bool: longer than the text encoder's context
+
+
+class Ranker:
+    """CLIP loaded from a local ``save_pretrained`` directory."""
+
+    def __init__(self, model_dir: str, dtype: str = "auto"):
+        from transformers import AutoTokenizer, CLIPModel
+
+        self.device, self.dtype = resolve_device_dtype(dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = CLIPModel.from_pretrained(model_dir, dtype=self.dtype).to(self.device).eval()
+        self.max_tokens = self.model.config.text_config.max_position_embeddings
+        self.special_ids = torch.tensor(sorted(set(self.tokenizer.all_special_ids)))
+
+    @torch.inference_mode()
+    def embed_images(self, pixel_values: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> [B, D] float32, L2-normalised."""
+        pixels = torch.as_tensor(pixel_values).to(self.device, self.dtype)
+        emb = self.model.get_image_features(pixel_values=pixels).pooler_output
+        return torch.nn.functional.normalize(emb.float(), dim=-1)
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: list[str]) -> TextEmbeddings:
+        full = self.tokenizer(texts, add_special_tokens=True, truncation=False).input_ids
+        truncated = torch.tensor([len(ids) > self.max_tokens for ids in full])
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens,
+                             return_tensors="pt")
+        content = ~torch.isin(enc.input_ids, self.special_ids) & enc.attention_mask.bool()
+        empty = ~content.any(dim=1)
+        emb = self.model.get_text_features(input_ids=enc.input_ids.to(self.device),
+                                           attention_mask=enc.attention_mask.to(self.device)).pooler_output
+        return TextEmbeddings(torch.nn.functional.normalize(emb.float(), dim=-1).cpu(), empty, truncated)
+
+    def score(self, pixel_values, captions: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor, TextEmbeddings]:
+        """Images [B, 3, H, W] and C captions each -> (scores [B, C] float32, image_emb [B, D], texts [B*C]).
+
+        ``scores[b, c]`` is the cosine of image b and its caption c; -inf where the caption is empty.
+        """
+        batch, per = len(captions), len(captions[0])
+        image_emb = self.embed_images(pixel_values).cpu()
+        texts = self.embed_texts([c for row in captions for c in row])
+        text_emb = texts.emb.view(batch, per, -1)
+        scores = torch.einsum("bd,bcd->bc", image_emb, text_emb)
+        scores = scores.masked_fill(texts.empty.view(batch, per), float("-inf"))
+        return scores, image_emb, texts
+
+
+def select(captions: list[str], scores: list[float] | np.ndarray, keep: int,
+           keep_original: bool = False) -> list[int] | None:
+    """Indices of the captions to keep, best first; ``captions[0]`` is the original web caption.
+
+    Empty captions (score -inf) are never kept, and an exact duplicate text counts once (its
+    first occurrence, so the original wins a tie with an identical synthetic caption). With
+    ``keep_original`` the original comes first and the best synthetic captions follow.
+    None when fewer than ``keep`` distinct usable captions exist.
+    """
+    seen, usable = set(), []
+    for i, (text, score) in enumerate(zip(captions, scores)):
+        if np.isfinite(score) and text.strip() not in seen:
+            seen.add(text.strip())
+            usable.append(i)
+    ranked = sorted(usable, key=lambda i: (-scores[i], i))
+    if keep_original and usable and usable[0] == 0:
+        ranked = [0] + [i for i in ranked if i != 0]
+    return ranked[:keep] if len(ranked) >= keep else None

@@ -1,0 +1,41 @@
+"""`blip2 capfilt`: caption, rank and filter a downloaded shard set (a Ray Data job)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+
+HELP = ("CapFilt: BLIP writes N nucleus-sampled captions per downloaded image, CLIP ranks them with the "
+        "original caption, the best two are kept (resumable Ray Data job)")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--input", help="download shard set (local folder or s3://); default capfilt.input")
+    parser.add_argument("--output", help="CapFilt shard set to write (local folder or s3://); default capfilt.output")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON instead of the table")
+
+
+def run(args, cfg) -> int:
+    from capfilt.job import format_summary, run_capfilt
+    from orchestration.ray_session import ensure_ray
+    from pipelines.schema import SchemaError
+
+    section = dataclasses.replace(cfg.capfilt, input=args.input or cfg.capfilt.input,
+                                  output=args.output or cfg.capfilt.output)
+    ensure_ray(_own_local_ray(cfg.ray))
+    try:
+        summary = run_capfilt(section, cfg.seed, log=lambda m: print(m, file=sys.stderr, flush=True))
+    except (SchemaError, FileNotFoundError) as e:
+        print(f"blip2 capfilt: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=1) if args.json else format_summary(summary), flush=True)
+    return 0
+
+
+def _own_local_ray(ray_cfg):
+    """Without an address, start a fresh local Ray: a bare ``ray.init()`` would join whatever cluster
+    another user last started on this machine (``/tmp/ray/ray_current_cluster``)."""
+    if ray_cfg.address or os.environ.get("RAY_ADDRESS"):
+        return ray_cfg
+    return dataclasses.replace(ray_cfg, address="local")

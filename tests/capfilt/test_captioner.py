@@ -1,0 +1,66 @@
+"""The BLIP captioner: nucleus sampling, seeded per image so batching never changes a caption."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from capfilt.captioner import Captioner, SeededSampler, row_seed
+
+
+@pytest.fixture(scope="module")
+def captioner(tiny_models):
+    return Captioner(str(tiny_models["captioner"]), prompt="a picture of ", num_captions=10, top_p=0.9,
+                     min_length=3, max_length=10, seed=0)
+
+
+def test_ten_captions_per_image_without_the_prompt(captioner):
+    pixels = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0)).numpy()
+    out = captioner(pixels, ["a", "b", "c"])
+    assert [len(c) for c in out] == [10, 10, 10]
+    assert all(isinstance(t, str) and t for caps in out for t in caps)
+    assert not any(t.startswith("a picture of") for caps in out for t in caps)
+    assert len({t for caps in out for t in caps}) > 10  # sampled, not one greedy caption repeated
+
+
+def test_captions_do_not_depend_on_batching(captioner):
+    pixels = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(1)).numpy()
+    keys = [f"k{i}" for i in range(5)]
+    whole = captioner(pixels, keys)
+    split = captioner(pixels[:2], keys[:2]) + captioner(pixels[2:], keys[2:])
+    reordered = captioner(pixels[::-1].copy(), keys[::-1])[::-1]
+    assert whole == split == reordered
+
+
+def test_seed_and_key_change_the_samples(tiny_models, captioner):
+    other = Captioner(str(tiny_models["captioner"]), prompt="a picture of ", num_captions=10, top_p=0.9,
+                      min_length=3, max_length=10, seed=1)
+    pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2)).numpy()
+    assert captioner(pixels, ["x"]) != other(pixels, ["x"])
+    assert captioner(pixels, ["x"]) != captioner(pixels, ["y"])
+    assert row_seed(0, "x", 0) != row_seed(0, "x", 1) and row_seed(0, "x", 0) == row_seed(0, "x", 0)
+
+
+def test_sampler_draws_by_inverse_cdf_within_the_nucleus():
+    from transformers import TopPLogitsWarper
+
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 4)
+    scores = TopPLogitsWarper(0.9)(None, probs.log())  # keeps 0.5, 0.3, 0.15
+    uniforms = torch.tensor([[0.1], [0.6], [0.99], [0.85]], dtype=torch.float64)
+    out = SeededSampler(uniforms, prompt_len=0)(torch.zeros(4, 0, dtype=torch.long), scores)
+    chosen = out.argmax(-1).tolist()
+    # renormalised nucleus CDF: 0.526, 0.842, 1.0
+    assert chosen == [0, 1, 2, 2]
+    assert torch.isinf(out).sum().item() == 4 * 3  # exactly one finite logit per row
+
+
+def test_sampling_frequencies_follow_the_nucleus_distribution():
+    from transformers import TopPLogitsWarper
+
+    probs = torch.tensor([[0.6, 0.25, 0.1, 0.05]])
+    scores = TopPLogitsWarper(0.9)(None, probs.log())
+    rng = torch.Generator().manual_seed(0)
+    u = torch.rand(4000, 1, generator=rng, dtype=torch.float64)
+    out = SeededSampler(u, prompt_len=0)(torch.zeros(4000, 0, dtype=torch.long), scores.repeat(4000, 1))
+    freq = np.bincount(out.argmax(-1).numpy(), minlength=4) / 4000
+    np.testing.assert_allclose(freq, [0.6 / 0.95, 0.25 / 0.95, 0.1 / 0.95, 0.0], atol=0.03)

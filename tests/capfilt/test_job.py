@@ -1,0 +1,183 @@
+"""The CapFilt Ray Data job on local Ray with tiny random BLIP and CLIP models."""
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from capfilt.config import CapFiltConfig
+from capfilt.job import RankStage, embedding_paths, run_capfilt
+from capfilt.ranker import select
+from pipelines.schema import CAPFILT, DOWNLOAD, SchemaError
+from pipelines.shardio import ShardSet
+
+
+def job_config(tiny_models, input_uri, output_uri, **kw) -> CapFiltConfig:
+    base = dict(input=input_uri, output=output_uri, captioner=str(tiny_models["captioner"]),
+                ranker=str(tiny_models["ranker"]), min_length=2, max_length=8, batch_size=4, rank_batch_size=4)
+    return CapFiltConfig(**{**base, **kw})
+
+
+def read_set(uri: str) -> pa.Table:
+    ss = ShardSet(uri)
+    return pa.concat_tables([ss.read_shard(n, CAPFILT) for n in ss.committed()])
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_local, tiny_models, hostile_input, tmp_path_factory):
+    input_uri, expected = hostile_input
+    cfg = job_config(tiny_models, input_uri, str(tmp_path_factory.mktemp("capfilt") / "out"))
+    summary = run_capfilt(cfg, seed=7, log=lambda m: None)
+    return cfg, summary, expected
+
+
+def test_every_usable_image_once_and_bad_input_counted(first_run):
+    cfg, summary, expected = first_run
+    table = read_set(cfg.output)
+    assert sorted(table.column("key").to_pylist()) == expected["out"]
+    assert summary["images_out"] == len(expected["out"])
+    assert summary["undecodable"] == expected["undecodable"] and summary["zero_size"] == expected["zero_size"]
+    assert summary["rows_not_ok"] == expected["rows_not_ok"]
+    assert summary["images_in"] == len(expected["out"]) + expected["undecodable"] + expected["zero_size"]
+    assert summary["captions_generated"] == 10 * len(expected["out"])
+    assert summary["empty_captions"] >= 1 and summary["truncated_captions"] >= 1
+    assert summary["shards_written"] == 4 and ShardSet(cfg.output).committed_indices() == {0, 1, 2, 3}
+    manifest = ShardSet(cfg.output).read_manifest()
+    assert manifest["schema"] == CAPFILT.tag and manifest["num_rows"] == len(expected["out"])
+    assert manifest["summary"]["set"]["images_out"] == len(expected["out"])
+    assert all(len(c) == 2 and len(s) == 2 for c, s in zip(table.column("captions").to_pylist(),
+                                                           table.column("scores").to_pylist()))
+
+
+def test_kept_captions_are_the_top_two_by_plain_clip(first_run, tiny_models):
+    """Recompute all 11 CLIP scores with a plain transformers loop; the job kept the best two."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    cfg, summary, _ = first_run
+    model = CLIPModel.from_pretrained(tiny_models["ranker"]).eval()
+    proc = CLIPProcessor.from_pretrained(tiny_models["ranker"])
+    limit = model.config.text_config.max_position_embeddings
+    rows = read_set(cfg.output).to_pylist()
+    kept_scores = []
+    for row in rows:
+        image = Image.open(io.BytesIO(row["image"])).convert("RGB")
+        texts = [c["caption"] for c in row["candidates"]]
+        assert texts[0] == row["original_caption"] and len(texts) == 11
+        assert [c["synthetic"] for c in row["candidates"]] == [False] + [True] * 10
+        scores = []
+        for text in texts:
+            enc = proc(text=[text], images=image, return_tensors="pt", truncation=True, max_length=limit)
+            with torch.no_grad():
+                out = model(**enc)
+            content = [t for t in enc["input_ids"][0].tolist() if t not in proc.tokenizer.all_special_ids]
+            scores.append(float((out.image_embeds * out.text_embeds).sum()) if content else float("-inf"))
+        got = [c["score"] for c in row["candidates"]]
+        np.testing.assert_allclose(got, scores, atol=1e-4)
+        best = select(texts, np.array(scores), keep=2)
+        assert row["captions"] == [texts[i] for i in best]
+        np.testing.assert_allclose(row["scores"], [scores[i] for i in best], atol=1e-4)
+        finite = sorted({s for s in scores if np.isfinite(s)}, reverse=True)
+        assert row["scores"][0] == pytest.approx(finite[0], abs=1e-4) and row["scores"][0] >= row["scores"][1]
+        kept_scores += row["scores"]
+        if row["key"] == "odd/empty-caption":
+            assert scores[0] == float("-inf") and "" not in row["captions"]
+    assert summary["mean_kept_score"] == pytest.approx(np.mean(kept_scores), abs=1e-4)
+    share = np.mean([r["original_caption"] in r["captions"] for r in rows])
+    assert summary["original_kept_share"] == pytest.approx(share)
+
+
+def test_embeddings_in_clip_retrieval_layout(first_run, tiny_models):
+    from transformers import CLIPModel, CLIPProcessor
+
+    cfg, _, _ = first_run
+    out = ShardSet(cfg.output)
+    model = CLIPModel.from_pretrained(tiny_models["ranker"]).eval()
+    proc = CLIPProcessor.from_pretrained(tiny_models["ranker"])
+    for name in out.committed():
+        shard = out.read_shard(name, CAPFILT)
+        index = int(name[5:10])
+        paths = embedding_paths(index)
+        if shard.num_rows == 0:
+            assert not out.fs.exists(out.path(paths["img_emb"]))
+            continue
+        img = np.load(io.BytesIO(out.fs.cat(out.path(paths["img_emb"]))))
+        txt = np.load(io.BytesIO(out.fs.cat(out.path(paths["text_emb"]))))
+        meta = pq.read_table(io.BytesIO(out.fs.cat(out.path(paths["metadata"]))))
+        assert img.shape == txt.shape == (shard.num_rows, model.config.projection_dim)
+        assert meta.column("key").to_pylist() == shard.column("key").to_pylist()
+        assert meta.column("caption").to_pylist() == [c[0] for c in shard.column("captions").to_pylist()]
+        np.testing.assert_allclose(np.linalg.norm(img.astype(np.float32), axis=1), 1.0, atol=2e-3)
+        first = Image.open(io.BytesIO(shard.column("image")[0].as_py())).convert("RGB")
+        with torch.no_grad():
+            ref = model.get_image_features(**proc(images=first, return_tensors="pt")).pooler_output[0]
+        np.testing.assert_allclose(img[0], torch.nn.functional.normalize(ref, dim=0).numpy(), atol=2e-3)
+        cos = (img.astype(np.float32) * txt.astype(np.float32)).sum(1)
+        np.testing.assert_allclose(cos, [s[0] for s in shard.column("scores").to_pylist()], atol=5e-3)
+
+
+def test_same_seed_same_captions_whatever_the_batching_and_s3_output(first_run, s3_bucket):
+    """Other batch sizes and an s3:// output (moto) reproduce the captions exactly; resume skips all."""
+    cfg, _, _ = first_run
+    other = dataclasses.replace(cfg, output=f"{s3_bucket}/capfilt", batch_size=3, rank_batch_size=5)
+    summary = run_capfilt(other, seed=7, log=lambda m: None)
+    assert summary["shards_written"] == 4
+    a = {r["key"]: r["candidates"] for r in read_set(cfg.output).to_pylist()}
+    b = {r["key"]: r["candidates"] for r in read_set(other.output).to_pylist()}
+    assert a.keys() == b.keys()
+    for key in a:
+        assert [c["caption"] for c in a[key]] == [c["caption"] for c in b[key]], key
+        np.testing.assert_allclose([c["score"] for c in a[key]], [c["score"] for c in b[key]], atol=1e-5)
+    again = run_capfilt(other, seed=7, log=lambda m: None)
+    assert again["shards_skipped"] == 4 and again["shards_written"] == 0
+    assert again["set"]["images_out"] == summary["images_out"]
+
+
+def test_rerun_rewrites_a_lost_shard_with_the_same_captions(first_run):
+    """Resume: only the missing shard runs again, and it comes back with the same content
+    (scores to float round-off: the ranker's batches are composed differently this time)."""
+    cfg, _, _ = first_run
+    out = ShardSet(cfg.output)
+    before = out.read_shard("part-00001.parquet", CAPFILT).to_pylist()
+    out.fs.rm(out.path("part-00001.parquet"))
+    summary = run_capfilt(cfg, seed=7, log=lambda m: None)
+    assert summary["shards_written"] == 1 and summary["shards_skipped"] == 3
+    after = out.read_shard("part-00001.parquet", CAPFILT).to_pylist()
+    assert [(r["key"], r["captions"], r["image"]) for r in after] == [(r["key"], r["captions"], r["image"]) for r in before]
+    np.testing.assert_allclose([r["scores"] for r in after], [r["scores"] for r in before], atol=1e-5)
+    assert summary["set"]["images_out"] == out.read_manifest()["num_rows"]
+
+
+def test_wrong_input_schema_fails_before_any_model_loads(tmp_path, hostile_input):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    table = ShardSet(hostile_input[0]).read_shard("part-00000.parquet").drop_columns(["status"])
+    pq.write_table(table, bad / "part-00000.parquet")
+    cfg = CapFiltConfig(input=str(bad), output=str(tmp_path / "out"), captioner="/nonexistent/captioner",
+                        ranker="/nonexistent/ranker")
+    with pytest.raises(SchemaError, match="missing column 'status'"):
+        run_capfilt(cfg, seed=0, log=lambda m: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_keep_original_puts_the_web_caption_first(tiny_models):
+    """The demo switch: original first, then the best synthetic caption (through the real stage)."""
+    cfg = CapFiltConfig(captioner=str(tiny_models["captioner"]), ranker=str(tiny_models["ranker"]),
+                        keep_original=True)
+    stage = RankStage(cfg)
+    n = 3
+    synthetic = np.empty(n, dtype=object)
+    synthetic[:] = [[f"a {c} circle {i}" for i in range(10)] for c in ("red", "blue", "green")]
+    batch = {"key": np.array(["a", "b", "c"], dtype=object), "caption": np.array(["a red square"] * n, dtype=object),
+             "outcome": np.array(["ok"] * n, dtype=object), "synthetic": synthetic,
+             "rank_pixels": np.random.default_rng(0).normal(size=(n, 3, 64, 64)).astype(np.float32)}
+    out = stage(batch)
+    assert (out["kept_idx"][:, 0] == 0).all()
+    for i in range(n):
+        second = out["kept_idx"][i, 1]
+        assert second == 1 + int(np.argmax(out["cand_scores"][i, 1:]))
