@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import string
 import time
+import urllib.parse
 import warnings
 from multiprocessing.pool import ThreadPool
 from threading import Semaphore
@@ -108,6 +110,11 @@ def check_image(data: bytes, max_pixels: int) -> tuple[bytes, int, int]:
     return buf.getvalue(), width, height
 
 
+def _ascii_url(url: str) -> str:
+    """Percent-encode non-ASCII characters (as browsers do); http.client refuses them otherwise."""
+    return url if url.isascii() else urllib.parse.quote(url, safe=string.punctuation)
+
+
 def _empty_row(row: dict, status: str, error: str | None) -> dict:
     return {"key": row["key"], "source": row["source"], "url": row["url"], "caption": row["caption"],
             "image": None, "width": None, "height": None, "original_width": None,
@@ -160,7 +167,7 @@ class PartitionDownloader:
             elif (reason := guard.check_url(row["url"])) is not None:
                 out[i] = _empty_row(row, "blocked", f"blocked: {reason}")
             else:
-                to_fetch.append((i, row["url"]))
+                to_fetch.append((i, _ascii_url(row["url"])))
 
         semaphore = Semaphore(self.cfg.threads * 2)  # bounds images held in memory, as img2dataset does
 

@@ -106,6 +106,7 @@ def hostile_list(http_server, hostile_server, recorder, corpus) -> list[tuple[st
         (f"{b}/sleep/3/{items[6].file}", "slow", "timeout"),
         (f"{b}/loop/0", "loop", "redirect_error"),
         (f"{b}/redirect?to=/{items[7].file}", "same-host redirect", "ok"),
+        (f"{b}/{items[12].file}?q=café", "non-ASCII URL", "ok"),
         (f"{b}/redirect?to={r}/latest/meta-data", "redirect to another loopback address", "blocked"),
         (f"{r}/direct.jpg", "loopback not on the allow-list", "blocked"),
         (f"{b}/redirect?to=file:///etc/passwd", "redirect to file", "blocked"),
