@@ -164,7 +164,8 @@ def load_stage2(cls, path: str, overrides: dict):
 
     root = Path(path)
     clip_layout = (root / "blip2_hf_config.json").exists()
-    if not clip_layout and not (root / "config.json").exists():
+    hf_dir = (root / "config.json").exists() and json.loads((root / "config.json").read_text()).get("model_type") == "blip-2"
+    if not (clip_layout or hf_dir):
         raise FileNotFoundError(f"{path}: neither a Blip2ForConditionalGeneration directory nor our checkpoint")
     hf_cfg = Blip2Config.from_json_file(str(root / ("blip2_hf_config.json" if clip_layout else "config.json")))
     cfg = _model_config(root, overrides, hf_cfg)

@@ -192,6 +192,10 @@ class Blip2Stage2(nn.Module):
 
         cfg = dataclasses.replace(cfg)
         cfg.validate()
+        if not cfg.llm_path or not cfg.vision_path:
+            raise ValueError("stage 2 needs model.llm_path (the frozen LLM) and model.vision_path (the image encoder)")
+        if not (cfg.stage1_checkpoint or cfg.qformer_init):
+            raise ValueError("stage 2 needs model.stage1_checkpoint (or model.qformer_init for a BERT-initialised Q-Former)")
         stage1 = read_stage1_checkpoint(cfg.stage1_checkpoint) if cfg.stage1_checkpoint else None
         if stage1 is not None and not cfg.qformer_init:
             cfg.qformer_init = stage1["config"].get("qformer_init", "")

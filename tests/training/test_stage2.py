@@ -271,3 +271,12 @@ def test_clip_encoder_checkpoint_round_trip(tiny_models, eva, tmp_path):
         assert loaded.generate(pixels(1), max_new_tokens=4) == model.generate(pixels(1), max_new_tokens=4)
     with pytest.raises(ValueError, match="clip_vit_l"):
         export_hf(str(tmp_path / "ckpt"), tmp_path / "hf")
+
+
+def test_missing_paths_are_clear_errors(tiny_models, eva):
+    with pytest.raises(ValueError, match="llm_path"):
+        Blip2Stage2.from_config(dataclasses.replace(make_cfg(tiny_models, "opt", eva), llm_path=""))
+    with pytest.raises(ValueError, match="stage1_checkpoint"):
+        Blip2Stage2.from_config(dataclasses.replace(make_cfg(tiny_models, "opt", eva), qformer_init=""))
+    with pytest.raises(FileNotFoundError, match="neither"):
+        Blip2Stage2.from_pretrained(eva)  # a vision tower, not a stage-2 model
