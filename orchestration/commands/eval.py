@@ -23,7 +23,9 @@ def _load_model(task: str, path: str, device: str):
         from training.stage1 import Blip2Stage1 as Model
     else:
         from training.stage2 import Blip2Stage2 as Model
-    return Model.from_pretrained(path).to(device).eval()
+    from training.evaluate.data import load_overrides
+
+    return Model.from_pretrained(path, **load_overrides(device)).to(device).eval()
 
 
 def run(args, cfg) -> int:

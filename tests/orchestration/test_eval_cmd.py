@@ -34,6 +34,9 @@ def stage1_dir(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("cmd-stage1")
     build_model(model_config(tiny_models, eva_tower(tiny_models["vision_eva"], root / "eva")),
                 seed=0).save_pretrained(str(root / "model"))
+    # as a GPU run saves it: a half-precision frozen tower, which `blip2 eval` runs in fp32 on CPU
+    cfg_file = root / "model" / "blip2_config.json"
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "frozen_dtype": "float16"}))
     return root / "model"
 
 

@@ -150,3 +150,9 @@ def model_device(model) -> torch.device:
     """Where a model's inputs go (``Blip2Stage1`` has ``.device``; any nn.Module has parameters)."""
     device = getattr(model, "device", None)
     return device if isinstance(device, torch.device) else next(model.parameters()).device
+
+
+def load_overrides(device: str) -> dict:
+    """ModelConfig overrides for ``from_pretrained`` at eval time: half-precision frozen towers
+    are for GPUs, on CPU they run in fp32."""
+    return {"frozen_dtype": "float32"} if torch.device(device).type == "cpu" else {}

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from training.config import EvalConfig
-from training.evaluate.data import CaptionImage, ImageFolder, model_device, pre_caption, preprocess
+from training.evaluate.data import (CaptionImage, ImageFolder, load_overrides, model_device, pre_caption,
+                                    preprocess)
 from training.evaluate.metrics import retrieval_recall
 
 OUTSIDE_SHORTLIST = -100.0
@@ -43,7 +44,7 @@ class TextFeatures:
 def _load_stage1(model_dir: str, device: str):
     from training.stage1 import Blip2Stage1
 
-    return Blip2Stage1.from_pretrained(model_dir).to(device).eval()
+    return Blip2Stage1.from_pretrained(model_dir, **load_overrides(device)).to(device).eval()
 
 
 def resolve_device(device: str) -> str:
