@@ -22,6 +22,7 @@ class DownloadConfig:
     url_prefix: str = ""               # base URL for lists of relative image paths (COCO/VG); "" = the source's own
     encode_quality: int = 95           # JPEG quality of the stored images (img2dataset's default)
     task_cpus: float = 1.0             # CPUs reserved per download task (downloads are I/O bound)
+    partitions_per_wave: int = 256     # partitions handed to one Ray Data job at a time (bounds memory)
 
     def validate(self) -> None:
         if self.image_size <= 0 or self.rows_per_shard <= 0 or self.threads <= 0:
@@ -31,5 +32,5 @@ class DownloadConfig:
                              "border, keep_ratio_largest")
         if self.max_pixels <= 0 or self.timeout <= 0 or self.max_redirects < 0 or self.retries < 0:
             raise ValueError("max_pixels and timeout must be positive, max_redirects and retries >= 0")
-        if not 0 < self.task_cpus:
-            raise ValueError("task_cpus must be positive")
+        if not 0 < self.task_cpus or self.partitions_per_wave <= 0:
+            raise ValueError("task_cpus and partitions_per_wave must be positive")

@@ -4,7 +4,8 @@
     → fixed partitions of rows_per_shard    partition i = rows [i·R, (i+1)·R) in key order → shard i
     → mark duplicate URLs                   first occurrence downloads; later ones are `duplicate`
     → skip committed shards                 resume: a committed shard is never redone
-    → Ray Data map_batches, one block per partition → pipelines.download_worker (one task each)
+    → Ray Data map_batches, one block per partition → pipelines.download_worker (one task each),
+      in waves of partitions_per_wave partitions so downloads start before a huge list is read
     → shard committed atomically by the task; `_manifest.json` written last by the driver
 
 Why Ray Data over img2dataset's own ``ray_distributor``: the latter submits one task per
@@ -123,25 +124,32 @@ def run_download(cfg: DownloadConfig, seed: int = 0, progress: bool = True,
     _check_plan(shards, lists, cfg)
     done = shards.committed_indices()
 
-    refs, input_rows, skipped_rows, pending_rows = [], 0, 0, 0
-    for index, part in plan_partitions(lists, cfg.rows_per_shard):
-        input_rows += part.num_rows
-        if index in done:
-            skipped_rows += part.num_rows
-            continue
-        pending_rows += part.num_rows
-        refs.append(ray.put(part))
+    DataContext.get_current().enable_progress_bars = progress
+    input_rows = skipped_rows = run_rows = run_ok = 0
+    wave: list = []
 
-    run_rows = run_ok = 0
-    if refs:
-        DataContext.get_current().enable_progress_bars = progress
-        ds = ray.data.from_arrow_refs(refs).map_batches(
+    def run_wave() -> None:
+        """One Ray Data job over a bounded number of partitions (object store and driver stay flat)."""
+        nonlocal run_rows, run_ok
+        ds = ray.data.from_arrow_refs(wave).map_batches(
             download_partitions, batch_size=None, batch_format="pyarrow",
             fn_kwargs={"cfg": cfg, "output": shards.uri}, num_cpus=cfg.task_cpus,
             concurrency=cfg.concurrency)
         for stats in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             run_rows += sum(stats.column("rows").to_pylist())
             run_ok += sum(stats.column("ok").to_pylist())
+        wave.clear()
+
+    for index, part in plan_partitions(lists, cfg.rows_per_shard):
+        input_rows += part.num_rows
+        if index in done:
+            skipped_rows += part.num_rows
+            continue
+        wave.append(ray.put(part))
+        if len(wave) >= cfg.partitions_per_wave:
+            run_wave()
+    if wave:
+        run_wave()
     elapsed = time.time() - start
 
     shards.fs.invalidate_cache()  # s3fs caches listings: the tasks committed shards behind our back

@@ -137,6 +137,7 @@ def hostile_list(http_server, hostile_server, recorder, corpus) -> list[tuple[st
 def base_cfg(tmp_path, input_path, output, **kw) -> DownloadConfig:
     return DownloadConfig(input=str(input_path), source="cc12m", output=output, image_size=32,
                           rows_per_shard=8, threads=4, timeout=1.0, max_pixels=50_000_000,
+                          partitions_per_wave=2,  # several Ray Data waves in one run
                           allow_hosts=["127.0.0.1"], **kw)
 
 
