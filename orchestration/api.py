@@ -38,8 +38,8 @@ def _load(model: str, device: str, config_items: tuple):
     from training.stage2 import Blip2Stage2
 
     overrides = dict(config_items)
-    if device == "cpu":  # fp16 kernels are slow or missing on CPU
-        overrides = {"frozen_dtype": "float32", "llm_dtype": "float32", **overrides}
+    if device == "cpu":  # fp16/bf16 kernels are slow or missing on CPU
+        overrides.update(frozen_dtype="float32", llm_dtype="float32")
     if Path(model).is_file():
         cfg = dataclasses.replace(ModelConfig(), **overrides)
         loaded = Blip2Stage2.from_lavis(model, cfg)

@@ -6,8 +6,8 @@ HELP = "caption images with a stage-2 model (our checkpoint, HF Blip2ForConditio
 
 def add_arguments(parser) -> None:
     parser.add_argument("images", nargs="+", help="image files")
-    parser.add_argument("--model", required=True, help="checkpoint dir (local or s3://) or LAVIS .pth/.safetensors "
-                                                        "(then model.vision_path/model.llm_path overrides name the frozen parts)")
+    parser.add_argument("--model", required=True, help="checkpoint dir (local or s3://) or LAVIS .pth/.safetensors (then the "
+                                                        "model.vision_path/llm_path/qformer_init overrides name the rest)")
     parser.add_argument("--prompt", default=None, help="text the caption continues (default: eval.caption_prompt)")
     add_generation_arguments(parser)
 

@@ -95,6 +95,7 @@ def test_stage2_learns_captions_on_shapes(tiny_models, tmp_path):
         loss.backward()
         optimizer.step()
     loss1, colour1 = held_out_loss(), colour_named(model, test_x, test_items)
+    print(f"held-out caption loss {loss0:.3f} -> {loss1:.3f}; colour named {colour0:.2f} -> {colour1:.2f}")
 
     assert loss1 < 0.6 * loss0, (loss0, loss1)          # measured: 2.24 -> 0.80
     assert colour1 >= 0.6 and colour1 > colour0 + 0.2, (colour0, colour1)  # measured: 0.28 -> 0.91
