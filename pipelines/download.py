@@ -19,19 +19,21 @@ resuming against a different plan is refused, since it would shift rows between 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
 
 from pipelines.config import DownloadConfig
+from pipelines.download_dedup import DuplicateIndex
 from pipelines.schema import DOWNLOAD, DOWNLOAD_STATUSES
 from pipelines.shardio import ShardSet
 from pipelines.sources import UrlLists, open_url_lists
 
 PLAN = "_download_plan.json"
+MARK_CHUNK_ROWS = 1 << 18  # rows marked for duplicates at a time (one sorted merge each)
 
 
 def plan_partitions(lists: UrlLists, rows_per_shard: int) -> Iterator[tuple[int, pa.Table]]:
@@ -39,34 +41,37 @@ def plan_partitions(lists: UrlLists, rows_per_shard: int) -> Iterator[tuple[int,
     and ``partition_rows``.
 
     ``duplicate_of`` holds the key of an earlier row with the same URL (rows with a bad
-    caption never count as an occurrence). The driver keeps one 8-byte digest per distinct
-    URL, so memory grows with distinct URLs only, not with their text."""
-    first_key: dict[bytes, str] = {}
+    caption never count as an occurrence); see :class:`DuplicateIndex` for its memory cost.
+    Rows are marked in chunks of ``MARK_CHUNK_ROWS``, then cut into partitions."""
+    seen = DuplicateIndex()
+    chunk: list[pa.Table] = []
+    chunk_rows = 0
     pending: list[pa.Table] = []
     pending_rows, index = 0, 0
 
-    def mark(table: pa.Table) -> pa.Table:
-        dup = []
-        for key, url, bad in zip(table.column("key").to_pylist(), table.column("url").to_pylist(),
-                                 table.column("caption_error").to_pylist()):
-            if not url or bad:
-                dup.append(None)
-                continue
-            digest = hashlib.blake2b(url.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-            first = first_key.get(digest)
-            if first is None:
-                first_key[digest] = key
-            dup.append(first)
-        return table.append_column("duplicate_of", pa.array(dup, pa.string()))
-
     def cut(table: pa.Table, i: int) -> pa.Table:
+        # A compact copy: a slice would drag its whole chunk's buffers into the object store.
+        table = table.take(np.arange(table.num_rows))
         n = table.num_rows  # carried along so a task can prove it holds the whole partition
         return (table.append_column("partition", pa.array([i] * n, pa.int64()))
                 .append_column("partition_rows", pa.array([n] * n, pa.int64())))
 
-    for batch in lists.batches():
-        pending.append(mark(batch))
-        pending_rows += batch.num_rows
+    def marked_chunks() -> Iterator[pa.Table]:
+        nonlocal chunk, chunk_rows
+        for batch in lists.batches():
+            chunk.append(batch)
+            chunk_rows += batch.num_rows
+            if chunk_rows >= MARK_CHUNK_ROWS:
+                table = pa.concat_tables(chunk)
+                chunk, chunk_rows = [], 0
+                yield table.append_column("duplicate_of", seen.mark(table))
+        if chunk_rows:
+            table = pa.concat_tables(chunk)
+            yield table.append_column("duplicate_of", seen.mark(table))
+
+    for table in marked_chunks():
+        pending.append(table)
+        pending_rows += table.num_rows
         while pending_rows >= rows_per_shard:
             merged = pa.concat_tables(pending)
             yield index, cut(merged.slice(0, rows_per_shard), index)

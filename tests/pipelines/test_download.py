@@ -274,3 +274,27 @@ def test_cli_refuses_missing_column_before_starting_ray(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "missing column 'url'" in err and str(tmp_path / "gcc.tsv") in err
     assert not (tmp_path / "out").exists()
+
+
+def test_duplicate_index_across_chunks_matches_a_plain_dict():
+    import random
+
+    from pipelines.download_dedup import DuplicateIndex
+
+    rng = random.Random(0)
+    urls = [f"http://h.example/{rng.randrange(300)}.jpg" if rng.random() > 0.05 else None for _ in range(2000)]
+    bad = [("empty caption" if rng.random() < 0.05 else None) for _ in urls]
+    keys = [f"{'laion' if i < 1200 else 'cc3m'}/{i if i < 1200 else i - 1200}" for i in range(len(urls))]
+    table = pa.table({"key": keys, "url": urls, "caption_error": bad})
+    index, got = DuplicateIndex(), []
+    for start in range(0, len(urls), 333):  # uneven chunks
+        got += index.mark(table.slice(start, 333)).to_pylist()
+    first, want = {}, []
+    for k, u, b in zip(keys, urls, bad):
+        if not u or b:
+            want.append(None)
+            continue
+        want.append(first.get(u))
+        first.setdefault(u, k)
+    assert got == want and sum(x is not None for x in got) > 1000
+    assert len(index.digests) == len(first) and index.digests.nbytes + index.first.nbytes == 16 * len(first)
