@@ -42,11 +42,15 @@ _TEXT_FFN = re.compile(r"^qformer\.encoder\.layer\.\d+\.(intermediate|output)\."
 
 # -- stage 1 → stage 2 ----------------------------------------------------------------------
 def read_stage1_checkpoint(path: str) -> dict:
-    """``{"config": ModelConfig dict, "state_dict": trainable stage-1 weights}`` of a stage-1 dir."""
+    """``{"config": ModelConfig dict, "state_dict": trainable stage-1 weights}`` of a stage-1 model
+    dir (``Blip2Stage1.save_pretrained``) or of a stage-1 Ray Train checkpoint."""
     root = Path(local_dir(path))
+    trainer = read_trainer_checkpoint(root)
+    if trainer is not None:
+        return {"config": trainer[0].get("model", {}), "state_dict": trainer[1]}
     weights = root / "model.safetensors"
     if not weights.exists():
-        raise FileNotFoundError(f"{path}: not a stage-1 checkpoint (no model.safetensors)")
+        raise FileNotFoundError(f"{path}: not a stage-1 checkpoint (no model.safetensors or trainable.safetensors)")
     config = json.loads((root / OUR_CONFIG).read_text()) if (root / OUR_CONFIG).exists() else {}
     return {"config": config, "state_dict": load_file(str(weights))}
 

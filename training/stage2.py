@@ -213,7 +213,7 @@ class Blip2Stage2(nn.Module):
         query_tokens = torch.randn(1, cfg.num_query_tokens, qcfg.hidden_size) * qcfg.initializer_range  # N(0, 0.02)
         llm, tokenizer = load_llm(cfg, resolve_llm_dtype(cfg, torch.cuda.is_available()))
         image_id = add_image_token(tokenizer, llm)
-        projection = nn.Linear(qcfg.hidden_size, llm.config.hidden_size if cfg.llm_family == "opt" else llm.config.d_model)
+        projection = nn.Linear(qcfg.hidden_size, llm.get_input_embeddings().embedding_dim)  # d_llm
         model = cls(cfg, vision, ln_vision, query_tokens, qformer, projection, llm, tokenizer,
                     blip_image_processor(vision.model.config.image_size), image_id)
         if stage1 is not None:

@@ -127,3 +127,23 @@ def test_lavis_eva_keys_fuse_qkv_bias():
                         "vision.model.encoder.layers.2.layer_norm1.bias",
                         "vision.model.embeddings.class_embedding", "language_projection.bias",
                         "language_model.lm_head.weight"}
+
+
+def test_stage1_ray_train_checkpoint_as_starting_point(tiny_models, eva, stage1_dir, tmp_path):
+    """``model.stage1_checkpoint`` may also name a stage-1 checkpoint_* folder of a Ray Train run."""
+    from training.checkpoint import TrainState, save_shared_files
+
+    _, stage1 = stage1_dir
+    optimizer = torch.optim.AdamW([p for p in stage1.parameters() if p.requires_grad], lr=1e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    ckpt = tmp_path / "checkpoint_00000100"
+    ckpt.mkdir()
+    save_shared_files(ckpt, stage1.trainable_state_dict(), optimizer, scheduler, torch.amp.GradScaler("cpu"),
+                      TrainState(step=100), config={"seed": 0, "train": {"stage": 1},
+                                                    "model": dataclasses.asdict(stage1.cfg)})
+    cfg = dataclasses.replace(eva_cfg(tiny_models, eva), qformer_init="", stage1_checkpoint=str(ckpt),
+                              llm_family="t5", llm_path=str(tiny_models["t5"]))
+    model = Blip2Stage2.from_config(cfg)
+    for key in ("query_tokens", "qformer.encoder.layer.2.crossattention.attention.value.weight"):
+        assert torch.equal(model.state_dict()[key], stage1.state_dict()[key]), key
+    assert "itm_head.weight" in model.extra and "temp" in model.extra
