@@ -10,6 +10,26 @@ autocast for mixed precision). Similarities and losses are computed in fp32.
 ``forward(pixel_values, texts)`` is what the trainer calls (under DDP): texts are tokenised here,
 features are gathered across ranks with :mod:`training.distributed` (no process group needed for
 a single process), losses come from :mod:`training.losses`.
+
+Where this differs from LAVIS ``Blip2Qformer`` (and why):
+
+* ITM negatives: LAVIS masks only the diagonal; we also exclude captions token-identical to the
+  positive (they are positives, not negatives). Rows with no candidate (global batch of 1, all
+  captions equal) get no negative instead of LAVIS' ``softmax([-1e4]) = 1`` → the positive
+  itself labelled "no match"; non-finite weights fall back to uniform over the candidates. One
+  batched ``multinomial`` per direction instead of a per-row ``.item()`` loop (no host syncs).
+* ITG: one pass over ``[queries; text]`` with the multimodal causal mask instead of reusing the
+  ITC query pass' ``past_key_values`` — the same function (queries never see text), simpler with
+  HF modules, at the cost of recomputing the queries.
+* Text is padded to the longest caption (to the longest across ranks only for the ITM gather),
+  not to ``max_length``; padding is masked, so outputs are the same, compute is lower.
+* Gathers accept different per-rank batch sizes (LAVIS requires equal ones).
+* ``ln_vision`` takes the EVA encoder's LayerNorm eps (1e-6, HF ``post_layernorm``) where LAVIS
+  uses 1e-5, so exports to ``Blip2ForImageTextRetrieval`` are exact; CLIP uses 1e-5. Its output
+  stays fp32 (LAVIS casts back to the encoder's fp16); the Q-Former is fp32 as in HF.
+* Keys follow HF (``qformer.*``, ``embeddings.*``) not ``Qformer.bert.*``;
+  :func:`training.hf_io.load_lavis_state_dict` maps LAVIS checkpoints.
+* The component losses are returned as well as their sum (LAVIS returns them in its output).
 """
 from __future__ import annotations
 

@@ -11,9 +11,12 @@ import torch.multiprocessing as mp
 
 from tests.helpers.servers import free_port
 from tests.training.stage1_helpers import CAPTIONS, build_model, eva_tower, model_config, pixels
+from tests.training.stage1_helpers import one_thread  # noqa: F401  (fixture)
 from training import distributed as D
 from training.config import ModelConfig
 from training.losses import itc_loss, negative_weights
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 B = 2  # per rank
 TEXTS = [CAPTIONS[0], CAPTIONS[1], CAPTIONS[3], CAPTIONS[4]]  # rank 0 has a longer caption than rank 1
@@ -23,6 +26,7 @@ NEG_IMAGE = torch.tensor([3, 2, 0, 1])  # negative image per text
 
 def _worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         result = {"world": D.world_size(), "rank": D.rank()}

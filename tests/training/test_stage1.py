@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from tests.training.stage1_helpers import CAPTIONS, build_model, eva_tower, model_config, pixels
+from tests.training.stage1_helpers import one_thread  # noqa: F401  (fixture)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +103,15 @@ def test_save_and_load_roundtrip(cfg, tmp_path):
     assert loaded.itg_head.predictions.decoder.weight is loaded.embeddings.word_embeddings.weight
     with pytest.raises(KeyError):
         loaded.load_trainable_state_dict({**sd, "bogus": torch.zeros(1)})
+
+
+def test_save_and_load_through_s3(cfg, s3_bucket):
+    """Checkpoints may live on S3 (moto on 127.0.0.1): written with fsspec, read through a local cache."""
+    from training.stage1 import Blip2Stage1
+
+    model = build_model(cfg, seed=4)
+    uri = f"{s3_bucket}/stage1/ckpt"
+    model.save_pretrained(uri)
+    loaded = Blip2Stage1.from_pretrained(uri)
+    for k, v in model.trainable_state_dict().items():
+        assert torch.equal(v, loaded.trainable_state_dict()[k]), k
