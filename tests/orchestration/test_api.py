@@ -130,3 +130,14 @@ def test_cli_caption_and_vqa(exported, images, tmp_path):
     image, answer = out.stdout.rstrip("\n").split("\t")
     assert image == str(images[1])
     assert answer == api.vqa(str(images[1]), "what shape is it?", model=exported["t5"])["pred_answer"]
+
+
+def test_model_directory_on_s3(exported, images, s3_bucket):
+    import fsspec
+
+    uri = f"{s3_bucket}/models/stage2-opt"
+    fs, root = fsspec.core.url_to_fs(uri)
+    fs.put(str(exported["opt"]) + "/", root + "/", recursive=True)
+    assert fs.exists(root + "/model.safetensors")
+    gen = dict(num_beams=1, max_new_tokens=5, min_new_tokens=5)
+    assert api.caption(str(images[0]), model=uri, **gen) == api.caption(str(images[0]), model=exported["opt"], **gen)

@@ -280,3 +280,17 @@ def test_missing_paths_are_clear_errors(tiny_models, eva):
         Blip2Stage2.from_config(dataclasses.replace(make_cfg(tiny_models, "opt", eva), qformer_init=""))
     with pytest.raises(FileNotFoundError, match="neither"):
         Blip2Stage2.from_pretrained(eva)  # a vision tower, not a stage-2 model
+
+
+def test_half_precision_llm_keeps_trainable_parts_fp32(tiny_models, eva):
+    """``llm_dtype=bfloat16`` (FlanT5's default on GPU): soft prompts are cast to the LLM's dtype,
+    the loss is fp32 and the gradients land in the fp32 trainable parts."""
+    model = Blip2Stage2.from_config(make_cfg(tiny_models, "t5", eva, llm_dtype="bfloat16")).train()
+    assert model.language_model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert model.qformer.layernorm.weight.dtype == torch.float32
+    out = model(pixels(2), TEXTS[:2], split_points=[1, 2])
+    assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    grad = model.language_projection.weight.grad
+    assert grad is not None and grad.dtype == torch.float32 and grad.abs().sum() > 0
+    assert len(model.generate(pixels(1), "a photo of", max_new_tokens=3)) == 1
