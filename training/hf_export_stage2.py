@@ -179,11 +179,15 @@ def load_stage2(cls, path: str, overrides: dict):
     else:
         from transformers import Blip2ForConditionalGeneration
 
-        hf = Blip2ForConditionalGeneration.from_pretrained(str(root), dtype=torch.float32)
-        ln = hf.vision_model.post_layernorm
+        # load once in the frozen parts' dtype when they share one (a 7B LLM need not pass through
+        # fp32); HF keeps query_tokens/qformer in fp32, the other trainable parts are upcast below
+        llm_dtype = resolve_llm_dtype(cfg, torch.cuda.is_available())
+        same = cfg.freeze_vision and DTYPES[cfg.frozen_dtype] == llm_dtype
+        hf = Blip2ForConditionalGeneration.from_pretrained(str(root), dtype=llm_dtype if same else torch.float32)
+        ln = hf.vision_model.post_layernorm.float()
         hf.vision_model.post_layernorm = nn.Identity()
-        parts = {"vision": hf.vision_model, "ln_vision": ln, "query_tokens": hf.query_tokens.data,
-                 "qformer": hf.qformer, "language_projection": hf.language_projection,
+        parts = {"vision": hf.vision_model, "ln_vision": ln, "query_tokens": hf.query_tokens.data.float(),
+                 "qformer": hf.qformer.float(), "language_projection": hf.language_projection.float(),
                  "language_model": hf.language_model}
     trainable_vision = not cfg.freeze_vision
     vision = FrozenImageEncoder(cfg.vision, parts["vision"].to(DTYPES["float32" if trainable_vision else cfg.frozen_dtype]),
