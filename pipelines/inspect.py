@@ -266,6 +266,7 @@ class _Walker:
 # -- the walk -----------------------------------------------------------------------------
 def _listing(shards: ShardSet) -> dict[str, int]:
     """Committed shard name -> size in bytes (one listing call)."""
+    shards.fs.invalidate_cache(shards.root)  # fsspec instances are shared: never trust an old listing
     if not shards.fs.exists(shards.root):
         return {}
     out = {}
