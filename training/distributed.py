@@ -57,24 +57,26 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([t, pad], dim=0)
 
 
-def all_gather_no_grad(t: torch.Tensor) -> torch.Tensor:
-    """``[n_r, ...]`` on each rank → ``[sum n_r, ...]``; no grad with N processes (see module doc)."""
+def all_gather_no_grad(t: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
+    """``[n_r, ...]`` on each rank → ``[sum n_r, ...]``; no grad with N processes (see module doc).
+
+    ``sizes`` (from :func:`gather_sizes`) saves the size exchange when already known."""
     if not is_distributed():
         return t
-    sizes = gather_sizes(t.shape[0], t.device)
+    sizes = sizes or gather_sizes(t.shape[0], t.device)
     padded = _pad_rows(t.detach().contiguous(), max(sizes))
     out = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(out, padded)
     return torch.cat([o[:s] for o, s in zip(out, sizes)], dim=0)
 
 
-def all_gather_with_grad(t: torch.Tensor) -> torch.Tensor:
+def all_gather_with_grad(t: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
     """``[n_r, ...]`` → ``[sum n_r, ...]``; gradients of every rank flow back to the owner's rows."""
     if not is_distributed():
         return t
     from torch.distributed.nn.functional import all_gather
 
-    sizes = gather_sizes(t.shape[0], t.device)
+    sizes = sizes or gather_sizes(t.shape[0], t.device)
     out = all_gather(_pad_rows(t.contiguous(), max(sizes)))
     return torch.cat([o[:s] for o, s in zip(out, sizes)], dim=0)
 

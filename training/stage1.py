@@ -45,7 +45,7 @@ from torch import nn
 
 from pipelines.remote import local_dir
 from training.config import ModelConfig
-from training.distributed import all_gather_no_grad, all_gather_with_grad, global_max, rank_offset
+from training.distributed import all_gather_no_grad, all_gather_with_grad, gather_sizes, global_max, rank
 from training.encoders import FrozenImageEncoder
 from training.losses import IGNORE_INDEX, itc_loss, itg_loss, itm_loss, sample_hard_negatives
 from training.qformer import (ItgHead, bidirectional_mask, init_from_bert, multimodal_causal_mask, qformer_config,
@@ -241,16 +241,17 @@ class Blip2Stage1(nn.Module):
         B, device = input_ids.shape[0], input_ids.device
 
         # ITC over the global batch: other ranks' features are constants (see training.distributed)
-        offset = rank_offset(B, device)
-        loss_itc, sim_i2t, sim_t2i = itc_loss(image_feat, text_feat, all_gather_no_grad(image_feat),
-                                              all_gather_no_grad(text_feat), self.temp, offset)
+        sizes = gather_sizes(B, device)  # one size exchange for every gather below
+        offset = sum(sizes[: rank()])
+        loss_itc, sim_i2t, sim_t2i = itc_loss(image_feat, text_feat, all_gather_no_grad(image_feat, sizes),
+                                              all_gather_no_grad(text_feat, sizes), self.temp, offset)
 
         # ITM: B positives + one hard negative text per image + one hard negative image per text
         pad = global_max(input_ids.shape[1], device) - input_ids.shape[1]
         ids = F.pad(input_ids, (0, pad), value=self.tokenizer.pad_token_id)
         mask = F.pad(attention_mask, (0, pad), value=0)
-        ids_all, mask_all = all_gather_no_grad(ids), all_gather_no_grad(mask)
-        image_embeds_all = all_gather_with_grad(image_embeds)
+        ids_all, mask_all = all_gather_no_grad(ids, sizes), all_gather_no_grad(mask, sizes)
+        image_embeds_all = all_gather_with_grad(image_embeds, sizes)
         if itm_negatives is None:
             candidates = (ids[:, None, :] != ids_all[None, :, :]).any(dim=-1)  # a different caption
             neg_text, neg_image = sample_hard_negatives(sim_i2t, sim_t2i, candidates, generator)

@@ -115,3 +115,21 @@ def test_save_and_load_through_s3(cfg, s3_bucket):
     loaded = Blip2Stage1.from_pretrained(uri)
     for k, v in model.trainable_state_dict().items():
         assert torch.equal(v, loaded.trainable_state_dict()[k]), k
+
+
+def test_clip_encoder_and_half_precision_frozen_tower(tiny_models, cfg):
+    """CLIP ViT (no post-LN: fresh ln_vision, eps 1e-5) and a bf16 frozen tower feeding the fp32 Q-Former."""
+    clip = build_model(model_config(tiny_models, vision="clip_vit_l", vision_path=str(tiny_models["vision"])))
+    assert clip.ln_vision.eps == 1e-5 and torch.equal(clip.ln_vision.weight, torch.ones(clip.vision.width))
+    out = clip(pixels(2), CAPTIONS[:2])
+    assert all(torch.isfinite(v) for v in out.values())
+
+    half = build_model(model_config(tiny_models, eva=cfg.vision_path, frozen_dtype="bfloat16"))
+    assert next(half.vision.parameters()).dtype == torch.bfloat16
+    assert half.ln_vision.eps == 1e-6 and half.ln_vision.weight.dtype == torch.float32
+    image_embeds, image_feat = half.encode_image(pixels(2))
+    assert image_embeds.dtype == torch.float32 and image_feat.dtype == torch.float32
+    full_embeds, _ = build_model(cfg).encode_image(pixels(2))
+    assert (image_embeds - full_embeds).abs().max() < 0.1  # same tower, bf16 rounding only
+    out = half(pixels(2), CAPTIONS[:2])
+    assert all(torch.isfinite(v) and v.dtype == torch.float32 for v in out.values())
