@@ -266,7 +266,6 @@ class _Walker:
 # -- the walk -----------------------------------------------------------------------------
 def _listing(shards: ShardSet) -> dict[str, int]:
     """Committed shard name -> size in bytes (one listing call)."""
-    shards.fs.invalidate_cache(shards.root)  # fsspec instances are shared: never trust an old listing
     if not shards.fs.exists(shards.root):
         return {}
     out = {}
@@ -305,6 +304,7 @@ def inspect_shards(uri: str, sample: int = 0, thumbnails: int = 0, verify: bool 
     verify: read every shard's full bytes; compare sha256, rows and schema with the manifest.
     """
     shards = ShardSet(uri)
+    shards.fs.invalidate_cache(shards.root)  # fsspec instances are shared: never trust an old listing
     ins = Inspection(uri=shards.uri, verified=verify)
     try:
         manifest = shards.read_manifest()
