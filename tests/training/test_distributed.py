@@ -52,6 +52,17 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> None:
         cand = torch.ones_like(sim_i2t, dtype=torch.bool)
         cand[torch.arange(B), torch.arange(B) + rank * B] = False
         result.update(sim_i2t=sim_i2t, weights=negative_weights(sim_t2i, cand))
+
+        # what the trainer does: DDP around the model, sampled hard negatives, backward
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(model.train())
+        out = ddp(px, texts, generator=torch.Generator().manual_seed(rank))
+        out["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        result.update(ddp_loss=out["loss"].item(), grad_temp=grads["temp"], grad_cross=grads[
+            "qformer.encoder.layer.0.crossattention.attention.value.weight"],
+            all_grads=all(g is not None and torch.isfinite(g).all() for g in grads.values()))
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -82,6 +93,10 @@ def test_two_gloo_ranks_equal_one_process_on_the_concatenated_batch(cfg, tmp_pat
     assert torch.equal(r[0]["grad"], torch.tensor([[0.0, 0.0]]) * 2)
     assert torch.equal(r[1]["grad"], torch.tensor([[1.0, 1.0], [2.0, 2.0]]) * 2)  # both ranks' coefficients
     assert [x["offset"] for x in r] == [0, 1] and not r[0]["nograd"]
+    # under DDP every rank ends the step with the same (averaged), finite gradients
+    assert all(x["all_grads"] and torch.isfinite(torch.tensor(x["ddp_loss"])) for x in r)
+    assert torch.equal(r[0]["grad_temp"], r[1]["grad_temp"]) and r[0]["grad_temp"].abs() > 0
+    assert torch.allclose(r[0]["grad_cross"], r[1]["grad_cross"])
 
     model = build_model(cfg, seed=0)
     px = pixels(2 * B, seed=4)
