@@ -69,6 +69,8 @@ def test_export_refuses_clip_encoder(tiny_models, tmp_path):
     model = build_model(model_config(tiny_models, vision="clip_vit_l", vision_path=str(tiny_models["vision"])))
     with pytest.raises(ValueError, match="no place for a 'clip_vit_l'"):
         export_retrieval(model, str(tmp_path / "hf"))
+    with pytest.raises(ValueError, match="clip_vit_l"):  # LAVIS EVA weights cannot go into a CLIP tower
+        load_lavis_state_dict(model, {"visual_encoder.cls_token": torch.zeros(1, 1, 48)})
 
 
 def to_lavis_layout(model) -> dict[str, torch.Tensor]:

@@ -132,6 +132,20 @@ def test_model_losses_equal_per_sample_references(model):
     assert abs(out["loss"].item() - (ref + itm + torch.stack(terms).mean()).item()) < 1e-4
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("texts", [["a red circle"], ["a red circle"] * 3])
+def test_itm_without_any_negative_uses_the_positives_only(model, texts):
+    """Batch of one / all captions identical: no candidate negative, ITM = CE over the B positives."""
+    px = pixels(len(texts), seed=8)
+    out = model(px, texts)
+    image_embeds, _ = model.encode_image(px)
+    ids, mask = model.tokenize(texts)
+    logits = model.itm_logits(image_embeds, ids, mask)
+    expected = torch.stack([-torch.log_softmax(row, dim=0)[1] for row in logits]).mean()
+    assert abs(out["loss_itm"].item() - expected.item()) < 1e-5
+    assert all(torch.isfinite(v) for v in out.values())
+
+
 def test_temperature_is_clamped_like_lavis(model):
     with torch.no_grad():
         model.temp.fill_(5.0)
