@@ -122,7 +122,8 @@ def build_eva_vision(out: Path) -> Path:
     from transformers import Blip2VisionConfig, Blip2VisionModel
 
     cfg = Blip2VisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                            image_size=IMAGE_SIZE, patch_size=PATCH, qkv_bias=True)
+                            image_size=IMAGE_SIZE, patch_size=PATCH, qkv_bias=True,
+                            initializer_range=0.02)  # HF default 1e-10 would pass no image signal
     Blip2VisionModel(cfg).save_pretrained(out)
     _clip_image_processor().save_pretrained(out)
     return out
