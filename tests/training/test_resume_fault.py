@@ -6,7 +6,7 @@ epoch, so the run crosses into epoch 1). Compared with it, one run that is inter
   name — Ray Train restores the run and the loop continues from checkpoint 3 (mid-epoch);
 * then its last worker SIGKILLs itself at step 5 (``FailureConfig(max_failures=1)``) — Ray
   Train restarts the worker group, which resumes from checkpoint 4 by itself.
-(Both interruptions share one test to keep the suite to three Ray Train runs.)
+(Both interruptions share one test, on S3 storage, to keep the suite to three Ray Train runs.)
 Tolerance: losses agree to 1e-5 absolute (fixed seeds, CPU, gloo all-reduce of two ranks is
 order-stable; the slack covers float re-association only). Sample keys must match exactly.
 """
@@ -66,22 +66,31 @@ def test_reference_run_covers_epoch_and_learns(reference, data):
     assert (data / "runs" / "reference" / "final" / "model.safetensors").exists()
 
 
-def test_stop_rerun_and_worker_kill_replay_the_uninterrupted_run(reference, data):
+def test_stop_rerun_and_worker_kill_replay_the_uninterrupted_run(reference, data, corpus, s3_bucket):
     """Run 1 stops after step 3; run 2 (same output + name) resumes from checkpoint 3 and, at
-    step 5, its last worker is SIGKILLed; Ray Train restarts the group from checkpoint 4."""
+    step 5, its last worker is SIGKILLed; Ray Train restarts the group from checkpoint 4.
+    This run reads its shards from and keeps its checkpoints/metrics/final model on S3 (moto)."""
+    import fsspec
+
+    write_capfilt(f"{s3_bucket}/capfilt", corpus, rows_per_shard=12)
     marker = data / "crash.marker"
-    cfg = _cfg(data, str(data / "capfilt"), "resumed", crash_at_step=5, crash_marker=str(marker), max_failures=1)
+    cfg = _cfg(data, f"{s3_bucket}/capfilt", "resumed", output=f"{s3_bucket}/runs", crash_at_step=5,
+               crash_marker=str(marker), max_failures=1)
+    run, fs = f"{s3_bucket}/runs/resumed", fsspec.filesystem("s3")
     first = run_training(ModelConfig(), TrainConfig(**{**cfg.__dict__, "stop_after": 3}), seed=0)
-    assert Path(first.checkpoint.path).name == "checkpoint_00000003"
-    state = json.loads((Path(first.checkpoint.path) / "state.json").read_text())
+    assert first.checkpoint.path.endswith("resumed/checkpoint_00000003")
+    files = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{run}/checkpoint_00000003")}
+    assert {"trainable.safetensors", "optimizer.pt", "scheduler.pt", "scaler.pt", "state.json",
+            "rng_rank0.pt", "rng_rank1.pt"} <= files
+    state = json.loads(fs.cat(f"{run}/checkpoint_00000003/state.json"))
     assert state["step"] == 3 and (state["data"]["epoch"], state["data"]["batches_in_epoch"]) == (0, 3)
-    assert not (data / "runs" / "resumed" / "final").exists() and not marker.exists()
+    assert not fs.exists(f"{run}/final") and not marker.exists()
 
     second = run_training(ModelConfig(), cfg, seed=0)  # same output + name: resumes from step 3
     assert marker.exists() and "at step 5" in marker.read_text()      # a worker really died ...
     assert second.error is None                                         # ... and the run finished anyway
-    assert Path(second.checkpoint.path).name == "checkpoint_00000008"
-    rows = read_metrics(str(data / "runs" / "resumed"))
+    assert second.checkpoint.path.endswith("resumed/checkpoint_00000008")
+    rows = read_metrics(run)
     _assert_same_run(rows, reference)
     _assert_epoch_once(rows)
-    assert (data / "runs" / "resumed" / "final" / "model.safetensors").exists()
+    assert fs.exists(f"{run}/final/model.safetensors") and fs.exists(f"{run}/metrics.csv")
