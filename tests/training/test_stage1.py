@@ -64,6 +64,7 @@ def test_gradients_reach_trainable_parts_and_never_the_frozen_encoder(cfg):
     frozen_before = {k: v.clone() for k, v in model.vision.state_dict().items()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert not any(p.requires_grad for p in model.vision.parameters())
+    assert model.training and not model.vision.model.training  # frozen tower stays in eval mode
     opt = torch.optim.AdamW(trainable, lr=1e-3)
     out = model(pixels(4), CAPTIONS[:4], generator=torch.Generator().manual_seed(0))
     out["loss"].backward()
