@@ -126,7 +126,8 @@ class ShardSet:
         return self.fs.exists(self.root)
 
     def committed(self) -> list[str]:
-        """Names of committed shards, sorted."""
+        """Names of committed shards, sorted (always a fresh listing: Ray tasks commit behind our back)."""
+        self.fs.invalidate_cache(self.root)
         if not self.fs.exists(self.root):
             return []
         names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)]
