@@ -11,6 +11,15 @@ def add_arguments(parser) -> None:
                              "(default: train.stage)")
 
 
+def latest_checkpoint(run_uri: str) -> str | None:
+    """The newest ``checkpoint_*`` directory of a run (what Ray Train will restore), if any."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(run_uri)
+    found = sorted(p for p in fs.glob(f"{root}/checkpoint_0*") if fs.isdir(p)) if fs.exists(root) else []
+    return found[-1] if found else None
+
+
 def run(args, cfg) -> int:
     from orchestration.ray_session import ensure_ray
     from pipelines.schema import SchemaError
@@ -26,6 +35,9 @@ def run(args, cfg) -> int:
     ensure_ray(cfg.ray)
     uri = run_uri(cfg.train)
     print(f"blip2 train: stage {cfg.train.stage}, {cfg.train.num_workers} worker(s), run dir {uri}")
+    previous = latest_checkpoint(uri)
+    if previous:
+        print(f"blip2 train: resuming from {previous}")
     try:
         result = run_training(cfg.model, cfg.train, seed=cfg.seed)
     except (SchemaError, ValueError) as e:  # bad input: a clear message, no traceback
