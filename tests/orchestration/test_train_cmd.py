@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
 from orchestration.cli import main
 from orchestration.config import available_presets, load_config
+from orchestration.submit import submit
 from tests.training.train_fixtures import write_capfilt
 from training.metrics import read_metrics
 
@@ -43,8 +45,23 @@ def _tiny_overrides(tiny_models, data: Path, out: Path) -> list[str]:
             "train.batch_size=4", "train.checkpoint_every=2", "train.warmup_steps=1", "train.map_batch_size=8"]
 
 
+@pytest.fixture(scope="module")
+def job_head(s3_server):
+    """A `ray start --head` job server (test_submit's: free agent ports, token auth off)."""
+    from tests.orchestration.test_submit import JobHead
+
+    head = JobHead(num_cpus=2)
+    try:
+        head.wait_ready(timeout=240)
+        yield head
+    finally:
+        head.stop()
+
+
 @pytest.mark.slow
-def test_blip2_train_stage1_then_stage2(ray_local, tiny_models, corpus, tmp_path, capsys):
+def test_blip2_train_stage1_then_submit_stage2(ray_local, job_head, tiny_models, corpus, tmp_path, capsys):
+    """Stage 1 with `blip2 train` (2 workers, local Ray); stage 2 from its model with
+    `blip2 submit train` on a real head node's job server."""
     data = tmp_path / "capfilt"
     write_capfilt(str(data), corpus, rows_per_shard=16)
     common = _tiny_overrides(tiny_models, data, tmp_path / "runs")
@@ -66,10 +83,19 @@ def test_blip2_train_stage1_then_stage2(ray_local, tiny_models, corpus, tmp_path
     out = capsys.readouterr().out
     assert "loss_itc" in out and "final model:" in out and "resuming" not in out
 
-    assert main(["train", "--stage", "2", "--config", "tiny", *common, "train.steps=2", "train.num_workers=1",
-                 "train.name=s2", f"model.stage1_checkpoint={run / 'final'}"]) == 0
+    # stage 2 from the stage-1 model, through the job server: `blip2 submit train --stage 2 ...`
+    # (RAY_OVERRIDE_JOB_RUNTIME_ENV: ensure_ray's ray.init(runtime_env=WORKER_ENV) inside a job
+    # repeats the job's env_vars keys, which Ray refuses unless told to merge them)
+    lines: list[str] = []
+    _, rc = submit(job_head.dashboard_url, "train",
+                   ["--stage", "2", "--config", "tiny", *common, "train.steps=2", "train.num_workers=1",
+                    "train.name=s2", f"model.stage1_checkpoint={run / 'final'}"],
+                   python=sys.executable, echo=lines.append, poll_s=2, timeout_s=500,
+                   env_vars={"RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"})
+    log = "\n".join(lines)
+    assert rc == 0, log[-4000:]
+    assert "submitted" in log and "loss_lm" in log and "final model:" in log   # the job's summary, streamed
     rows2 = read_metrics(str(tmp_path / "runs" / "s2"))
     assert [r["step"] for r in rows2] == [1, 2] and all("loss_lm" in r for r in rows2)
     assert json.loads((tmp_path / "runs" / "s2" / "checkpoint_00000002" / "state.json").read_text())["step"] == 2
     assert (tmp_path / "runs" / "s2" / "final").is_dir()
-
