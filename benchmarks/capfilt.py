@@ -1,0 +1,194 @@
+"""CapFilt throughput: our Ray Data job vs a plain single-process loop, side by side in one run.
+
+Both sides use the same random "tiny but not trivial" BLIP captioner and CLIP ranker (built
+here from configs, several times the test models' size), the same images, the same batch size
+and the same generation settings (10 nucleus captions per image, top-p 0.9, fixed length).
+
+    .venv/bin/python benchmarks/capfilt.py --images 96 --batch-size 8
+
+The loop: decode -> BLIP processor -> generate -> CLIP processor -> CLIPModel -> top 2, one
+batch after the other in one process (torch uses every core). The job: decode in CPU tasks,
+captioner and ranker on their own actors, so decode, captioning and ranking overlap.
+With ``--real-sizes`` (for a CUDA machine) the models get BLIP-large / CLIP ViT-L/14 shapes.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def build_models(out: Path, image_size: int, real_sizes: bool) -> dict[str, Path]:
+    """Random BLIP + CLIP, saved in save_pretrained layout (the job loads them from disk like real weights)."""
+    import torch
+    from transformers import (BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor,
+                              CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor)
+
+    from orchestration.tiny_models import CLIP_MEAN, CLIP_STD, bert_tokenizer, clip_tokenizer
+
+    torch.manual_seed(0)
+    tok = bert_tokenizer(dec_token=True)
+    if real_sizes:  # BLIP-large (ViT-L/16 384px + BERT-base decoder) and CLIP ViT-L/14 224px
+        bv = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                  image_size=384, patch_size=16)
+        bt = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+        cv = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                  image_size=224, patch_size=14)
+        ct = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+        proj, caption_px, rank_px = 768, 384, 224
+    else:
+        bv = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=6,
+                  image_size=image_size, patch_size=16)
+        bt = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=6)
+        cv = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=6,
+                  image_size=image_size, patch_size=16)
+        ct = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4)
+        proj, caption_px, rank_px = 128, image_size, image_size
+    text = dict(vocab_size=len(tok), max_position_embeddings=64, bos_token_id=tok.bos_token_id,
+                pad_token_id=tok.pad_token_id, sep_token_id=tok.sep_token_id, eos_token_id=tok.sep_token_id,
+                encoder_hidden_size=bv["hidden_size"], **bt)
+    paths = {"captioner": out / "captioner", "ranker": out / "ranker"}
+    BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=bv)).save_pretrained(paths["captioner"])
+    BlipProcessor(BlipImageProcessor(size={"height": caption_px, "width": caption_px}, image_mean=CLIP_MEAN,
+                                     image_std=CLIP_STD), tok).save_pretrained(paths["captioner"])
+    ctok = clip_tokenizer()
+    ctext = dict(vocab_size=len(ctok), max_position_embeddings=77, bos_token_id=ctok.bos_token_id,
+                 eos_token_id=ctok.eos_token_id, pad_token_id=ctok.pad_token_id, **ct)
+    CLIPModel(CLIPConfig(text_config=ctext, vision_config=cv, projection_dim=proj)).save_pretrained(paths["ranker"])
+    CLIPProcessor(CLIPImageProcessor(size={"shortest_edge": rank_px}, crop_size={"height": rank_px, "width": rank_px},
+                                     image_mean=CLIP_MEAN, image_std=CLIP_STD), ctok).save_pretrained(paths["ranker"])
+    return paths
+
+
+def build_input(root: Path, n: int, per_shard: int, size: int) -> str:
+    import hashlib
+
+    import pyarrow as pa
+
+    from pipelines.schema import DOWNLOAD
+    from pipelines.shardio import ShardSet
+    from pipelines.synthetic import make_corpus
+
+    items = make_corpus(root / "corpus", n=n, seed=0, size=size)
+    ss = ShardSet(str(root / "download"))
+    for s in range(0, n, per_shard):
+        rows = []
+        for it in items[s:s + per_shard]:
+            data = (root / "corpus" / it.file).read_bytes()
+            rows.append(dict(key=f"bench/{it.index:06d}", source="synthetic", url=None, caption=it.caption,
+                             image=data, width=size, height=size, original_width=size, original_height=size,
+                             status="ok", error=None, sha256=hashlib.sha256(data).hexdigest()))
+        ss.write_shard(s // per_shard, pa.Table.from_pylist(rows, schema=DOWNLOAD.arrow_schema()), DOWNLOAD)
+    return ss.uri
+
+
+def plain_loop(input_uri: str, models: dict, batch_size: int, length: int) -> tuple[float, int]:
+    """The obvious single-process implementation. Returns (seconds, images)."""
+    import torch
+    from PIL import Image
+    from transformers import BlipForConditionalGeneration, BlipProcessor, CLIPModel, CLIPProcessor
+
+    from pipelines.schema import DOWNLOAD
+    from pipelines.shardio import ShardSet
+
+    start = time.perf_counter()
+    blip_proc = BlipProcessor.from_pretrained(models["captioner"])
+    blip = BlipForConditionalGeneration.from_pretrained(models["captioner"]).eval()
+    clip_proc = CLIPProcessor.from_pretrained(models["ranker"])
+    clip = CLIPModel.from_pretrained(models["ranker"]).eval()
+    prompt = blip_proc.tokenizer("a picture of ", return_tensors="pt").input_ids
+    torch.manual_seed(0)
+    rows = [r for _, b in ShardSet(input_uri).iter_batches(DOWNLOAD) for r in b.to_pylist() if r["status"] == "ok"]
+    kept = 0
+    for s in range(0, len(rows), batch_size):
+        batch = rows[s:s + batch_size]
+        images = [Image.open(io.BytesIO(r["image"])).convert("RGB") for r in batch]
+        with torch.inference_mode():
+            px = blip_proc(images=images, return_tensors="pt")["pixel_values"]
+            out = blip.generate(pixel_values=px, input_ids=prompt.repeat(len(batch), 1), do_sample=True, top_p=0.9,
+                                top_k=0, num_return_sequences=10, min_new_tokens=length, max_new_tokens=length)
+            caps = blip_proc.tokenizer.batch_decode(out[:, prompt.shape[1] - 1:], skip_special_tokens=True)
+            texts = [t for b, r in enumerate(batch) for t in [r["caption"], *caps[b * 10:(b + 1) * 10]]]
+            enc = clip_proc(text=texts, images=images, return_tensors="pt", padding=True, truncation=True,
+                            max_length=clip.config.text_config.max_position_embeddings)
+            img = torch.nn.functional.normalize(clip.get_image_features(pixel_values=enc["pixel_values"]).pooler_output, dim=-1)
+            txt = torch.nn.functional.normalize(clip.get_text_features(input_ids=enc["input_ids"],
+                                                                        attention_mask=enc["attention_mask"]).pooler_output, dim=-1)
+            scores = torch.einsum("bd,bcd->bc", img, txt.view(len(batch), 11, -1))
+            kept += scores.topk(2, dim=1).indices.numel() // 2
+    return time.perf_counter() - start, kept
+
+
+def ray_job(input_uri: str, output_uri: str, models: dict, batch_size: int, length: int, args) -> tuple[float, dict]:
+    import ray
+
+    from capfilt.config import CapFiltConfig
+    from capfilt.job import run_capfilt
+
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    cfg = CapFiltConfig(input=input_uri, output=output_uri, captioner=str(models["captioner"]),
+                        ranker=str(models["ranker"]), min_length=length, max_length=length, batch_size=batch_size,
+                        rank_batch_size=batch_size, caption_num_cpus=args.caption_cpus, rank_num_cpus=args.rank_cpus,
+                        caption_concurrency=(args.captioners, args.captioners),
+                        caption_num_gpus=1.0 if args.gpu else 0.0, rank_num_gpus=1.0 if args.gpu else 0.0,
+                        write_candidates=True, write_embeddings=True)
+    start = time.perf_counter()
+    summary = run_capfilt(cfg, seed=0, log=lambda m: None)
+    seconds = time.perf_counter() - start
+    ray.shutdown()
+    return seconds, summary
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=96)
+    p.add_argument("--per-shard", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--length", type=int, default=12, help="generated tokens per caption (min = max)")
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the local Ray (default: all)")
+    p.add_argument("--caption-cpus", type=float, default=1.0)
+    p.add_argument("--rank-cpus", type=float, default=0.5)
+    p.add_argument("--captioners", type=int, default=1)
+    p.add_argument("--real-sizes", action="store_true", help="BLIP-large / CLIP ViT-L/14 shapes (for a GPU)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per model actor")
+    p.add_argument("--skip-loop", action="store_true")
+    args = p.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="bench-capfilt-"))
+    try:
+        models = build_models(root / "models", args.image_size, args.real_sizes)
+        input_uri = build_input(root, args.images, args.per_shard, args.image_size)
+        job_s, summary = ray_job(input_uri, str(root / "out"), models, args.batch_size, args.length, args)
+        loop_s, loop_n = (None, 0) if args.skip_loop else plain_loop(input_uri, models, args.batch_size, args.length)
+        n = summary["images_out"]
+        result = {"images": args.images, "batch_size": args.batch_size, "caption_tokens": args.length,
+                  "cpus": os.cpu_count(), "job_s": round(job_s, 2), "job_images_per_s": round(n / job_s, 3)}
+        if loop_s:
+            result.update(loop_s=round(loop_s, 2), loop_images_per_s=round(loop_n / loop_s, 3),
+                          speedup=round((n / job_s) / (loop_n / loop_s), 3))
+        print(json.dumps(result))
+        print(f"job  {result['job_images_per_s']:.2f} images/s ({job_s:.1f} s, Ray start excluded, model loads included)")
+        if loop_s:
+            print(f"loop {result['loop_images_per_s']:.2f} images/s ({loop_s:.1f} s, model loads included)")
+            print(f"ratio job/loop: {result['speedup']:.2f}x")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
