@@ -72,7 +72,7 @@ def preprocess(batch: dict, *, pre: Preprocess) -> dict:
 
 # -- model stages (Ray Data actor pools) ------------------------------------------------------
 class CaptionStage:
-    """Adds ``synthetic``: N captions per ok row ([] for rows that failed to decode)."""
+    """Adds ``synthetic``: N captions per ok row (N empty strings for rows that failed to decode)."""
 
     def __init__(self, cfg: CapFiltConfig, seed: int):
         from capfilt.captioner import Captioner
