@@ -17,7 +17,9 @@ def ensure_ray(cfg: RayConfig):
         return ray
     kwargs = {"runtime_env": {"env_vars": WORKER_ENV}, "log_to_driver": True}
     if cfg.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=cfg.address or os.environ["RAY_ADDRESS"], **kwargs)
+        # Joining a cluster (typically as a `ray job submit` entrypoint): the job's runtime_env,
+        # set by `blip2 submit`, already carries WORKER_ENV; passing another one would conflict.
+        ray.init(address=cfg.address or os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
         # address="local": never join a stray cluster by accident; 127.0.0.1 keeps Ray's own
         # traffic on loopback on a laptop or CI box.
