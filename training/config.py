@@ -62,6 +62,8 @@ class TrainConfig:
     image_size: int = 224
     min_scale: float = 0.5             # random resized crop scale range (min, 1)
     max_words: int = 50
+    hflip: bool = True                 # random horizontal flip (paper); off where captions say left/right
+    caption_pick: str = "random"       # random: one of the kept captions per sample (paper) | first: the best
     map_batch_size: int = 32           # rows per decode/augment task batch
     keep_checkpoints: int = 3          # newest checkpoints kept in storage (0: all)
     stop_after: int = 0                # end this invocation after this step (0: at `steps`); the
@@ -83,6 +85,8 @@ class TrainConfig:
                              f"batch_size*num_workers = {self.batch_size * self.num_workers}")
         if not 0 < self.min_scale <= 1:
             raise ValueError(f"min_scale must be in (0, 1], got {self.min_scale}")
+        if self.caption_pick not in ("random", "first"):
+            raise ValueError(f"caption_pick must be random or first, got {self.caption_pick!r}")
 
 
 @dataclass

@@ -71,12 +71,12 @@ def random_resized_crop(img: Image.Image, rng: random.Random, size: int, min_sca
     return img.resize((size, size), Image.BICUBIC, box=(x, y, x + side, y + side))
 
 
-def augment_image(data: bytes, rng: random.Random, size: int, min_scale: float) -> np.ndarray:
+def augment_image(data: bytes, rng: random.Random, size: int, min_scale: float, hflip: bool = True) -> np.ndarray:
     """JPEG/PNG bytes → float32 [3, size, size], CLIP-normalised. Raises on undecodable bytes."""
     with Image.open(io.BytesIO(data)) as im:
         img = im.convert("RGB")
     img = random_resized_crop(img, rng, size, min_scale)
-    if rng.random() < 0.5:
+    if rng.random() < 0.5 and hflip:  # the draw happens either way: same RNG stream for other draws
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     arr = (np.asarray(img, dtype=np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
@@ -94,6 +94,8 @@ class Augment:
     image_size: int
     min_scale: float
     max_words: int
+    hflip: bool = True
+    caption_pick: str = "random"   # random | first
 
     def __call__(self, batch: dict) -> dict:
         keys = [str(k) for k in batch["key"]]
@@ -102,9 +104,10 @@ class Augment:
         for key, image, captions in zip(keys, batch["image"], batch["captions"]):
             rng = sample_rng(self.seed, self.epoch, key)
             caps = [c for c in list(captions) if c] or [""]
-            texts.append(clean_caption(caps[rng.randrange(len(caps))], self.max_words))
+            pick = rng.randrange(len(caps))  # drawn either way, so both modes replay the same pixels
+            texts.append(clean_caption(caps[pick if self.caption_pick == "random" else 0], self.max_words))
             try:
-                pixels.append(augment_image(bytes(image), rng, self.image_size, self.min_scale))
+                pixels.append(augment_image(bytes(image), rng, self.image_size, self.min_scale, self.hflip))
                 ok.append(True)
             except Exception:  # noqa: BLE001 - any decode failure is a counted, replaced sample
                 pixels.append(None)
@@ -199,6 +202,8 @@ class IngestSpec:
     image_size: int
     min_scale: float
     max_words: int
+    hflip: bool = True
+    caption_pick: str = "random"
     map_batch_size: int = 32
     ingest_cpus: float = 1.0
     shuffle_buffer: int = 0
@@ -215,7 +220,8 @@ def build_epoch_dataset(spec: IngestSpec, epoch: int, rank: int, world: int, ski
     tasks = rank_read_tasks(order, rank, world, spec.batch_size, skip)
     if not tasks:
         return None
-    augment = Augment(spec.seed, epoch, spec.image_size, spec.min_scale, spec.max_words)
+    augment = Augment(spec.seed, epoch, spec.image_size, spec.min_scale, spec.max_words, spec.hflip,
+                      spec.caption_pick)
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     ds = ds.flat_map(lambda t: _rows(read_rows(t)), num_cpus=spec.ingest_cpus)
     return ds.map_batches(augment, batch_size=spec.map_batch_size, batch_format="numpy",

@@ -274,7 +274,8 @@ def run_training(model: ModelConfig, train: TrainConfig, seed: int = 0):
         raise ValueError(f"{train.input}: {sum(s.rows for s in shards)} samples cannot give one batch of "
                          f"{train.batch_size} to each of {train.num_workers} workers")
     spec = IngestSpec(tuple(shards), seed=seed, batch_size=train.batch_size, image_size=train.image_size,
-                      min_scale=train.min_scale, max_words=train.max_words,
+                      min_scale=train.min_scale, max_words=train.max_words, hflip=train.hflip,
+                      caption_pick=train.caption_pick,
                       map_batch_size=train.map_batch_size, ingest_cpus=train.ingest_cpus,
                       shuffle_buffer=train.shuffle_buffer)
     path, fs = storage(train.output)

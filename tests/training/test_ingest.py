@@ -113,3 +113,30 @@ def test_ray_data_epoch_stream_fixed_batches_resume_and_s3(ray_local, corpus, s3
         assert a["text"] == b["text"] and (a["pixel_values"] == b["pixel_values"]).all()
     next_epoch = [k for b in iter_epoch(spec, epoch=1, rank=1, world=2) for k in b["key"]]
     assert next_epoch != [k for b in per_rank[1] for k in b["key"]]         # shard order reshuffled
+
+
+def test_caption_pick_first_and_no_flip_keep_the_rest_of_the_draws(tmp_path):
+    """caption_pick=first always trains on the best caption; hflip=false only skips the flip,
+    so crops (and the random stream) stay those of the default mode."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from training.ingest import Augment
+
+    img = Image.new("RGB", (32, 32), (255, 255, 255))
+    img.paste((255, 0, 0), (0, 0, 8, 32))  # a red bar on the left: a flip moves it right
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    keys = [f"k/{i}" for i in range(16)]
+    batch = {"key": keys, "image": [buf.getvalue()] * 16, "captions": [["best one", "second one"]] * 16}
+    paper = Augment(0, 0, 32, 1.0, 50)(batch)
+    first = Augment(0, 0, 32, 1.0, 50, hflip=False, caption_pick="first")(batch)
+    assert set(paper["text"]) == {"best one", "second one"}
+    assert set(first["text"]) == {"best one"}
+    green = first["pixel_values"][:, 1]  # the red bar has no green, the white background has
+    left_red = green[:, :, :4].mean(axis=(1, 2)) < green[:, :, -4:].mean(axis=(1, 2))
+    assert left_red.all()  # never flipped
+    flipped = ~np.isclose(paper["pixel_values"], first["pixel_values"]).all(axis=(1, 2, 3))
+    assert 0 < flipped.sum() < 16  # the paper mode flipped some of the same crops
