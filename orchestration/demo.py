@@ -53,7 +53,7 @@ def write_coco_annotations(items, path: Path) -> Path:
 
 
 def run_demo(workdir: Path, images: int, heldout: int, stage1_steps: int, stage2_steps: int,
-             seed: int, workers: int) -> dict:
+             seed: int, workers: int, extra: list[str] = ()) -> dict:
     from orchestration.config import load_config
     from orchestration.ray_session import ensure_ray
     from orchestration.tiny_models import build_tiny_models
@@ -77,7 +77,8 @@ def run_demo(workdir: Path, images: int, heldout: int, stage1_steps: int, stage2
     m = {k: str(v) for k, v in models.items()}
     common = [f"seed={seed}",
               f"capfilt.captioner={m['captioner']}", f"capfilt.ranker={m['ranker']}",
-              f"model.vision_path={m['vision']}", f"model.qformer_init={m['bert']}", f"model.llm_path={m['opt']}"]
+              f"model.vision_path={m['vision']}", f"model.qformer_init={m['bert']}", f"model.llm_path={m['opt']}",
+              *extra]
 
     _banner("2/8 synthetic corpus, served on 127.0.0.1")
     s = time.time()
@@ -112,7 +113,11 @@ def run_demo(workdir: Path, images: int, heldout: int, stage1_steps: int, stage2
 
     _banner("5/8 stage 1: ITC + ITM + ITG against the frozen image encoder (Ray Train)")
     s = time.time()
-    train_common = [f"train.input={capfilt_out}", f"train.output={train_out}", f"train.num_workers={workers}"]
+    # The shapes' captions say "left of"/"right of" (a flip makes them false) and the second kept
+    # caption is a random captioner's noise: train on the best caption, unflipped, at a tiny
+    # model's learning rate. The paper presets keep flip + a random one of the two captions.
+    train_common = [f"train.input={capfilt_out}", f"train.output={train_out}", f"train.num_workers={workers}",
+                    "train.caption_pick=first", "train.hflip=false", "train.lr=2e-3", "train.min_lr=1e-3"]
     _blip2("train", "--stage", "1", "--config", "tiny", f"train.steps={stage1_steps}", *train_common, *common)
     stage1 = train_out / "stage1" / "final"
     tick("train1", s)

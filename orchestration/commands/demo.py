@@ -22,7 +22,7 @@ def run(args, cfg) -> int:
 
     result = run_demo(Path(args.workdir), images=args.images, heldout=args.heldout,
                       stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, seed=cfg.seed,
-                      workers=args.workers)
+                      workers=args.workers, extra=args.overrides)
     Path(result["workdir"], "demo_summary.json").write_text(json.dumps(result, indent=1))
     print(format_summary(result))
     return 0
