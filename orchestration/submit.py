@@ -28,14 +28,9 @@ def build_submission(command: str, args: list[str], *, python: str = "python",
                      working_dir: str | Path | None = None, env_vars: dict | None = None) -> dict:
     """The keyword arguments of ``JobSubmissionClient.submit_job`` for ``blip2 <command> <args>``."""
     entrypoint = shlex.join([python, "-m", "orchestration.cli", command, *args])
-    runtime_env = {"working_dir": str(working_dir or repo_root()), "excludes": list(EXCLUDES)}
-    # WORKER_ENV reaches every worker through ensure_ray's runtime_env, which Ray merges with this
-    # one; Ray refuses the merge when both name the same variable, so only extra keys go here.
-    clash = sorted(set(env_vars or {}) & set(WORKER_ENV))
-    if clash:
-        raise ValueError(f"{clash} are set by ensure_ray for every worker already")
-    if env_vars:
-        runtime_env["env_vars"] = dict(env_vars)
+    # WORKER_ENV travels with the job: ensure_ray adds no runtime_env of its own when it joins.
+    runtime_env = {"working_dir": str(working_dir or repo_root()), "excludes": list(EXCLUDES),
+                   "env_vars": {**WORKER_ENV, **(env_vars or {})}}
     return {"entrypoint": entrypoint, "runtime_env": runtime_env}
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 
 HELP = ("CapFilt: BLIP writes N nucleus-sampled captions per downloaded image, CLIP ranks them with the "
@@ -23,7 +22,7 @@ def run(args, cfg) -> int:
 
     section = dataclasses.replace(cfg.capfilt, input=args.input or cfg.capfilt.input,
                                   output=args.output or cfg.capfilt.output)
-    ensure_ray(_own_local_ray(cfg.ray))
+    ensure_ray(cfg.ray)
     try:
         summary = run_capfilt(section, cfg.seed, log=lambda m: print(m, file=sys.stderr, flush=True))
     except (SchemaError, FileNotFoundError) as e:
@@ -31,11 +30,3 @@ def run(args, cfg) -> int:
         return 2
     print(json.dumps(summary, indent=1) if args.json else format_summary(summary), flush=True)
     return 0
-
-
-def _own_local_ray(ray_cfg):
-    """Without an address, start a fresh local Ray: a bare ``ray.init()`` would join whatever cluster
-    another user last started on this machine (``/tmp/ray/ray_current_cluster``)."""
-    if ray_cfg.address or os.environ.get("RAY_ADDRESS"):
-        return ray_cfg
-    return dataclasses.replace(ray_cfg, address="local")
