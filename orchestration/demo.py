@@ -174,7 +174,7 @@ def format_summary(r: dict) -> str:
         "   for stage 2 is tests/training/test_stage2_learning.py, which first teaches it to copy)",
         "",
         f"everything is under {r['workdir']}:",
-        f"  shards        download/ capfilt/ (each with _manifest.json)",
+        "  shards        download/ capfilt/ (each with _manifest.json)",
         f"  HTML report   {r['report']}",
         f"  loss curves   {r['loss_curves'][0]}",
         f"                {r['loss_curves'][1]}",

@@ -14,7 +14,7 @@ from PIL import Image
 from capfilt.config import CapFiltConfig
 from capfilt.job import RankStage, embedding_paths, run_capfilt
 from capfilt.ranker import select
-from pipelines.schema import CAPFILT, DOWNLOAD, SchemaError
+from pipelines.schema import CAPFILT, SchemaError
 from pipelines.shardio import ShardSet
 
 

@@ -63,21 +63,29 @@ def start_http_server(root: str | Path, host: str = "127.0.0.1"):
 
 
 class RayHead:
-    """`ray start --head --block` as a child process, stopped by PID (never `ray stop`)."""
+    """`ray start --head --block` as a child process, stopped by PID (never `ray stop`).
+
+    Every port is a free one (another head on this machine may hold Ray's fixed defaults, and a
+    head without its dashboard agent answers "No available agent"), and token auth is off: the
+    node only listens on 127.0.0.1 and the readiness probe must not get a 401.
+    """
 
     def __init__(self, num_cpus: int = 2, env: dict | None = None):
         self.port, self.dashboard_port = free_port(), free_port()
-        self.temp_dir = None
+        ports = {name: free_port() for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                 "runtime-env-agent-port", "metrics-export-port",
+                                                 "ray-client-server-port", "node-manager-port",
+                                                 "object-manager-port")}
         cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
                f"--port={self.port}", f"--dashboard-port={self.dashboard_port}",
                "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
-               "--include-dashboard=true", "--disable-usage-stats"]
-        self.proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, start_new_session=True,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+               "--include-dashboard=true", "--disable-usage-stats", *(f"--{k}={v}" for k, v in ports.items())]
+        self.proc = subprocess.Popen(cmd, env={**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})},
+                                     start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
 
-    def wait_ready(self, timeout: float = 120) -> None:
+    def wait_ready(self, timeout: float = 240) -> None:
         import urllib.request
 
         deadline = time.time() + timeout

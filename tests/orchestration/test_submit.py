@@ -1,9 +1,7 @@
 """`blip2 submit`: any command as a Ray job, shipped with the repo as working_dir."""
 from __future__ import annotations
 
-import os
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,7 +11,6 @@ import pytest
 from orchestration.cli import main
 from orchestration.ray_session import WORKER_ENV
 from orchestration.submit import build_submission, repo_root
-from tests.helpers.servers import RayHead, free_port
 
 
 def test_submission_ships_the_repo_and_runs_the_cli():
@@ -44,48 +41,13 @@ def hostile_input(tmp_path_factory, corpus):
     return uri, expected
 
 
-class JobHead(RayHead):
-    """The shared fixture's head with every fixed default port replaced by a free one.
-
-    Several engineers' Ray heads share this machine: with the default dashboard-agent port
-    (52365) taken, a head comes up without a job agent and answers "No available agent".
-    Ray 2.60 also turns token auth on, and its dashboard then answers 401 to the readiness
-    probe, so this loopback-only head runs with RAY_AUTH_MODE=disabled.
-    """
-
-    def __init__(self, num_cpus: int = 2):
-        self.port, self.dashboard_port = free_port(), free_port()
-        ports = {name: free_port() for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                 "runtime-env-agent-port", "metrics-export-port",
-                                                 "ray-client-server-port", "node-manager-port",
-                                                 "object-manager-port")}
-        cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--port={self.port}",
-               f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1",
-               "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--include-dashboard=true",
-               "--disable-usage-stats", *(f"--{k}={v}" for k, v in ports.items())]
-        self.proc = subprocess.Popen(cmd, env={**os.environ, "RAY_AUTH_MODE": "disabled"}, start_new_session=True,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.address = f"127.0.0.1:{self.port}"
-        self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
-
-
-@pytest.fixture(scope="module")
-def job_head(s3_server):
-    head = JobHead(num_cpus=2)
-    try:
-        head.wait_ready(timeout=240)
-        yield head
-    finally:
-        head.stop()
-
-
 @pytest.mark.slow
-def test_capfilt_through_ray_job_submit(job_head, tiny_models, hostile_input, tmp_path, capsys):
+def test_capfilt_through_ray_job_submit(ray_head, tiny_models, hostile_input, tmp_path, capsys):
     from pipelines.shardio import ShardSet
 
     input_uri, expected = hostile_input
     out = tmp_path / "out"
-    rc = main(["submit", "--address", job_head.dashboard_url, "--python", sys.executable, "--timeout", "500",
+    rc = main(["submit", "--address", ray_head.dashboard_url, "--python", sys.executable, "--timeout", "500",
                "capfilt", "--input", input_uri, "--output", str(out), "--config", "tiny",
                f"capfilt.captioner={tiny_models['captioner']}", f"capfilt.ranker={tiny_models['ranker']}",
                "capfilt.max_length=6", "capfilt.batch_size=4"])
@@ -96,6 +58,6 @@ def test_capfilt_through_ray_job_submit(job_head, tiny_models, hostile_input, tm
     keys = pa.concat_tables([ss.read_shard(n) for n in ss.committed()]).column("key").to_pylist()
     assert sorted(keys) == expected["out"]
     # A failing command's exit status comes back as the submit's exit status.
-    assert main(["submit", "--address", job_head.dashboard_url, "--python", sys.executable, "capfilt",
+    assert main(["submit", "--address", ray_head.dashboard_url, "--python", sys.executable, "capfilt",
                  "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "never")]) == 2
     assert "holds no committed shards" in capsys.readouterr().out

@@ -45,21 +45,8 @@ def _tiny_overrides(tiny_models, data: Path, out: Path) -> list[str]:
             "train.batch_size=4", "train.checkpoint_every=2", "train.warmup_steps=1", "train.map_batch_size=8"]
 
 
-@pytest.fixture(scope="module")
-def job_head(s3_server):
-    """A `ray start --head` job server (test_submit's: free agent ports, token auth off)."""
-    from tests.orchestration.test_submit import JobHead
-
-    head = JobHead(num_cpus=2)
-    try:
-        head.wait_ready(timeout=240)
-        yield head
-    finally:
-        head.stop()
-
-
 @pytest.mark.slow
-def test_blip2_train_stage1_then_submit_stage2(ray_local, job_head, tiny_models, corpus, tmp_path, capsys):
+def test_blip2_train_stage1_then_submit_stage2(ray_local, ray_head, tiny_models, corpus, tmp_path, capsys):
     """Stage 1 with `blip2 train` (2 workers, local Ray); stage 2 from its model with
     `blip2 submit train` on a real head node's job server."""
     data = tmp_path / "capfilt"
@@ -87,7 +74,7 @@ def test_blip2_train_stage1_then_submit_stage2(ray_local, job_head, tiny_models,
     # (RAY_OVERRIDE_JOB_RUNTIME_ENV: ensure_ray's ray.init(runtime_env=WORKER_ENV) inside a job
     # repeats the job's env_vars keys, which Ray refuses unless told to merge them)
     lines: list[str] = []
-    _, rc = submit(job_head.dashboard_url, "train",
+    _, rc = submit(ray_head.dashboard_url, "train",
                    ["--stage", "2", "--config", "tiny", *common, "train.steps=2", "train.num_workers=1",
                     "train.name=s2", f"model.stage1_checkpoint={run / 'final'}"],
                    python=sys.executable, echo=lines.append, poll_s=2, timeout_s=500,

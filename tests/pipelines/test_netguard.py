@@ -1,8 +1,6 @@
 """The address guard: classification without connecting anywhere, and guarded urllib on loopback only."""
 from __future__ import annotations
 
-import functools
-import socket
 import threading
 import urllib.error
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer

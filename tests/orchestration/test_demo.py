@@ -1,0 +1,38 @@
+"""The README's first command, shrunk: every step of `blip2 demo` runs and leaves its outputs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pipelines.schema import CAPFILT, DOWNLOAD
+from pipelines.shardio import ShardSet
+
+
+@pytest.mark.slow
+def test_demo_runs_the_whole_chain(tmp_path):
+    work = tmp_path / "demo"
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestration.cli", "demo", "--workdir", str(work), "--images", "48",
+         "--heldout", "16", "--stage1-steps", "4", "--stage2-steps", "2", "--workers", "1"],
+        env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "blip2 demo finished" in proc.stdout and "chance" in proc.stdout
+
+    summary = json.loads((work / "demo_summary.json").read_text())
+    download, capfilt = ShardSet(str(work / "download")), ShardSet(str(work / "capfilt"))
+    assert download.read_manifest()["schema"] == DOWNLOAD.tag
+    assert download.read_manifest()["num_rows"] == 48 + 2  # every URL, the two broken ones included
+    assert download.read_manifest()["summary"]["by_status"]["http_error"] == 2
+    assert capfilt.read_manifest()["schema"] == CAPFILT.tag and capfilt.read_manifest()["num_rows"] == 48
+    metrics = summary["metrics"]
+    assert 0 <= metrics["txt_r1"] <= 100 and metrics["chance"]["txt_r1"] == pytest.approx(100 / 16)
+    for path in [summary["report"], *summary["loss_curves"]]:
+        assert os.path.getsize(path) > 1000, path
+    assert (work / "train" / "stage2" / "final" / "blip2_config.json").exists()
+    assert isinstance(summary["caption"]["predicted"], str)
