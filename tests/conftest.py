@@ -14,6 +14,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from tests.helpers.servers import RayHead, free_port, start_http_server  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny models on a 2-core machine: one intra-op torch thread per process is faster (and far
+    faster when the machine is busy) than two threads fighting Ray's processes for the cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """name -> directory of every tiny model (bert, vision, vision_eva, captioner, ranker, opt, t5)."""

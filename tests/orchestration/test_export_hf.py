@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from orchestration.cli import main
 from training.config import ModelConfig
-from tests.training.test_stage2 import build_eva_tower, one_thread  # noqa: F401 (autouse fixture)
+from tests.training.test_stage2 import build_eva_tower
 from training.stage2 import Blip2Stage2
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 
 from training.config import ModelConfig
@@ -57,12 +56,3 @@ def pixels(n: int, seed: int = 0, size: int = 64) -> torch.Tensor:
 CAPTIONS = ["a red circle", "a blue square left of a green circle", "a yellow triangle above a red square",
             "a green circle", "a purple star right of a blue circle", "a red square below a green triangle"]
 
-
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls run faster on one intra-op thread, and far faster on a shared, busy machine
-    (two spinning threads per process oversubscribe the cores); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -11,12 +11,10 @@ import torch.multiprocessing as mp
 
 from tests.helpers.servers import free_port
 from tests.training.stage1_helpers import CAPTIONS, build_model, eva_tower, model_config, pixels
-from tests.training.stage1_helpers import one_thread  # noqa: F401  (fixture)
 from training import distributed as D
 from training.config import ModelConfig
 from training.losses import itc_loss, negative_weights
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 B = 2  # per rank
 TEXTS = [CAPTIONS[0], CAPTIONS[1], CAPTIONS[3], CAPTIONS[4]]  # rank 0 has a longer caption than rank 1

@@ -15,14 +15,6 @@ FAST = dict(batch_size=4, num_beams=2, max_new_tokens=6, caption_min_new_tokens=
             tokenizer="simple", vqa_num_beams=2, vqa_max_new_tokens=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: one intra-op thread is faster, and far faster on a shared busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def stage2(tiny_models):

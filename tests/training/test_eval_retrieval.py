@@ -15,14 +15,6 @@ from tests.training.stage1_helpers import build_model, eva_tower, model_config
 from tests.training.test_eval_data import write_coco_eval_set
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: one intra-op thread is faster, and far faster on a shared busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def stage1_dir(tiny_models, tmp_path_factory):

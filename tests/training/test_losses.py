@@ -7,10 +7,8 @@ import pytest
 import torch
 
 from tests.training.stage1_helpers import CAPTIONS, build_model, eva_tower, model_config, pixels
-from tests.training.stage1_helpers import one_thread  # noqa: F401  (fixture)
 from training.losses import itc_loss, itg_loss, negative_weights, sample_from, sample_hard_negatives
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 EPS = 0.1  # label smoothing
 

@@ -5,10 +5,8 @@ import pytest
 import torch
 
 from tests.training.stage1_helpers import CAPTIONS, build_model, eva_tower, model_config, pixels
-from tests.training.stage1_helpers import one_thread  # noqa: F401  (fixture)
 from training.qformer import attention_bias, bidirectional_mask, multimodal_causal_mask, run_qformer
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,6 @@ import pytest
 import torch
 
 from tests.training.stage1_helpers import CAPTIONS, build_model, eva_tower, model_config, pixels
-from tests.training.stage1_helpers import one_thread  # noqa: F401  (fixture)
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

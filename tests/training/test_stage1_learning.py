@@ -11,7 +11,6 @@ from PIL import Image
 from orchestration.tiny_models import CLIP_MEAN, CLIP_STD
 from pipelines.synthetic import make_corpus
 from tests.training.stage1_helpers import build_model, model_config
-from tests.training.stage1_helpers import one_thread  # noqa: F401  (fixture)
 
 STEPS, BATCH, HELD_OUT, TRAIN, LR = 300, 32, 32, 320, 2e-3
 
@@ -37,7 +36,7 @@ def recall_at_1(model, pixels: torch.Tensor, captions: list[str]) -> float:
 
 
 @pytest.mark.slow
-def test_stage1_learns_retrieval_on_shapes(tiny_models, tmp_path, one_thread):
+def test_stage1_learns_retrieval_on_shapes(tiny_models, tmp_path):
     torch.manual_seed(0)
     items = make_corpus(tmp_path / "corpus", n=TRAIN + 3 * HELD_OUT, seed=1, size=64)
     train, rest = items[:TRAIN], items[TRAIN:]

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from training.config import ModelConfig
-from tests.training.test_stage2 import build_eva_tower, one_thread  # noqa: F401 (autouse fixture)
+from tests.training.test_stage2 import build_eva_tower
 from training.stage2 import Blip2Stage2
 
 TEXTS = ["a red circle", "a blue square above a green triangle"]

@@ -17,7 +17,6 @@ from PIL import Image
 
 from orchestration.tiny_models import CLIP_MEAN, CLIP_STD
 from pipelines.synthetic import COLORS, make_corpus
-from tests.training.test_stage2 import one_thread  # noqa: F401 (autouse fixture)
 from training.config import ModelConfig
 from training.stage2 import IGNORE, Blip2Stage2, causal_lm_batch
 
