@@ -41,12 +41,7 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _load_command(name: str):
-    try:
-        return importlib.import_module(f"orchestration.commands.{COMMANDS[name]}")
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith("orchestration.commands"):
-            return None
-        raise
+    return importlib.import_module(f"orchestration.commands.{COMMANDS[name]}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,8 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         mod = _load_command(name)
-        if mod is None:
-            continue
         p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
         p.add_argument("--config", default=getattr(mod, "DEFAULT_PRESET", None),
                        help="preset name or YAML file (overrides: key=value after the command)")
