@@ -6,9 +6,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
-from http.server import SimpleHTTPRequestHandler
+from http.server import (
+    BaseHTTPRequestHandler,
+    SimpleHTTPRequestHandler,
+    ThreadingHTTPServer,
+)
 from pathlib import Path
 
 from pipelines.synthetic import serve_directory
@@ -60,6 +65,30 @@ class HostileHandler(SimpleHTTPRequestHandler):
 
 def start_http_server(root: str | Path, host: str = "127.0.0.1"):
     return serve_directory(root, host=host, handler=HostileHandler)
+
+
+class RecordingHandler(BaseHTTPRequestHandler):
+    """Records every request it receives (``server.seen``) and answers with a body: a broken
+    address guard would show up here."""
+
+    def do_GET(self):  # noqa: N802 (http.server naming)
+        self.server.seen.append(self.path)
+        body = b"secret"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def start_recording_server(host: str = "127.0.0.2") -> ThreadingHTTPServer:
+    """A request recorder on another loopback address (the guard's allow-list excludes it)."""
+    server = ThreadingHTTPServer((host, 0), RecordingHandler)
+    server.seen = []
+    threading.Thread(target=server.serve_forever, name="recorder-http", daemon=True).start()
+    return server
 
 
 class RayHead:

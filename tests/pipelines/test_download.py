@@ -4,9 +4,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import struct
-import threading
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pyarrow as pa
@@ -20,7 +18,7 @@ from pipelines.download_worker import Rejected, check_image, status_of_fetch_err
 from pipelines.schema import DOWNLOAD, SchemaError
 from pipelines.shardio import ShardSet
 from pipelines.sources import open_url_lists
-from tests.helpers.servers import start_http_server
+from tests.helpers.servers import start_http_server, start_recording_server
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -55,17 +53,6 @@ def hostile_images(good_jpeg: bytes) -> dict[str, bytes]:
     }
 
 
-class RecordingHandler(BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802
-        self.server.seen.append(self.path)
-        self.send_response(200)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture(scope="module")
 def hostile_server(tmp_path_factory, corpus):
     root = tmp_path_factory.mktemp("hostile")
@@ -80,9 +67,7 @@ def hostile_server(tmp_path_factory, corpus):
 
 @pytest.fixture(scope="module")
 def recorder():
-    server = ThreadingHTTPServer(("127.0.0.2", 0), RecordingHandler)
-    server.seen = []
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = start_recording_server("127.0.0.2")
     yield server
     server.shutdown()
     server.server_close()

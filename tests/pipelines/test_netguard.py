@@ -1,13 +1,19 @@
 """The address guard: classification without connecting anywhere, and guarded urllib on loopback only."""
 from __future__ import annotations
 
-import threading
 import urllib.error
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from pipelines.netguard import BlockedAddress, Guard, Policy, RedirectLimit, classify, guarded_opener
+from pipelines.netguard import (
+    BlockedAddress,
+    Guard,
+    Policy,
+    RedirectLimit,
+    classify,
+    guarded_opener,
+)
+from tests.helpers.servers import start_recording_server
 
 
 @pytest.mark.parametrize("ip,reason", [
@@ -81,26 +87,9 @@ def test_connection_checks_resolved_addresses_before_connecting():
         Guard(Policy()).create_connection(("localhost", 9), timeout=1)
 
 
-class RecordingHandler(BaseHTTPRequestHandler):
-    """Records every request it receives; a broken guard would show up here."""
-
-    def do_GET(self):  # noqa: N802
-        self.server.seen.append(self.path)
-        body = b"secret"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def recorder_on_127_0_0_2():
-    server = ThreadingHTTPServer(("127.0.0.2", 0), RecordingHandler)
-    server.seen = []
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = start_recording_server("127.0.0.2")
     yield server
     server.shutdown()
     server.server_close()
