@@ -25,22 +25,29 @@ def emit(args, image: str, key: str, value: str) -> None:
     print(json.dumps({"image": image, key: value}) if args.json else f"{image}\t{value}", flush=True)
 
 
-def run(args, cfg) -> int:
+def over_images(args, command: str, key: str, infer) -> int:
+    """``infer(image)[key]`` for every image; an unreadable image is reported and counted, the rest
+    still run. Exit status 1 if any failed."""
     import sys
 
+    failed = 0
+    for image in args.images:
+        try:
+            result = infer(image)
+        except ValueError as e:
+            print(f"blip2 {command}: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        emit(args, image, key, result[key])
+    if failed:
+        print(f"blip2 {command}: {failed} of {len(args.images)} images failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def run(args, cfg) -> int:
     from orchestration import api
 
     gen = {"num_beams": args.num_beams or cfg.eval.num_beams, "max_new_tokens": args.max_new_tokens or cfg.eval.max_new_tokens}
     prompt = cfg.eval.caption_prompt if args.prompt is None else args.prompt
-    failed = 0
-    for image in args.images:
-        try:
-            result = api.caption(image, model=args.model, prompt=prompt, device=args.device, config=cfg.model, **gen)
-        except ValueError as e:  # an unreadable image is reported and counted, the rest still run
-            print(f"blip2 caption: {e}", file=sys.stderr)
-            failed += 1
-            continue
-        emit(args, image, "pred_caption", result["pred_caption"])
-    if failed:
-        print(f"blip2 caption: {failed} of {len(args.images)} images failed", file=sys.stderr)
-    return 1 if failed else 0
+    return over_images(args, "caption", "pred_caption", lambda image: api.caption(
+        image, model=args.model, prompt=prompt, device=args.device, config=cfg.model, **gen))

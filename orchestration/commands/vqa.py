@@ -1,7 +1,7 @@
 """`blip2 vqa IMG... --question Q --model DIR`: answer a question about each image."""
 from __future__ import annotations
 
-from orchestration.commands.caption import add_generation_arguments, emit
+from orchestration.commands.caption import add_generation_arguments, over_images
 
 HELP = "answer a question about images with a stage-2 model (beam 5, length penalty -1, the paper's prompts)"
 
@@ -18,23 +18,10 @@ def add_arguments(parser) -> None:
 
 
 def run(args, cfg) -> int:
-    import sys
-
     from orchestration import api
 
     gen = {"num_beams": args.num_beams or cfg.eval.num_beams, "length_penalty": args.length_penalty}
     if args.max_new_tokens:
         gen["max_new_tokens"] = args.max_new_tokens
-    failed = 0
-    for image in args.images:
-        try:
-            result = api.vqa(image, args.question, model=args.model, prompt=args.prompt, device=args.device,
-                             config=cfg.model, **gen)
-        except ValueError as e:
-            print(f"blip2 vqa: {e}", file=sys.stderr)
-            failed += 1
-            continue
-        emit(args, image, "pred_answer", result["pred_answer"])
-    if failed:
-        print(f"blip2 vqa: {failed} of {len(args.images)} images failed", file=sys.stderr)
-    return 1 if failed else 0
+    return over_images(args, "vqa", "pred_answer", lambda image: api.vqa(
+        image, args.question, model=args.model, prompt=args.prompt, device=args.device, config=cfg.model, **gen))
