@@ -1,7 +1,6 @@
 """`blip2 export-hf`: stage-2 model dirs and Ray Train checkpoints → plain transformers directories."""
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from safetensors import safe_open
 from orchestration.cli import main
 from training.config import ModelConfig
 from tests.training.test_stage2 import build_eva_tower
+from tests.training.train_fixtures import write_trainer_checkpoint
 from training.stage2 import Blip2Stage2
 
 
@@ -28,18 +28,9 @@ def cfg_for(tiny_models, eva) -> ModelConfig:
 def test_export_training_checkpoint_to_hf(tiny_models, eva, tmp_path, capsys):
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
-    from training.checkpoint import TrainState, save_shared_files
-
     torch.manual_seed(2)
     model = Blip2Stage2.from_config(cfg_for(tiny_models, eva)).eval()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-3)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    ckpt = tmp_path / "checkpoint_00000010"
-    ckpt.mkdir()
-    save_shared_files(ckpt, model.trainable_state_dict(), optimizer, scheduler, torch.amp.GradScaler("cpu"),
-                      TrainState(step=10), config={"seed": 0, "train": {"stage": 2},
-                                                   "model": dataclasses.asdict(model.cfg)})
+    ckpt = write_trainer_checkpoint(tmp_path / "checkpoint_00000010", model, step=10, stage=2)
     assert main(["export-hf", str(ckpt), str(tmp_path / "hf")]) == 0
     assert "model.safetensors" in capsys.readouterr().out
     hf = Blip2ForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()

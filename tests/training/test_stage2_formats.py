@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from training.config import ModelConfig
 from tests.training.test_stage2 import build_eva_tower
+from tests.training.train_fixtures import write_trainer_checkpoint
 from training.stage2 import Blip2Stage2
 
 TEXTS = ["a red circle", "a blue square above a green triangle"]
@@ -131,16 +132,8 @@ def test_lavis_eva_keys_fuse_qkv_bias():
 
 def test_stage1_ray_train_checkpoint_as_starting_point(tiny_models, eva, stage1_dir, tmp_path):
     """``model.stage1_checkpoint`` may also name a stage-1 checkpoint_* folder of a Ray Train run."""
-    from training.checkpoint import TrainState, save_shared_files
-
     _, stage1 = stage1_dir
-    optimizer = torch.optim.AdamW([p for p in stage1.parameters() if p.requires_grad], lr=1e-4)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    ckpt = tmp_path / "checkpoint_00000100"
-    ckpt.mkdir()
-    save_shared_files(ckpt, stage1.trainable_state_dict(), optimizer, scheduler, torch.amp.GradScaler("cpu"),
-                      TrainState(step=100), config={"seed": 0, "train": {"stage": 1},
-                                                    "model": dataclasses.asdict(stage1.cfg)})
+    ckpt = write_trainer_checkpoint(tmp_path / "checkpoint_00000100", stage1, step=100, stage=1)
     cfg = dataclasses.replace(eva_cfg(tiny_models, eva), qformer_init="", stage1_checkpoint=str(ckpt),
                               llm_family="t5", llm_path=str(tiny_models["t5"]))
     model = Blip2Stage2.from_config(cfg)

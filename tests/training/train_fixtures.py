@@ -1,4 +1,5 @@
-"""Helpers for the training-loop tests: CapFilt shard sets made from the synthetic corpus."""
+"""Helpers for the training-loop tests: CapFilt shard sets made from the synthetic corpus, and
+Ray Train checkpoint folders written from a model."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,3 +33,20 @@ def write_capfilt(uri: str, corpus, rows_per_shard: int = 12, bad: set[int] = fr
         shards.write_shard(i, capfilt_table(corpus_dir, items, start, start + rows_per_shard, bad), CAPFILT)
     shards.write_manifest(CAPFILT)
     return shards
+
+
+def write_trainer_checkpoint(ckpt: Path, model, step: int, stage: int) -> Path:
+    """A ``checkpoint_*`` folder as the Ray Train loop writes it, holding ``model``'s trainable weights."""
+    import dataclasses
+
+    import torch
+
+    from training.checkpoint import TrainState, save_shared_files
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    ckpt.mkdir(parents=True, exist_ok=True)
+    save_shared_files(ckpt, model.trainable_state_dict(), optimizer, scheduler, torch.amp.GradScaler("cpu"),
+                      TrainState(step=step), config={"seed": 0, "train": {"stage": stage},
+                                                     "model": dataclasses.asdict(model.cfg)})
+    return ckpt
