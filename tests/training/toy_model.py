@@ -1,4 +1,4 @@
-"""A small model with the BLIP-2 model interface, for fast Ray Train loop tests.
+"""A small model with the BLIP-2 model interface, for fast checkpoint tests (tests/training/test_checkpoint.py).
 
 Frozen conv "image encoder" + trainable projection, a bag-of-words text encoder (crc32
 buckets, so every process hashes alike), a contrastive loss and an auxiliary regression loss,
