@@ -72,6 +72,12 @@ class TrainConfig:
     log_keys: bool = False             # log every step's sample keys (all ranks) in metrics.jsonl
     crash_at_step: int = 0             # test hook: the last rank SIGKILLs itself once at this step ...
     crash_marker: str = ""             # ... unless this (local) marker file exists; it creates it first
+    # experiment tracking (training/trackers.py, rank 0, every logged step); all off by default
+    tensorboard: bool = False          # TensorBoard event files in <run>/tensorboard (pip install tensorboard)
+    mlflow_tracking_uri: str = ""      # e.g. http://mlflow:5000 or file:///abs/mlruns (pip install mlflow-skinny)
+    mlflow_experiment: str = ""        # "": blip2
+    wandb_project: str = ""            # Weights & Biases project (pip install wandb); files in <run>/wandb
+    wandb_mode: str = "online"         # online | offline (`wandb sync <run>/wandb/offline-run-*` later)
 
     def validate(self) -> None:
         if self.stage not in (1, 2):
@@ -87,6 +93,17 @@ class TrainConfig:
             raise ValueError(f"min_scale must be in (0, 1], got {self.min_scale}")
         if self.caption_pick not in ("random", "first"):
             raise ValueError(f"caption_pick must be random or first, got {self.caption_pick!r}")
+        if self.wandb_mode not in ("online", "offline"):
+            raise ValueError(f"wandb_mode must be online or offline, got {self.wandb_mode!r}")
+        if self.mlflow_experiment and not self.mlflow_tracking_uri:
+            raise ValueError("mlflow_experiment needs mlflow_tracking_uri")
+        uri = self.mlflow_tracking_uri
+        if uri and "://" not in uri and not uri.startswith("/"):
+            raise ValueError(f"mlflow_tracking_uri {uri!r}: use a server URI or an absolute path / file:/// URI "
+                             "(a relative path would resolve in the Ray worker's directory)")
+        from training.trackers import check_installed
+
+        check_installed(self)  # a backend asked for but not installed: say which package, now
 
 
 @dataclass

@@ -35,6 +35,7 @@ from training.config import ModelConfig, TrainConfig
 from training.ingest import IngestSpec, batches_per_epoch, epoch_shard_order, iter_epoch, list_shards
 from training.metrics import MetricsLog
 from training.optim import accumulation_steps, autocast, build_optimizer, grad_scaler
+from training.trackers import open_trackers
 
 DEFAULT_MODELS = {1: "training.stage1:Blip2Stage1", 2: "training.stage2:Blip2Stage2"}
 
@@ -148,7 +149,9 @@ def train_loop_per_worker(config: dict) -> None:
         if world > 1 else model
     raw = model
     accum = accumulation_steps(train, world)
-    log = MetricsLog(wc.run_uri, state.step) if rank == 0 else None
+    log = MetricsLog(wc.run_uri, state.step, open_trackers(
+        wc.run_uri, train, state.step, {"seed": wc.seed, "train": train.__dict__, "model": wc.model.__dict__})
+    ) if rank == 0 else None
     stream = micro_batches(wc.ingest, state.data, rank, world)
     trainable = [p for p in raw.parameters() if p.requires_grad]
 
@@ -207,7 +210,7 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report({k: v for k, v in row.items() if k != "keys"})
 
     if rank == 0:
-        log.flush()
+        log.close()
         if state.step >= train.steps:
             save_final(raw, f"{wc.run_uri}/final")
 

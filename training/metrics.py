@@ -3,6 +3,8 @@
 The run directory may be on S3: the files are kept in a local staging folder and copied to the
 run directory (fsspec) whenever a checkpoint is taken and at the end, so a resumed run
 continues the same files. Rows after the step a run resumes from are dropped on resume.
+Each row also goes to the experiment trackers enabled in the config (TensorBoard / MLflow /
+W&B, :mod:`training.trackers`) when the loop passes them in.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ FIELDS_FIRST = ("step", "epoch", "lr", "loss")
 
 
 class MetricsLog:
-    def __init__(self, run_uri: str, start_step: int = 0):
+    def __init__(self, run_uri: str, start_step: int = 0, trackers=None):
+        self.trackers = trackers  # training.trackers.Trackers | None
         self.fs, self.root = fsspec.core.url_to_fs(run_uri)
         self.rows: list[dict] = []
         self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
@@ -31,14 +34,25 @@ class MetricsLog:
         self.rows.append(row)
         with open(self.staging / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.trackers is not None:
+            self.trackers.log(row)
 
     def flush(self) -> None:
-        """Write ``metrics.csv`` and (remote run dirs) upload both files."""
+        """Write ``metrics.csv`` and (remote run dirs) upload both files; flush the trackers."""
+        if self.trackers is not None:
+            self.trackers.flush()
         (self.staging / "metrics.csv").write_text(to_csv(self.rows))
         if not self.local:
             self.fs.makedirs(self.root, exist_ok=True)
             for name in ("metrics.jsonl", "metrics.csv"):
                 self.fs.put_file(str(self.staging / name), f"{self.root}/{name}")
+
+    def close(self) -> None:
+        """The end of this invocation: end the trackers' runs, then write and upload the files."""
+        if self.trackers is not None:
+            self.trackers.close()
+            self.trackers = None
+        self.flush()
 
     def _rewrite(self) -> None:
         with open(self.staging / "metrics.jsonl", "w") as f:

@@ -1,0 +1,181 @@
+"""Experiment tracking (training/trackers.py): TensorBoard, MLflow and W&B hold metrics.jsonl's values.
+
+One real Ray Train run (toy model, 2 workers, 4 steps) with all three backends on — TensorBoard
+event files, MLflow's file store under tmp_path, W&B in offline mode — stopped after step 2
+(``train.stop_after``) and run again with the same output/name, so it resumes from checkpoint 2.
+Each backend is read back with its own reader and must hold, per step 1..4, the loss values of
+``metrics.jsonl``, exactly once (only rank 0 logs), in one MLflow run / one W&B run id.
+(About 60 s on the 2-core machine: two short Ray Train runs.) The missing-package tests are instant.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from tests.training.train_fixtures import write_capfilt
+from training.config import ModelConfig, TrainConfig
+from training.metrics import read_metrics
+from training.trackers import IDS_FILE, PACKAGES, MissingBackendError, require
+
+STEPS = 4
+LOSSES = ("loss", "loss_itc", "loss_aux")
+
+
+@pytest.fixture(scope="module")
+def tracked_run(tmp_path_factory, corpus, ray_local):
+    from training.loop import run_training
+
+    root = tmp_path_factory.mktemp("trackers")
+    write_capfilt(str(root / "capfilt"), corpus, rows_per_shard=12)
+    cfg = TrainConfig(input=str(root / "capfilt"), output=str(root / "runs"), name="tracked", steps=STEPS,
+                      batch_size=4, num_workers=2, checkpoint_every=2, log_every=1, warmup_steps=1, lr=1e-3,
+                      min_lr=1e-4, image_size=32, map_batch_size=8, model_class="tests.training.toy_model:ToyModel",
+                      tensorboard=True, mlflow_tracking_uri=(root / "mlruns").as_uri(),
+                      mlflow_experiment="blip2-test", wandb_project="blip2-test", wandb_mode="offline")
+    cfg.validate()
+    first = run_training(ModelConfig(), TrainConfig(**{**cfg.__dict__, "stop_after": 2}), seed=0)
+    assert first.error is None, first.error
+    second = run_training(ModelConfig(), cfg, seed=0)
+    assert second.error is None, second.error
+    run = root / "runs" / "tracked"
+    rows = read_metrics(str(run))
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    return run, rows, json.loads((run / IDS_FILE).read_text()), root
+
+
+@pytest.mark.slow
+def test_tensorboard_events_hold_the_jsonl_losses(tracked_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, rows, _, _ = tracked_run
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 2  # one per invocation
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    for key in (*LOSSES, "lr", "samples_per_s"):
+        events = acc.Scalars(key)
+        assert [e.step for e in events] == [r["step"] for r in rows], key
+        for e, r in zip(events, rows):  # event files store float32
+            assert e.value == pytest.approx(r[key], rel=1e-6, abs=1e-12), (key, r["step"])
+
+
+@pytest.mark.slow
+def test_mlflow_run_holds_the_jsonl_losses_in_one_resumed_run(tracked_run, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow >= 3.7 asks for this opt-in to read it too
+    _, rows, ids, root = tracked_run
+    client = MlflowClient(tracking_uri=(root / "mlruns").as_uri())
+    experiment = client.get_experiment_by_name("blip2-test")
+    runs = client.search_runs([experiment.experiment_id])
+    assert [r.info.run_id for r in runs] == [ids["mlflow"]["run_id"]]  # the re-run continued the same run
+    assert runs[0].info.status == "FINISHED" and runs[0].info.run_name == "tracked"
+    assert runs[0].data.params["train/lr"] == "0.001" and runs[0].data.params["seed"] == "0"
+    for key in LOSSES:
+        history = sorted(client.get_metric_history(ids["mlflow"]["run_id"], key), key=lambda m: m.step)
+        assert [(m.step, m.value) for m in history] == [(r["step"], r[key]) for r in rows], key
+
+
+def _wandb_records(path: str):
+    """Records of a W&B transaction log (``run-<id>.wandb``): LevelDB log format, 32 KiB blocks,
+    7-byte record headers (crc32, length, type), after a 7-byte ':W&B' file header."""
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, pending = 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # block trailer
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:  # zero padding up to the block end
+            pos += left
+            continue
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 1:        # full
+            yield chunk
+        elif kind == 2:      # first
+            pending = chunk
+        elif kind == 3:      # middle
+            pending += chunk
+        elif kind == 4:      # last
+            yield pending + chunk
+
+
+@pytest.mark.slow
+def test_wandb_offline_runs_hold_the_jsonl_losses_under_one_id(tracked_run):
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    run, rows, ids, _ = tracked_run
+    files = sorted(glob.glob(str(run / "wandb" / "offline-run-*" / f"run-{ids['wandb']['id']}.wandb")))
+    assert len(files) == 2  # both invocations wrote to the same W&B run id
+    history = {}
+    for f in files:
+        for data in _wandb_records(f):
+            rec = pb.Record()
+            rec.ParseFromString(data)
+            if rec.WhichOneof("record_type") == "history":
+                item = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
+                assert item["_step"] not in history  # every step exactly once
+                history[item["_step"]] = item
+    assert sorted(history) == [r["step"] for r in rows]
+    for r in rows:
+        for key in LOSSES:
+            assert history[r["step"]][key] == r[key], (key, r["step"])
+
+
+def test_s3_run_dir_is_staged_uploaded_and_resumed_with_purge(s3_bucket, tmp_path):
+    """Without Ray (about 5 s): a run directory on S3 (moto). Invocation 1 logs steps 1-3 and
+    dies after its checkpoint at step 2; invocation 2 resumes at step 2 and logs steps 3-4 with
+    other values. TensorBoard's purge_step drops the first step 3; W&B keeps one run id."""
+    import fsspec
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from training.trackers import Trackers
+
+    run = f"{s3_bucket}/runs/remote"
+    cfg = TrainConfig(tensorboard=True, wandb_project="blip2-test", wandb_mode="offline")
+    first = Trackers(run, cfg, start_step=0, params={"seed": 0})
+    for step in (1, 2, 3):
+        first.log({"step": step, "loss": 10.0 + step, "keys": ["000001"]})
+        if step == 2:
+            first.flush()  # the checkpoint at step 2 uploads what is staged so far
+    first.close()
+    second = Trackers(run, cfg, start_step=2, params={"seed": 0})
+    for step in (3, 4):
+        second.log({"step": step, "loss": 20.0 + step})
+    second.close()
+
+    fs = fsspec.filesystem("s3")
+    root = run.removeprefix("s3://")
+    assert len(fs.glob(f"{root}/tensorboard/events.out.tfevents.*")) == 2
+    fs.get(f"{root}/tensorboard/", str(tmp_path / "tb") + "/", recursive=True)
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(1, 11.0), (2, 12.0), (3, 23.0), (4, 24.0)]
+    wandb_id = json.loads(fs.cat(f"{root}/{IDS_FILE}"))["wandb"]["id"]
+    assert len(fs.glob(f"{root}/wandb/offline-run-*-{wandb_id}/run-{wandb_id}.wandb")) == 2
+
+
+def test_missing_backend_package_is_a_clear_error():
+    with pytest.raises(MissingBackendError, match=r"train\.tensorboard .*'no-such-pkg'.*pip install no-such-pkg"):
+        require("blip2_no_such_module", "no-such-pkg", "train.tensorboard")
+    require("json", "json", "train.tensorboard")  # an importable module passes
+
+
+def test_config_refuses_a_backend_whose_package_is_missing(monkeypatch):
+    """`blip2 train ... train.wandb_project=p` without wandb installed: refused when the config is
+    built, naming the key and the pip package (a module name that does not exist stands in)."""
+    from orchestration.config import ConfigError, build
+
+    monkeypatch.setitem(PACKAGES, "wandb", ("blip2_wandb_not_installed", "wandb"))
+    with pytest.raises(ConfigError, match=r"train\.wandb_project .*'wandb' is not installed.*pip install wandb"):
+        build(TrainConfig, {"wandb_project": "p"}, "train.")
+    assert build(TrainConfig, {"wandb_project": ""}, "train.").wandb_project == ""  # off: nothing needed
+    with pytest.raises(ConfigError, match="wandb_mode must be online or offline"):
+        build(TrainConfig, {"wandb_mode": "cloud"}, "train.")
+    with pytest.raises(ConfigError, match="absolute path"):
+        build(TrainConfig, {"mlflow_tracking_uri": "mlruns"}, "train.")
