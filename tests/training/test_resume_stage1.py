@@ -32,8 +32,8 @@ or thread setting reorder a reduction; it is ≥ 3 orders of magnitude below the
 asserted in the unit test. Sample keys per step must match exactly, and epoch 0 must contain
 each of the 48 samples exactly once (nothing repeated or skipped across the interruptions).
 
-Runtime: ~170 s on the shared 2-core machine (reference run ~60 s, stop + resume + worker kill
-~100 s, the RNG unit test ~4 s); almost all of it is Ray Train/worker start-up.
+Runtime: 155-170 s on the shared 2-core machine (reference run ~60 s, stop + resume + worker kill
+90-100 s, the RNG unit test ~4 s); almost all of it is Ray Train/worker start-up.
 """
 from __future__ import annotations
 
