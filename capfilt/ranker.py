@@ -41,14 +41,21 @@ class Ranker:
 
     @torch.inference_mode()
     def embed_texts(self, texts: list[str]) -> TextEmbeddings:
+        # One tokenizer pass (it is the ranker's CPU cost): full lengths tell what gets truncated,
+        # then cut as HF's truncation does (content cut, the closing special token kept) and pad.
         full = self.tokenizer(texts, add_special_tokens=True, truncation=False).input_ids
         truncated = torch.tensor([len(ids) > self.max_tokens for ids in full])
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens,
-                             return_tensors="pt")
-        content = ~torch.isin(enc.input_ids, self.special_ids) & enc.attention_mask.bool()
+        width = min(self.max_tokens, max(len(ids) for ids in full))
+        input_ids = torch.full((len(full), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(full), width), dtype=torch.long)
+        for i, ids in enumerate(full):
+            ids = ids if len(ids) <= width else ids[: width - 1] + ids[-1:]
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            attention_mask[i, : len(ids)] = 1
+        content = ~torch.isin(input_ids, self.special_ids) & attention_mask.bool()
         empty = ~content.any(dim=1)
-        emb = self.model.get_text_features(input_ids=enc.input_ids.to(self.device),
-                                           attention_mask=enc.attention_mask.to(self.device)).pooler_output
+        emb = self.model.get_text_features(input_ids=input_ids.to(self.device),
+                                           attention_mask=attention_mask.to(self.device)).pooler_output
         return TextEmbeddings(torch.nn.functional.normalize(emb.float(), dim=-1).cpu(), empty, truncated)
 
     def score(self, pixel_values, captions: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor, TextEmbeddings]:
