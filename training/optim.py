@@ -40,7 +40,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Opt
     groups = param_groups(model, cfg.weight_decay)
     if not any(g["params"] for g in groups):
         raise ValueError("the model has no trainable parameters")
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8)
+    on_gpu = all(p.is_cuda for g in groups for p in g["params"])
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8,
+                            fused=on_gpu or None)  # one kernel for all parameters on GPU
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_at(s, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps) / cfg.lr)
     return opt, sched

@@ -190,10 +190,15 @@ class Blip2Stage1(nn.Module):
         return tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
 
     def encode_image(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``pixel_values [B, 3, S, S]`` → ``(image_embeds [B, N, Dv] fp32 after ln_vision,
+        """``pixel_values [B, 3, S, S]`` → ``(image_embeds [B, N, Dv] after ln_vision (fp32, or the autocast dtype),
         image_feat [B, Q, E] L2-normalised)``; queries attend only to queries (uni-modal)."""
         frozen = self.vision(pixel_values)
         image_embeds = self.ln_vision(frozen.to(self.ln_vision.weight.dtype))
+        device_type = image_embeds.device.type
+        if torch.is_autocast_enabled(device_type):
+            # Cast once: otherwise every cross-attention K/V projection (6 layers × 2 × 5 passes)
+            # casts the same [B, N, Dv] tensor again; the matmuls see identical operands.
+            image_embeds = image_embeds.to(torch.get_autocast_dtype(device_type))
         queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
         hidden = run_qformer(self.qformer, queries, self.num_queries, None, image_embeds)
         return image_embeds, F.normalize(self.vision_proj(hidden), dim=-1)
