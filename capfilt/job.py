@@ -1,6 +1,6 @@
 """CapFilt as one streaming Ray Data job (paper §3.4): caption, rank, keep the best two.
 
-    pending input shards ─► read ok rows + decode once + preprocess (CPU tasks)
+    pending input shards ─► read ok rows + decode once + preprocess (CPU task per shard)
         ─► captioner (actor pool: N nucleus captions per image)
         ─► ranker (actor pool: CLIP cosine of the N synthetic + 1 original caption)
         ─► driver groups rows by shard ─► writer task per complete shard:
@@ -12,6 +12,7 @@ dropped silently: each ok input row reaches the writer once with an ``outcome``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -65,9 +66,12 @@ def read_ok_rows(batch: dict, *, input_uri: str, chunk: int):
                    "image": np.array(images[sl], dtype=object)}
 
 
-def preprocess(batch: dict, *, pre: Preprocess) -> dict:
-    """Ray Data UDF (CPU task): decode once, both models' pixel tensors."""
-    return pre(batch)
+def read_and_decode(batch: dict, *, input_uri: str, chunk: int, pre: Preprocess):
+    """Ray Data UDF (CPU task, one input shard): its ok rows, decoded once into both models'
+    pixel tensors, streamed out ``chunk`` rows at a time so the captioners start on the
+    first chunk while the rest of the shard is still decoding."""
+    for rows in read_ok_rows(batch, input_uri=input_uri, chunk=chunk):
+        yield pre(rows)
 
 
 # -- model stages (Ray Data actor pools) ------------------------------------------------------
@@ -226,10 +230,11 @@ def build_dataset(cfg: CapFiltConfig, seed: int, input_uri: str, pending: list[i
     ds = ray.data.from_items([{"shard": i} for i in pending], override_num_blocks=len(pending))
     # Decoding stays in CPU tasks that overlap with the models as long as its resources differ
     # from the captioner's (Ray fuses a task map into the next actor map when they are equal).
-    decode = dict(num_cpus=cfg.decode_num_cpus, compute=ray.data.TaskPoolStrategy(size=cfg.decode_concurrency))
-    ds = ds.map_batches(read_ok_rows, batch_size=1, fn_kwargs={"input_uri": input_uri, "chunk": cfg.batch_size},
-                        **decode)
-    ds = ds.map_batches(preprocess, batch_size=cfg.batch_size, fn_kwargs={"pre": pre}, **decode)
+    # batch_size=1: one task per input shard (a larger batch would make Ray bundle several
+    # shards into one task and decode them all before the first image moves on).
+    ds = ds.map_batches(read_and_decode, batch_size=1, num_cpus=cfg.decode_num_cpus,
+                        compute=ray.data.TaskPoolStrategy(size=cfg.decode_concurrency),
+                        fn_kwargs={"input_uri": input_uri, "chunk": cfg.batch_size, "pre": pre})
     ds = ds.map_batches(CaptionStage, fn_constructor_kwargs={"cfg": cfg, "seed": seed}, batch_size=cfg.batch_size,
                         num_cpus=cfg.caption_num_cpus, num_gpus=cfg.caption_num_gpus,
                         compute=ray.data.ActorPoolStrategy(min_size=cfg.caption_concurrency[0],
@@ -239,6 +244,25 @@ def build_dataset(cfg: CapFiltConfig, seed: int, input_uri: str, pending: list[i
                         compute=ray.data.ActorPoolStrategy(min_size=cfg.rank_concurrency[0],
                                                            max_size=cfg.rank_concurrency[1]))
     return ds
+
+
+@contextlib.contextmanager
+def small_blocks(max_bytes: int):
+    """Ray Data blocks of about one captioner batch while the job runs.
+
+    Decoded pixels are ~0.4-2.3 MB per image; with Ray's default 128 MiB target a block holds
+    hundreds of images, each actor call then works through a whole block, and decoding,
+    captioning and ranking hardly overlap. Restored afterwards (the context is per driver).
+    """
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.target_max_block_size
+    ctx.target_max_block_size = max(int(max_bytes), 1 << 20)
+    try:
+        yield
+    finally:
+        ctx.target_max_block_size = saved
 
 
 def _write_complete_shards(ds, cfg: CapFiltConfig, pending: list[int], log) -> list[dict]:
@@ -308,7 +332,8 @@ def run_capfilt(cfg: CapFiltConfig, seed: int, log=print) -> dict:
     stats = []
     if pending:
         pre = Preprocess.from_models(cfg.captioner, cfg.ranker, cfg.max_pixels)
-        stats = _write_complete_shards(build_dataset(cfg, seed, src.uri, pending, pre), cfg, pending, log)
+        with small_blocks(pre.row_bytes * cfg.batch_size):
+            stats = _write_complete_shards(build_dataset(cfg, seed, src.uri, pending, pre), cfg, pending, log)
     summary = {"keep": cfg.keep, "shards": len(shards), "shards_skipped": len(shards) - len(pending), "shards_written": len(pending),
                **summarize(stats, time.time() - started), "output": dst.uri}
     summary["set"] = summarize(read_set_stats(dst))

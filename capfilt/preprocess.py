@@ -65,6 +65,7 @@ class Preprocess:
         self.caption_proc, self.rank_proc, self.max_pixels = caption_proc, rank_proc, max_pixels
         self.caption_shape = _pixel_shape(caption_proc)
         self.rank_shape = _pixel_shape(rank_proc)
+        self.row_bytes = 4 * (int(np.prod(self.caption_shape)) + int(np.prod(self.rank_shape)))  # float32 pixels
 
     @classmethod
     def from_models(cls, captioner_uri: str, ranker_uri: str, max_pixels: int) -> "Preprocess":
