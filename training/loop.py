@@ -5,7 +5,7 @@ batch is ``batch_size × world × accum`` (= ``train.global_batch``). The data p
 counted in micro-batches per rank per epoch; with the deterministic rank slices of
 :mod:`training.ingest` that number fully determines which samples every rank has consumed.
 
-Resume contract (tested in ``tests/training/test_resume.py``): a run restarted from the
+Resume contract (tested in ``tests/training/test_resume_stage1.py``): a run restarted from the
 checkpoint of step k (``blip2 train`` again with the same output and name, or a worker
 failure under ``FailureConfig``) sees exactly the samples an uninterrupted run sees after
 step k, with the same augmentation, and the same RNG states, so its losses match the
