@@ -185,7 +185,6 @@ def stage1_rows(args, model, image_size, vocab, dev, compiled, trainable, frozen
                      "samples_per_s": batch / seconds, "flops_per_sample": flops / batch,
                      "tflops_per_s": flops / seconds / 1e12, "trainable_params": trainable, "frozen_params": frozen,
                      "peak_mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else 0})
-        del opt, sched
     return rows
 
 
@@ -294,7 +293,6 @@ def capfilt(args, work: Path) -> list[dict]:
                          "hf_generate_images_per_s": n / t_hf, "seeded_vs_hf": t_hf / t_cap,
                          "cpu_decode_images_per_s_per_core": decode_rate,
                          "peak_mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else 0})
-        del captioner
     return rows
 
 
