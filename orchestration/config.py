@@ -9,6 +9,7 @@ sections down. Nothing below this module reads YAML or the environment for setti
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -182,8 +183,28 @@ def read_preset(name_or_path: str) -> dict:
     return deep_merge(read_preset(base), data) if base else data
 
 
+# Local paths are made absolute when the config is read: Ray Train workers run in their run's
+# artifacts folder (and other Ray workers need not share the driver's directory), so a relative
+# path would point somewhere else there. Outputs always; inputs only when they exist here, so a
+# Hugging Face Hub id such as "Salesforce/blip-image-captioning-large" is left as it is.
+OUTPUT_PATHS = {"download": ("output",), "capfilt": ("output",), "train": ("output",)}
+INPUT_PATHS = {"download": ("input",), "capfilt": ("input", "captioner", "ranker"),
+               "model": ("vision_path", "qformer_init", "stage1_checkpoint", "llm_path"), "train": ("input",)}
+
+
+def absolute_local_paths(cfg: Config) -> Config:
+    for keys, always in ((OUTPUT_PATHS, True), (INPUT_PATHS, False)):
+        for section, names in keys.items():
+            sec = getattr(cfg, section)
+            for name in names:
+                value = getattr(sec, name)
+                if value and "://" not in value and not os.path.isabs(value) and (always or os.path.exists(value)):
+                    setattr(sec, name, os.path.abspath(value))
+    return cfg
+
+
 def load_config(preset: str | None = None, overrides: list[str] | dict | None = None) -> Config:
     data = read_preset(preset) if preset else {}
     if overrides:
         data = deep_merge(data, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
-    return build(Config, data)
+    return absolute_local_paths(build(Config, data))

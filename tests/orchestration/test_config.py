@@ -27,3 +27,17 @@ def test_wrong_type_is_refused():
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="presets: .*tiny"):
         load_config("nope")
+
+
+def test_local_paths_become_absolute_hub_ids_and_urls_stay(tmp_path, monkeypatch):
+    """Ray Train workers run in their run's artifacts folder: a relative path must not reach them."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "vision").mkdir(parents=True)
+    cfg = load_config("tiny", ["model.vision_path=models/vision", "train.output=runs/train",
+                               "capfilt.captioner=Salesforce/blip-image-captioning-large",
+                               "capfilt.ranker=s3://bucket/clip", "model.llm_path=missing/opt"])
+    assert cfg.model.vision_path == str(tmp_path / "models" / "vision")
+    assert cfg.train.output == str(tmp_path / "runs" / "train")          # outputs: always
+    assert cfg.capfilt.captioner == "Salesforce/blip-image-captioning-large"  # not a local folder: a hub id
+    assert cfg.capfilt.ranker == "s3://bucket/clip"
+    assert cfg.model.llm_path == "missing/opt"                           # inputs only when they exist
