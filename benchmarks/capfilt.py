@@ -144,7 +144,8 @@ def ray_job(input_uri: str, output_uri: str, models: dict, batch_size: int, leng
                         rank_batch_size=batch_size, caption_num_cpus=args.caption_cpus, rank_num_cpus=args.rank_cpus,
                         caption_concurrency=(args.captioners, args.captioners),
                         decode_concurrency=args.decode_tasks,
-                        caption_num_gpus=1.0 if args.gpu else 0.0, rank_num_gpus=1.0 if args.gpu else 0.0,
+                        caption_num_gpus=args.gpus_per_actor if args.gpu else 0.0,
+                        rank_num_gpus=args.gpus_per_actor if args.gpu else 0.0,
                         write_candidates=True, write_embeddings=True)
     marks = []  # (seconds since start, images in the shard) per completed shard
 
@@ -175,7 +176,8 @@ def main() -> int:
     p.add_argument("--captioners", type=int, default=1)
     p.add_argument("--decode-tasks", type=int, default=None, help="decode tasks in flight (default: Ray Data decides)")
     p.add_argument("--real-sizes", action="store_true", help="BLIP-large / CLIP ViT-L/14 shapes (for a GPU)")
-    p.add_argument("--gpu", action="store_true", help="one GPU per model actor")
+    p.add_argument("--gpu", action="store_true", help="model actors on GPUs")
+    p.add_argument("--gpus-per-actor", type=float, default=1.0, help="with --gpu: 0.5 puts captioner + ranker on one GPU")
     p.add_argument("--skip-loop", action="store_true")
     args = p.parse_args()
 
