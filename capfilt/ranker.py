@@ -43,6 +43,9 @@ class Ranker:
     def embed_texts(self, texts: list[str]) -> TextEmbeddings:
         # One tokenizer pass (it is the ranker's CPU cost): full lengths tell what gets truncated,
         # then cut as HF's truncation does (content cut, the closing special token kept) and pad.
+        if not texts:
+            dim, none = self.model.config.projection_dim, torch.zeros(0, dtype=torch.bool)
+            return TextEmbeddings(torch.zeros(0, dim), none, none)
         full = self.tokenizer(texts, add_special_tokens=True, truncation=False).input_ids
         truncated = torch.tensor([len(ids) > self.max_tokens for ids in full])
         width = min(self.max_tokens, max(len(ids) for ids in full))

@@ -60,9 +60,9 @@ class FrozenImageEncoder(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``pixel_values [B, 3, H, W]`` → features ``[B, N, D]`` in the encoder's dtype."""
         dtype = next(self.model.parameters()).dtype
-        # Frozen: run in the weights' own dtype, outside the trainer's autocast (bf16 autocast
-        # would otherwise re-cast 1B fp16 weights every step and lose their mantissa bits).
-        frozen = not self.trainable
-        with torch.set_grad_enabled(not frozen and torch.is_grad_enabled()), \
-                torch.autocast(pixel_values.device.type, enabled=not frozen and torch.is_autocast_enabled()):
+        if self.trainable:  # fine-tuning: the trainer's autocast and grad mode apply as to any module
+            return self.model(pixel_values=pixel_values.to(dtype)).last_hidden_state
+        # Frozen: no graph, and the weights' own dtype outside the trainer's autocast (bf16
+        # autocast would otherwise re-cast 1B fp16 weights every step and lose mantissa bits).
+        with torch.no_grad(), torch.autocast(pixel_values.device.type, enabled=False):
             return self.model(pixel_values=pixel_values.to(dtype)).last_hidden_state
