@@ -64,3 +64,21 @@ def test_sampling_frequencies_follow_the_nucleus_distribution():
     out = SeededSampler(u, prompt_len=0)(torch.zeros(4000, 0, dtype=torch.long), scores.repeat(4000, 1))
     freq = np.bincount(out.argmax(-1).numpy(), minlength=4) / 4000
     np.testing.assert_allclose(freq, [0.6 / 0.95, 0.25 / 0.95, 0.1 / 0.95, 0.0], atol=0.03)
+
+
+def test_shared_cross_attention_cache_gives_blips_own_samples(captioner):
+    """The captioner projects each image's features once for its 10 samples; BLIP's own
+    ``generate`` projects 10 copies. Same seeded draws, so the captions must be the same."""
+    pixels = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    keys = [f"k{i}" for i in range(4)]
+    ours = [c for caps in captioner(pixels.numpy(), keys) for c in caps]
+    prompt = captioner.prompt_ids.repeat(4, 1)
+    uniforms = torch.stack([torch.rand(captioner.max_length + 1, generator=torch.Generator().manual_seed(row_seed(0, k, j)),
+                                       dtype=torch.float64) for k in keys for j in range(10)])
+    with torch.inference_mode():
+        out = captioner.model.generate(pixel_values=pixels, input_ids=prompt, do_sample=True, top_p=0.9, top_k=0,
+                                       num_return_sequences=10, min_new_tokens=3, max_new_tokens=10,
+                                       logits_processor=[SeededSampler(uniforms, prompt.shape[1] - 1)])
+    reference = [t.strip() for t in captioner.processor.tokenizer.batch_decode(out[:, prompt.shape[1] - 1:],
+                                                                               skip_special_tokens=True)]
+    assert ours == reference and len(set(ours)) > 10
