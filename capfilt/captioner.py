@@ -68,7 +68,6 @@ class Captioner:
         self.processor = BlipProcessor.from_pretrained(model_dir)
         self.model = BlipForConditionalGeneration.from_pretrained(model_dir, dtype=self.dtype)
         self.model.to(self.device).eval()
-        # BLIP's generate swaps [CLS] for the [DEC] bos token and drops the trailing [SEP].
         self.prompt_ids = self.processor.tokenizer(prompt, return_tensors="pt").input_ids
         self.num_captions, self.top_p, self.seed = num_captions, top_p, seed
         self.min_length, self.max_length = min_length, max_length
@@ -94,7 +93,7 @@ class Captioner:
         ])
         out = self.model.text_decoder.generate(
             input_ids=input_ids, eos_token_id=cfg.sep_token_id, pad_token_id=cfg.pad_token_id,
-            encoder_hidden_states=image_embeds,
+            encoder_hidden_states=image_embeds,  # selects the cross-attention path; its K/V come from the cache
             encoder_attention_mask=torch.ones(image_embeds.shape[:2], dtype=torch.long, device=self.device),
             cache=self.cross_attention_cache(image_embeds),
             do_sample=True, top_p=self.top_p, top_k=0, temperature=1.0, num_return_sequences=self.num_captions,
@@ -109,8 +108,8 @@ class Captioner:
         """Cross-attention keys/values computed once per image, repeated for its N samples.
 
         ``generate`` would otherwise project N copies of every image's patch features in every
-        decoder layer (N = 10: 90 % of that work is repeated; on BLIP-large it is most of the
-        captioner's FLOPs and of its cache memory). The decoder layers reuse a cache that is
+        decoder layer (N = 10: 90 % of that work is repeated; by a FLOP count it is most of
+        BLIP-large's captioning work, and of its cache memory). The decoder layers reuse a cache that is
         already filled (``EncoderDecoderCache.is_updated``), so the samples are unchanged.
         """
         from transformers.cache_utils import DynamicCache, EncoderDecoderCache
