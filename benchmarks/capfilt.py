@@ -29,8 +29,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-def build_models(out: Path, image_size: int, real_sizes: bool) -> dict[str, Path]:
-    """Random BLIP + CLIP, saved in save_pretrained layout (the job loads them from disk like real weights)."""
+def build_models(out: Path, image_size: int, real_sizes: bool, tokenizer=None, device: str = "cpu") -> dict[str, Path]:
+    """Random BLIP + CLIP, saved in save_pretrained layout (the job loads them from disk like real weights).
+
+    ``tokenizer``: the captioner's (default: the tiny test vocabulary; a 30k-word one gives
+    BLIP-large's real LM-head size). ``device``: where the random init runs (seconds on a GPU).
+    """
     import torch
     from transformers import (BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor,
                               CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor)
@@ -38,7 +42,7 @@ def build_models(out: Path, image_size: int, real_sizes: bool) -> dict[str, Path
     from orchestration.tiny_models import CLIP_MEAN, CLIP_STD, bert_tokenizer, clip_tokenizer
 
     torch.manual_seed(0)
-    tok = bert_tokenizer(dec_token=True)
+    tok = tokenizer or bert_tokenizer(dec_token=True)
     if real_sizes:  # BLIP-large (ViT-L/16 384px + BERT-base decoder) and CLIP ViT-L/14 224px
         bv = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                   image_size=384, patch_size=16)
@@ -46,7 +50,7 @@ def build_models(out: Path, image_size: int, real_sizes: bool) -> dict[str, Path
         cv = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                   image_size=224, patch_size=14)
         ct = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
-        proj, caption_px, rank_px = 768, 384, 224
+        proj, caption_px, rank_px, positions = 768, 384, 224, 512
     else:
         bv = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=6,
                   image_size=image_size, patch_size=16)
@@ -54,18 +58,21 @@ def build_models(out: Path, image_size: int, real_sizes: bool) -> dict[str, Path
         cv = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=6,
                   image_size=image_size, patch_size=16)
         ct = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4)
-        proj, caption_px, rank_px = 128, image_size, image_size
-    text = dict(vocab_size=len(tok), max_position_embeddings=64, bos_token_id=tok.bos_token_id,
+        proj, caption_px, rank_px, positions = 128, image_size, image_size, 64
+    text = dict(vocab_size=len(tok), max_position_embeddings=positions, bos_token_id=tok.bos_token_id,
                 pad_token_id=tok.pad_token_id, sep_token_id=tok.sep_token_id, eos_token_id=tok.sep_token_id,
                 encoder_hidden_size=bv["hidden_size"], **bt)
-    paths = {"captioner": out / "captioner", "ranker": out / "ranker"}
-    BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=bv)).save_pretrained(paths["captioner"])
-    BlipProcessor(BlipImageProcessor(size={"height": caption_px, "width": caption_px}, image_mean=CLIP_MEAN,
-                                     image_std=CLIP_STD), tok).save_pretrained(paths["captioner"])
     ctok = clip_tokenizer()
     ctext = dict(vocab_size=len(ctok), max_position_embeddings=77, bos_token_id=ctok.bos_token_id,
                  eos_token_id=ctok.eos_token_id, pad_token_id=ctok.pad_token_id, **ct)
-    CLIPModel(CLIPConfig(text_config=ctext, vision_config=cv, projection_dim=proj)).save_pretrained(paths["ranker"])
+    paths = {"captioner": out / "captioner", "ranker": out / "ranker"}
+    with torch.device(device):
+        blip = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=bv))
+        clip = CLIPModel(CLIPConfig(text_config=ctext, vision_config=cv, projection_dim=proj))
+    blip.save_pretrained(paths["captioner"])
+    clip.save_pretrained(paths["ranker"])
+    BlipProcessor(BlipImageProcessor(size={"height": caption_px, "width": caption_px}, image_mean=CLIP_MEAN,
+                                     image_std=CLIP_STD), tok).save_pretrained(paths["captioner"])
     CLIPProcessor(CLIPImageProcessor(size={"shortest_edge": rank_px}, crop_size={"height": rank_px, "width": rank_px},
                                      image_mean=CLIP_MEAN, image_std=CLIP_STD), ctok).save_pretrained(paths["ranker"])
     return paths

@@ -191,42 +191,17 @@ def stage1_rows(args, model, image_size, vocab, dev, compiled, trainable, frozen
 # -- capfilt ------------------------------------------------------------------------------------
 def capfilt(args, work: Path) -> list[dict]:
     import numpy as np
-    from transformers import (BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor,
-                              CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor)
 
+    from benchmarks.capfilt import build_models
     from capfilt.captioner import Captioner
     from capfilt.preprocess import Preprocess
     from capfilt.ranker import Ranker
-    from orchestration.tiny_models import CLIP_MEAN, CLIP_STD, clip_tokenizer
     from pipelines.synthetic import make_corpus
 
-    if args.tiny:
-        bv = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=64,
-                  patch_size=16)
-        bt = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
-        cv, ct, proj, cap_px, rank_px, vocab = dict(bv), dict(bt), 64, 64, 64, 1000
-    else:  # BLIP-large: ViT-L/16 at 384 px + BERT-base decoder; CLIP ViT-L/14 at 224 px
-        bv = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                  image_size=384, patch_size=16)
-        bt = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
-        cv = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                  image_size=224, patch_size=14)
-        ct, proj, cap_px, rank_px, vocab = dict(bt), 768, 384, 224, 30524
-    tok = big_bert_tokenizer(vocab - 1, dec_token=True)
-    text = dict(vocab_size=len(tok), max_position_embeddings=512, bos_token_id=tok.bos_token_id,
-                pad_token_id=tok.pad_token_id, sep_token_id=tok.sep_token_id, eos_token_id=tok.sep_token_id,
-                encoder_hidden_size=bv["hidden_size"], **bt)
-    cap_dir = save_random(BlipForConditionalGeneration, BlipConfig(text_config=text, vision_config=bv),
-                          work / "blip_large", torch.float32)
-    BlipProcessor(BlipImageProcessor(size={"height": cap_px, "width": cap_px}, image_mean=CLIP_MEAN,
-                                     image_std=CLIP_STD), tok).save_pretrained(cap_dir)
-    ctok = clip_tokenizer()
-    ctext = dict(vocab_size=len(ctok), max_position_embeddings=77, bos_token_id=ctok.bos_token_id,
-                 eos_token_id=ctok.eos_token_id, pad_token_id=ctok.pad_token_id, **ct)
-    rank_dir = save_random(CLIPModel, CLIPConfig(text_config=ctext, vision_config=cv, projection_dim=proj),
-                           work / "clip_vit_l14", torch.float32)
-    CLIPProcessor(CLIPImageProcessor(size={"shortest_edge": rank_px}, crop_size={"height": rank_px, "width": rank_px},
-                                     image_mean=CLIP_MEAN, image_std=CLIP_STD), ctok).save_pretrained(rank_dir)
+    # BLIP-large + CLIP ViT-L/14 shapes (the CapFilt benchmark's --real-sizes), BERT's real vocabulary
+    tok = None if args.tiny else big_bert_tokenizer(30523, dec_token=True)
+    models = build_models(work / "models", 64, real_sizes=not args.tiny, tokenizer=tok, device=str(device()))
+    cap_dir, rank_dir = models["captioner"], models["ranker"]
 
     n_img = max(args.batch) * (args.rounds + 1)
     items = make_corpus(work / "corpus", n=n_img, seed=0, size=args.image_px)
