@@ -66,19 +66,59 @@ def test_sampling_frequencies_follow_the_nucleus_distribution():
     np.testing.assert_allclose(freq, [0.6 / 0.95, 0.25 / 0.95, 0.1 / 0.95, 0.0], atol=0.03)
 
 
-def test_shared_cross_attention_cache_gives_blips_own_samples(captioner):
-    """The captioner projects each image's features once for its 10 samples; BLIP's own
-    ``generate`` projects 10 copies. Same seeded draws, so the captions must be the same."""
-    pixels = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+def hf_generate_reference(captioner, pixels, keys, min_new, max_new):
+    """BLIP's own ``generate`` with the same seeded draws, the nucleus applied before the draw
+    (generate puts a custom processor ahead of its warpers, hence top_p=1 + our TopP first)."""
+    from transformers import TopPLogitsWarper
+
+    prompt = captioner.processor.tokenizer("a picture of ", return_tensors="pt").input_ids.repeat(len(keys), 1)
+    uniforms = torch.stack([torch.rand(max_new + 1, generator=torch.Generator().manual_seed(row_seed(0, k, j)),
+                                       dtype=torch.float64) for k in keys for j in range(10)])
+    with torch.inference_mode():
+        out = captioner.model.generate(
+            pixel_values=torch.as_tensor(pixels), input_ids=prompt, do_sample=True, top_p=1.0, top_k=0,
+            num_return_sequences=10, min_new_tokens=min_new, max_new_tokens=max_new,
+            logits_processor=[TopPLogitsWarper(0.9), SeededSampler(uniforms, prompt.shape[1] - 1)])
+    return out[:, prompt.shape[1] - 1:]
+
+
+@pytest.mark.parametrize("min_new, max_new", [(3, 10), (6, 6), (0, 14)])
+def test_samples_are_blips_own_generate(tiny_models, min_new, max_new):
+    """The captioner runs the prompt and projects each image's features once for its 10
+    samples; BLIP's ``generate`` does both 10 times. Same seeded draws: the same tokens."""
+    cap = Captioner(str(tiny_models["captioner"]), prompt="a picture of ", num_captions=10, top_p=0.9,
+                    min_length=min_new, max_length=max_new, seed=0)
+    pixels = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(3)).numpy()
     keys = [f"k{i}" for i in range(4)]
-    ours = [c for caps in captioner(pixels.numpy(), keys) for c in caps]
-    prompt = captioner.prompt_ids.repeat(4, 1)
+    ours = cap.token_ids(pixels, keys)[:, cap.prompt_ids.shape[1]:]
+    reference = hf_generate_reference(cap, pixels, keys, min_new, max_new)
+    assert ours.shape == reference.shape and torch.equal(ours, reference)
+    assert (ours[:, :min_new] != cap.model.config.text_config.sep_token_id).all()  # no [SEP] before min_new
+    assert len({tuple(r) for r in ours.tolist()}) > 10
+
+
+def test_every_draw_stays_in_the_top_p_nucleus(captioner):
+    """400 first tokens of one image: all inside its top-p 0.9 nucleus. (HF generate with the
+    sampler as its custom processor draws before top-p is applied, and leaves it.)"""
+    from transformers import TopPLogitsWarper
+
+    pixels = np.repeat(torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(4)).numpy(), 40, axis=0)
+    keys = [f"k{i}" for i in range(40)]
+    prompt_len = captioner.prompt_ids.shape[1]
+    first = captioner.token_ids(pixels, keys)[:, prompt_len]
+    with torch.inference_mode():
+        embeds = captioner.model.vision_model(pixel_values=torch.as_tensor(pixels[:1]))[0]
+        logits = captioner.model.text_decoder(input_ids=captioner.prompt_ids, encoder_hidden_states=embeds).logits[:, -1]
+    nucleus = torch.isfinite(TopPLogitsWarper(0.9)(None, logits))[0]
+    assert 0 < nucleus.sum() < nucleus.numel()
+    assert nucleus[first].all()
+    assert len(set(first.tolist())) > 20  # sampled, not greedy
+
+    prompt = captioner.processor.tokenizer("a picture of ", return_tensors="pt").input_ids.repeat(40, 1)
     uniforms = torch.stack([torch.rand(captioner.max_length + 1, generator=torch.Generator().manual_seed(row_seed(0, k, j)),
                                        dtype=torch.float64) for k in keys for j in range(10)])
     with torch.inference_mode():
-        out = captioner.model.generate(pixel_values=pixels, input_ids=prompt, do_sample=True, top_p=0.9, top_k=0,
-                                       num_return_sequences=10, min_new_tokens=3, max_new_tokens=10,
-                                       logits_processor=[SeededSampler(uniforms, prompt.shape[1] - 1)])
-    reference = [t.strip() for t in captioner.processor.tokenizer.batch_decode(out[:, prompt.shape[1] - 1:],
-                                                                               skip_special_tokens=True)]
-    assert ours == reference and len(set(ours)) > 10
+        leaky = captioner.model.generate(pixel_values=torch.as_tensor(pixels), input_ids=prompt, do_sample=True,
+                                         top_p=0.9, top_k=0, num_return_sequences=10, max_new_tokens=1,
+                                         logits_processor=[SeededSampler(uniforms, prompt.shape[1] - 1)])
+    assert not nucleus[leaky[:, prompt.shape[1] - 1]].all()
