@@ -31,6 +31,7 @@ class Ranker:
         self.model = CLIPModel.from_pretrained(model_dir, dtype=self.dtype).to(self.device).eval()
         self.max_tokens = self.model.config.text_config.max_position_embeddings
         self.special_ids = torch.tensor(sorted(set(self.tokenizer.all_special_ids)))
+        self.chunks, self.min_chunk = 3, 32  # text batches per call: ~3 length buckets of >= 32 captions
 
     @torch.inference_mode()
     def embed_images(self, pixel_values: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -41,25 +42,37 @@ class Ranker:
 
     @torch.inference_mode()
     def embed_texts(self, texts: list[str]) -> TextEmbeddings:
-        # One tokenizer pass (it is the ranker's CPU cost): full lengths tell what gets truncated,
-        # then cut as HF's truncation does (content cut, the closing special token kept) and pad.
+        # One tokenizer pass (it is the ranker's CPU cost): full lengths tell what gets truncated.
         if not texts:
             dim, none = self.model.config.projection_dim, torch.zeros(0, dtype=torch.bool)
             return TextEmbeddings(torch.zeros(0, dim), none, none)
         full = self.tokenizer(texts, add_special_tokens=True, truncation=False).input_ids
         truncated = torch.tensor([len(ids) > self.max_tokens for ids in full])
-        width = min(self.max_tokens, max(len(ids) for ids in full))
-        input_ids = torch.full((len(full), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(full), width), dtype=torch.long)
-        for i, ids in enumerate(full):
+        lengths = [min(len(ids), self.max_tokens) for ids in full]
+        emb = torch.empty(len(full), self.model.config.projection_dim)
+        empty = torch.empty(len(full), dtype=torch.bool)
+        # Shortest first, a few chunks each padded to its own longest: less compute spent on padding.
+        order = sorted(range(len(full)), key=lambda i: lengths[i])
+        step = max(self.min_chunk, -(-len(order) // self.chunks))
+        for start in range(0, len(order), step):
+            rows = order[start:start + step]
+            input_ids, attention_mask = self._pad([full[i] for i in rows], max(lengths[i] for i in rows))
+            content = ~torch.isin(input_ids, self.special_ids) & attention_mask.bool()
+            empty[rows] = ~content.any(dim=1)
+            out = self.model.get_text_features(input_ids=input_ids.to(self.device),
+                                               attention_mask=attention_mask.to(self.device)).pooler_output
+            emb[rows] = torch.nn.functional.normalize(out.float(), dim=-1).cpu()
+        return TextEmbeddings(emb, empty, truncated)
+
+    def _pad(self, token_lists: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cut as HF's truncation does (content cut, the closing special token kept) and right-pad."""
+        input_ids = torch.full((len(token_lists), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(token_lists), width), dtype=torch.long)
+        for i, ids in enumerate(token_lists):
             ids = ids if len(ids) <= width else ids[: width - 1] + ids[-1:]
             input_ids[i, : len(ids)] = torch.tensor(ids)
             attention_mask[i, : len(ids)] = 1
-        content = ~torch.isin(input_ids, self.special_ids) & attention_mask.bool()
-        empty = ~content.any(dim=1)
-        emb = self.model.get_text_features(input_ids=input_ids.to(self.device),
-                                           attention_mask=attention_mask.to(self.device)).pooler_output
-        return TextEmbeddings(torch.nn.functional.normalize(emb.float(), dim=-1).cpu(), empty, truncated)
+        return input_ids, attention_mask
 
     def score(self, pixel_values, captions: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor, TextEmbeddings]:
         """Images [B, 3, H, W] and C captions each -> (scores [B, C] float32, image_emb [B, D], texts [B*C]).

@@ -60,3 +60,19 @@ def test_empty_and_overlong_captions_are_counted_not_fatal(ranker):
     pixels = torch.zeros(1, 3, 64, 64)
     scores, _, _ = ranker.score(pixels, [["", long, "a red circle"]])
     assert scores[0, 0].item() == NEG and torch.isfinite(scores[0, 1:]).all()
+
+
+def test_length_buckets_keep_every_caption_in_its_place(ranker):
+    """Many captions are embedded in length-sorted chunks; each row must still be its own
+    caption's embedding (as embedded alone, without padding) with its own flags."""
+    rng = np.random.default_rng(0)
+    words = ["red", "blue", "circle", "square", "above", "left", "of", "a", "the", "small"]
+    texts = [" ".join(rng.choice(words, rng.integers(1, 14))) for _ in range(100)]
+    texts[7], texts[42] = "", " ".join(["red circle"] * (2 * ranker.max_tokens))
+    batched = ranker.embed_texts(texts)
+    assert len({len(ranker.tokenizer(t).input_ids) for t in texts}) > 5  # several buckets really formed
+    for i, text in enumerate(texts):
+        alone = ranker.embed_texts([text])
+        assert torch.allclose(batched.emb[i], alone.emb[0], atol=1e-5), i
+        assert batched.empty[i] == alone.empty[0] and batched.truncated[i] == alone.truncated[0]
+    assert batched.empty[7] and batched.truncated[42] and batched.empty.sum() == 1
