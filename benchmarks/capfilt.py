@@ -143,8 +143,7 @@ def ray_job(input_uri: str, output_uri: str, models: dict, batch_size: int, leng
     from capfilt.config import CapFiltConfig
     from capfilt.job import run_capfilt
 
-    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     cfg = CapFiltConfig(input=input_uri, output=output_uri, captioner=str(models["captioner"]),
                         ranker=str(models["ranker"]), min_length=length, max_length=length, batch_size=batch_size,
@@ -153,7 +152,7 @@ def ray_job(input_uri: str, output_uri: str, models: dict, batch_size: int, leng
                         decode_concurrency=args.decode_tasks,
                         caption_num_gpus=args.gpus_per_actor if args.gpu else 0.0,
                         rank_num_gpus=args.gpus_per_actor if args.gpu else 0.0,
-                        write_candidates=True, write_embeddings=True)
+                        colocate_ranker=args.colocate, write_candidates=True, write_embeddings=True)
     marks = []  # (seconds since start, images in the shard) per completed shard
 
     def log(message: str) -> None:
@@ -185,6 +184,7 @@ def main() -> int:
     p.add_argument("--real-sizes", action="store_true", help="BLIP-large / CLIP ViT-L/14 shapes (for a GPU)")
     p.add_argument("--gpu", action="store_true", help="model actors on GPUs")
     p.add_argument("--gpus-per-actor", type=float, default=1.0, help="with --gpu: 0.5 puts captioner + ranker on one GPU")
+    p.add_argument("--colocate", action="store_true", help="ranker inside the captioner actors")
     p.add_argument("--skip-loop", action="store_true")
     args = p.parse_args()
 

@@ -3,7 +3,8 @@
 Each model stage runs on a Ray Data actor pool whose size (``*_concurrency`` = (min, max)
 actors, autoscaled between the two), CPUs and GPUs per actor come from here, so the same
 job fills a one-laptop run and an autoscaling GPU cluster. GPU clusters set
-``capfilt.caption_num_gpus=1 capfilt.rank_num_gpus=1`` (fp16 on GPU is automatic).
+``capfilt.caption_num_gpus=1 capfilt.rank_num_gpus=1`` (fp16 on GPU is automatic); small
+machines set ``capfilt.colocate_ranker=true`` to run both models in one actor.
 """
 from __future__ import annotations
 
@@ -39,6 +40,10 @@ class CapFiltConfig:
     rank_num_cpus: float = 0.5
     rank_num_gpus: float = 0.0
     rank_concurrency: tuple[int, int] = (1, 1)
+    # The ranker inside the captioner actors (caption_* resources and concurrency then hold
+    # both models): one process per pair and no hand-over between pools. For CPU machines,
+    # where every extra process competes for the same cores, and for GPUs that fit both.
+    colocate_ranker: bool = False
     write_num_cpus: float = 0.25
     dtype: str = "auto"                 # auto: float16 on GPU, float32 on CPU; or float32/float16/bfloat16
 

@@ -2,7 +2,8 @@
 
     pending input shards ─► read ok rows + decode once + preprocess (CPU task per shard)
         ─► captioner (actor pool: N nucleus captions per image)
-        ─► ranker (actor pool: CLIP cosine of the N synthetic + 1 original caption)
+        ─► ranker (actor pool: CLIP cosine of the N synthetic + 1 original caption;
+                   with ``colocate_ranker``, in the captioner actors instead)
         ─► driver groups rows by shard ─► writer task per complete shard:
            CAPFILT shard i (+ clip-retrieval embeddings, + per-shard stats), committed last
 
@@ -146,6 +147,16 @@ class RankStage:
         return batch
 
 
+class CaptionRankStage:
+    """Both models in one actor (``capfilt.colocate_ranker``): ``RankStage(CaptionStage(batch))``."""
+
+    def __init__(self, cfg: CapFiltConfig, seed: int):
+        self.caption, self.rank = CaptionStage(cfg, seed), RankStage(cfg)
+
+    def __call__(self, batch: dict) -> dict:
+        return self.rank(self.caption(batch))
+
+
 # -- output -----------------------------------------------------------------------------------
 def embedding_paths(index: int) -> dict[str, str]:
     """clip-retrieval's on-disk layout, one file of each kind per shard, rows aligned with the shard."""
@@ -235,10 +246,14 @@ def build_dataset(cfg: CapFiltConfig, seed: int, input_uri: str, pending: list[i
     ds = ds.map_batches(read_and_decode, batch_size=1, num_cpus=cfg.decode_num_cpus,
                         compute=ray.data.TaskPoolStrategy(size=cfg.decode_concurrency),
                         fn_kwargs={"input_uri": input_uri, "chunk": cfg.batch_size, "pre": pre})
+    captioners = dict(num_cpus=cfg.caption_num_cpus, num_gpus=cfg.caption_num_gpus,
+                      compute=ray.data.ActorPoolStrategy(min_size=cfg.caption_concurrency[0],
+                                                         max_size=cfg.caption_concurrency[1]))
+    if cfg.colocate_ranker:
+        return ds.map_batches(CaptionRankStage, fn_constructor_kwargs={"cfg": cfg, "seed": seed},
+                              batch_size=cfg.batch_size, **captioners)
     ds = ds.map_batches(CaptionStage, fn_constructor_kwargs={"cfg": cfg, "seed": seed}, batch_size=cfg.batch_size,
-                        num_cpus=cfg.caption_num_cpus, num_gpus=cfg.caption_num_gpus,
-                        compute=ray.data.ActorPoolStrategy(min_size=cfg.caption_concurrency[0],
-                                                           max_size=cfg.caption_concurrency[1]))
+                        **captioners)
     ds = ds.map_batches(RankStage, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.rank_batch_size,
                         num_cpus=cfg.rank_num_cpus, num_gpus=cfg.rank_num_gpus,
                         compute=ray.data.ActorPoolStrategy(min_size=cfg.rank_concurrency[0],

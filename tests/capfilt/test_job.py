@@ -122,9 +122,11 @@ def test_embeddings_in_clip_retrieval_layout(first_run, tiny_models):
 
 
 def test_same_seed_same_captions_whatever_the_batching_and_s3_output(first_run, s3_bucket):
-    """Other batch sizes and an s3:// output (moto) reproduce the captions exactly; resume skips all."""
+    """Other batch sizes, the ranker in the captioner actors and an s3:// output (moto)
+    reproduce the captions exactly; resume skips all."""
     cfg, _, _ = first_run
-    other = dataclasses.replace(cfg, output=f"{s3_bucket}/capfilt", batch_size=3, rank_batch_size=5)
+    other = dataclasses.replace(cfg, output=f"{s3_bucket}/capfilt", batch_size=3, rank_batch_size=5,
+                                colocate_ranker=True)
     summary = run_capfilt(other, seed=7, log=lambda m: None)
     assert summary["shards_written"] == 4
     a = {r["key"]: r["candidates"] for r in read_set(cfg.output).to_pylist()}
