@@ -37,16 +37,13 @@ class BlipSampleDecoder:
         self.heads, self.head_dim = attn.num_attention_heads, attn.attention_head_size
 
     def _split(self, x: torch.Tensor, groups: int) -> torch.Tensor:
-        """[groups * n, L, heads * d] -> [groups, heads, n * L, d]: a group's rows as one query block."""
+        """[groups * n, L, heads * d] -> [groups, heads, n * L, d] (a view): a group's rows as one query block."""
         rows, length, _ = x.shape
-        x = x.view(groups, rows // groups, length, self.heads, self.head_dim)
-        return x.permute(0, 3, 1, 2, 4).reshape(groups, self.heads, rows // groups * length, self.head_dim)
+        return x.view(groups, rows // groups * length, self.heads, self.head_dim).transpose(1, 2)
 
     def _merge(self, x: torch.Tensor, rows: int, length: int) -> torch.Tensor:
         """Inverse of ``_split``."""
-        groups = x.shape[0]
-        x = x.view(groups, self.heads, rows // groups, length, self.head_dim).permute(0, 2, 3, 1, 4)
-        return x.reshape(rows, length, self.heads * self.head_dim)
+        return x.transpose(1, 2).reshape(rows, length, self.heads * self.head_dim)
 
     def cross_keys_values(self, image_embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer, the image features' keys and values [B, heads, P, d], once per image."""
