@@ -9,7 +9,8 @@ stage1   BLIP-2 stage-1 training step (frozen EVA ViT-g/14 in fp16 + BERT-base Q
 capfilt  The CapFilt job's own model stages (``capfilt.captioner.Captioner``: BLIP-large, 10
          nucleus captions per image with the seeded sampler; ``capfilt.ranker.Ranker``: CLIP
          ViT-L/14 over 11 candidates) on one GPU in fp16: images/s per GPU, side by side with
-         plain HF ``generate`` sampling on the same model (what our determinism costs), and
+         plain HF ``generate`` sampling on the same model (what our seeded draws cost and our
+         per-image sharing of prompt and cross-attention work saves), and
          the CPU decode + preprocess rate per core (how many CPUs one GPU needs).
 
     python benchmarks/gpu.py stage1 --batch 105 210        # on a CUDA machine
@@ -235,7 +236,8 @@ def capfilt(args, work: Path) -> list[dict]:
 
             def plain_hf(s):  # HF's own top-p sampling (global RNG): the baseline our seeded sampler adds to
                 px = torch.as_tensor(pixels["caption_pixels"][s:s + batch]).to(captioner.device, captioner.dtype)
-                ids = captioner.prompt_ids.repeat(len(px), 1).to(captioner.device)
+                ids = captioner.processor.tokenizer("a picture of ", return_tensors="pt").input_ids
+                ids = ids.repeat(len(px), 1).to(captioner.device)  # generate swaps in [DEC] and drops [SEP] itself
                 with torch.inference_mode():
                     out = hf.generate(pixel_values=px, input_ids=ids, do_sample=True, top_p=0.9, top_k=0,
                                       num_return_sequences=10, min_new_tokens=length, max_new_tokens=length)
