@@ -6,13 +6,15 @@ and the same generation settings (10 nucleus captions per image, top-p 0.9, fixe
 
     .venv/bin/python benchmarks/capfilt.py --images 96 --batch-size 8          # a quick look
     .venv/bin/python benchmarks/capfilt.py --images 2048 --per-shard 64 --batch-size 8 --length 10 \
-        --captioners 2 --caption-cpus 0.875 --colocate --decode-tasks 2 --repeat 3   # the 2-core figure
+        --captioners 2 --caption-cpus 0.5 --colocate --decode-tasks 2 --repeat 3   # the 2-core figure
 
 The loop: decode -> BLIP processor -> generate -> CLIP processor -> CLIPModel -> top 2, one
 batch after the other in one process (torch uses every core). The job: decode in CPU tasks,
 captioner and ranker on their own actors (or, with --colocate, both in each captioner
 actor), so decode, captioning and ranking overlap, one single-threaded process per core.
-With ``--real-sizes`` (for a CUDA machine) the models get BLIP-large / CLIP ViT-L/14 shapes.
+``--caption-cpus 0.5`` leaves logical CPUs for the decode and writer tasks (the actors use
+whole cores anyway). With ``--real-sizes`` (for a CUDA machine) the models get BLIP-large /
+CLIP ViT-L/14 shapes.
 """
 from __future__ import annotations
 
