@@ -6,7 +6,7 @@ and the same generation settings (10 nucleus captions per image, top-p 0.9, fixe
 
     .venv/bin/python benchmarks/capfilt.py --images 96 --batch-size 8          # a quick look
     .venv/bin/python benchmarks/capfilt.py --images 2048 --per-shard 64 --batch-size 8 --length 10 \
-        --captioners 2 --caption-cpus 0.5 --colocate --decode-tasks 2 --repeat 3   # the 2-core figure
+        --captioners 2 --caption-cpus 0.5 --colocate --decode-tasks 2 --repeat 3   # 2-core figures (also 4096)
 
 The loop: decode -> BLIP processor -> generate -> CLIP processor -> CLIPModel -> top 2, one
 batch after the other in one process (torch uses every core). The job: decode in CPU tasks,
