@@ -43,6 +43,10 @@ def load_image_processor(model_uri: str):
             return AutoImageProcessor.from_pretrained(tmp)
 
 
+# Processor classes whose whole pipeline is resize -> center crop -> rescale -> normalize.
+_RECIPE_PROCESSORS = ("BlipImageProcessor", "CLIPImageProcessor")
+
+
 @dataclass(frozen=True)
 class ImageTransform:
     """An HF image processor's recipe, as transformers' PIL backend runs it (a test compares them).
@@ -63,7 +67,18 @@ class ImageTransform:
 
     @classmethod
     def from_processor(cls, proc) -> "ImageTransform | None":
-        """The recipe of an HF image processor; None if it does anything this class doesn't."""
+        """The recipe of a BLIP or CLIP image processor; None for any other processor class or a
+        setting this class doesn't reproduce (the processor then runs as itself)."""
+        name = type(proc).__name__.removesuffix("Pil").removesuffix("Fast")
+        if name not in _RECIPE_PROCESSORS:
+            return None
+        try:
+            return cls._from_settings(proc)
+        except (AttributeError, TypeError, ValueError):
+            return None
+
+    @classmethod
+    def _from_settings(cls, proc) -> "ImageTransform | None":
         size, crop = proc.size, getattr(proc, "crop_size", None)
         extra = [k for k in ("longest_edge", "max_height", "max_width", "min_pixels", "max_pixels")
                  if getattr(size, k, None)]

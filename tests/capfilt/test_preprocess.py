@@ -95,6 +95,7 @@ def test_processors_it_cannot_express_run_as_themselves():
 
     proc = BlipImageProcessor(size={"height": 32, "width": 32}, do_pad=True)
     assert ImageTransform.from_processor(proc) is None
+    assert ImageTransform.from_processor(object()) is None  # any other processor class
     pre = Preprocess(proc, proc, max_pixels=10**6)
     img = Image.new("RGB", (50, 40), (200, 10, 10))
     out = pre({"key": np.array(["a"], dtype=object), "image": np.array([_encode(img, "PNG")], dtype=object)})
