@@ -104,14 +104,12 @@ class ImageTransform:
         return cls(**kw)
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
-        """(h, w) after resizing, with transformers' rounding."""
+        """(h, w) after resizing (to ``size`` or by ``shortest_edge``), with transformers' rounding."""
         if self.size:
             return self.size
-        if self.shortest_edge:
-            short, long = (width, height) if width <= height else (height, width)
-            new_short, new_long = self.shortest_edge, int(self.shortest_edge * long / short)
-            return (new_long, new_short) if width <= height else (new_short, new_long)
-        return height, width
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = self.shortest_edge, int(self.shortest_edge * long / short)
+        return (new_long, new_short) if width <= height else (new_short, new_long)
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         if self.size or self.shortest_edge:
