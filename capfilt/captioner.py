@@ -22,6 +22,12 @@ def row_seed(seed: int, key: str, sample: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def row_uniforms(seed: int, keys: list[str], samples: int, steps: int) -> torch.Tensor:
+    """[len(keys) * samples, steps] float64: the draws of row ``b * samples + j`` (image ``keys[b]``, sample j)."""
+    return torch.stack([torch.rand(steps, generator=torch.Generator().manual_seed(row_seed(seed, k, j)),
+                                   dtype=torch.float64) for k in keys for j in range(samples)])
+
+
 def resolve_device_dtype(dtype: str) -> tuple[torch.device, torch.dtype]:
     """``auto``: float16 on CUDA (as the spec asks for frozen GPU models), float32 on CPU."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -95,12 +101,7 @@ class Captioner:
         """[B * N, prompt + new] ids (prompt included); row b * N + j is sample j of image b."""
         pixels = torch.as_tensor(pixel_values).to(self.device, self.dtype)
         image_embeds = self.model.vision_model(pixel_values=pixels)[0]
-        # Each row draws from its own seeded uniforms.
-        uniforms = torch.stack([
-            torch.rand(self.max_length + 1, generator=torch.Generator().manual_seed(row_seed(self.seed, k, j)),
-                       dtype=torch.float64)
-            for k in keys for j in range(self.num_captions)
-        ])
+        uniforms = row_uniforms(self.seed, keys, self.num_captions, self.max_length + 1)
         prompt_len = self.prompt_ids.shape[1]
         cfg = self.model.config.text_config
         return self.decoder.generate(

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from capfilt.captioner import Captioner, SeededSampler, row_seed
+from capfilt.captioner import Captioner, SeededSampler, row_seed, row_uniforms
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +72,7 @@ def hf_generate_reference(captioner, pixels, keys, min_new, max_new):
     from transformers import TopPLogitsWarper
 
     prompt = captioner.processor.tokenizer("a picture of ", return_tensors="pt").input_ids.repeat(len(keys), 1)
-    uniforms = torch.stack([torch.rand(max_new + 1, generator=torch.Generator().manual_seed(row_seed(0, k, j)),
-                                       dtype=torch.float64) for k in keys for j in range(10)])
+    uniforms = row_uniforms(0, keys, 10, max_new + 1)
     with torch.inference_mode():
         out = captioner.model.generate(
             pixel_values=torch.as_tensor(pixels), input_ids=prompt, do_sample=True, top_p=1.0, top_k=0,
@@ -115,8 +114,7 @@ def test_every_draw_stays_in_the_top_p_nucleus(captioner):
     assert len(set(first.tolist())) > 20  # sampled, not greedy
 
     prompt = captioner.processor.tokenizer("a picture of ", return_tensors="pt").input_ids.repeat(40, 1)
-    uniforms = torch.stack([torch.rand(captioner.max_length + 1, generator=torch.Generator().manual_seed(row_seed(0, k, j)),
-                                       dtype=torch.float64) for k in keys for j in range(10)])
+    uniforms = row_uniforms(0, keys, 10, captioner.max_length + 1)
     with torch.inference_mode():
         leaky = captioner.model.generate(pixel_values=torch.as_tensor(pixels), input_ids=prompt, do_sample=True,
                                          top_p=0.9, top_k=0, num_return_sequences=10, max_new_tokens=1,
