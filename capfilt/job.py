@@ -1,11 +1,15 @@
 """CapFilt as one streaming Ray Data job (paper §3.4): caption, rank, keep the best two.
 
     pending input shards ─► read ok rows + decode once + preprocess (CPU task per shard)
-        ─► captioner (actor pool: N nucleus captions per image)
+        ─► captioner (actor pool: N nucleus captions per *web* image)
         ─► ranker (actor pool: CLIP cosine of the N synthetic + 1 original caption;
                    with ``colocate_ranker``, in the captioner actors instead)
         ─► driver groups rows by shard ─► writer task per complete shard:
            CAPFILT shard i (+ clip-retrieval embeddings, + per-shard stats), committed last
+
+The paper applies CapFilt to the web images only: rows of a ``human`` policy (COCO, VG)
+are not captioned; the ranker scores their human captions (and embeds the image for search
+and curation) and they pass through with every caption, in input order.
 
 Input shard i becomes output shard i, so a rerun skips committed shards (resume), and
 per-image seeding makes the rewritten shards identical (determinism). Bad rows are never
@@ -36,7 +40,8 @@ DECODE_FAILURES = (UNDECODABLE, ZERO_SIZE, TOO_LARGE)
 # Per-shard counters; the run and set summaries are their sums.
 COUNTERS = ("rows_in", "rows_not_ok", "images_in", "images_out", "undecodable", "zero_size", "too_large",
             TOO_FEW, "empty_captions", "truncated_captions", "captions_generated", "kept_score_sum",
-            "kept_scores", "original_kept")
+            "kept_scores", "original_kept", "web_images_out", "human_images_out", "human_captions_out")
+HUMAN = "human"
 
 
 # -- input ----------------------------------------------------------------------------------
@@ -54,16 +59,22 @@ def read_ok_rows(batch: dict, *, input_uri: str, chunk: int):
     """Ray Data UDF: shard indices -> that shard's ``status == ok`` rows, ``chunk`` rows at a time."""
     src = ShardSet(input_uri)
     for index in batch["shard"]:
-        table = src.read_shard(shard_name(int(index)), DOWNLOAD).select(["key", "caption", "image", "status"])
+        table = src.read_shard(shard_name(int(index)), DOWNLOAD).select(
+            ["key", "policy", "caption", "captions", "image", "status"])
         rows = np.flatnonzero(np.asarray(table.column("status").to_pylist(), dtype=object) == OK)
         ok = table.take(pa.array(rows, pa.int64()))
-        keys, captions, images = (ok.column(c).to_pylist() for c in ("key", "caption", "image"))
+        keys, policies, captions, lists, images = (ok.column(c).to_pylist()
+                                                   for c in ("key", "policy", "caption", "captions", "image"))
         for start in range(0, len(rows), chunk):
             sl = slice(start, start + chunk)
+            # Ragged lists travel as JSON text: blocks then share one Arrow type whatever rows they hold.
+            human = [json.dumps(list(c or ()) if p == HUMAN else []) for p, c in zip(policies[sl], lists[sl])]
             yield {"shard": np.full(len(rows[sl]), index, np.int64), "row": rows[sl].astype(np.int64),
                    "n_ok": np.full(len(rows[sl]), len(rows), np.int64),
                    "key": np.array(keys[sl], dtype=object),
+                   "policy": np.array(policies[sl], dtype=object),
                    "caption": np.array([c or "" for c in captions[sl]], dtype=object),
+                   "human_captions": np.array(human, dtype=object),
                    "image": np.array(images[sl], dtype=object)}
 
 
@@ -77,7 +88,8 @@ def read_and_decode(batch: dict, *, input_uri: str, chunk: int, pre: Preprocess)
 
 # -- model stages (Ray Data actor pools) ------------------------------------------------------
 class CaptionStage:
-    """Adds ``synthetic``: N captions per ok row (N empty strings for rows that failed to decode)."""
+    """Adds ``synthetic``: N captions per web row (N empty strings for human rows and rows
+    that failed to decode)."""
 
     def __init__(self, cfg: CapFiltConfig, seed: int):
         from capfilt.captioner import Captioner
@@ -89,7 +101,7 @@ class CaptionStage:
 
     def __call__(self, batch: dict) -> dict:
         pixels = batch.pop("caption_pixels")
-        good = np.flatnonzero(batch["outcome"] == OK)
+        good = np.flatnonzero((batch["outcome"] == OK) & (batch["policy"] != HUMAN))
         synthetic = np.empty(len(pixels), dtype=object)
         synthetic[:] = [[""] * self.num_captions for _ in range(len(pixels))]  # same Arrow type in every block
         if good.size:
@@ -100,7 +112,10 @@ class CaptionStage:
 
 
 class RankStage:
-    """Scores [original] + synthetic with CLIP and keeps the best ``keep``; adds the embeddings."""
+    """Scores each row's candidates with CLIP; adds the embeddings and which candidates are kept.
+
+    Web rows: [original] + synthetic, the best ``keep`` kept. Human rows: their captions, all
+    kept in input order. ``kept`` and ``cand_scores`` are JSON lists of each row's own length."""
 
     def __init__(self, cfg: CapFiltConfig):
         from capfilt.ranker import Ranker
@@ -108,7 +123,6 @@ class RankStage:
         self.ranker = Ranker(local_dir(cfg.ranker), dtype=cfg.dtype)
         self.keep, self.keep_original = cfg.keep, cfg.keep_original
         self.dim = self.ranker.model.config.projection_dim
-        self.num_candidates = cfg.num_captions + 1
 
     def __call__(self, batch: dict) -> dict:
         from capfilt.ranker import select
@@ -117,32 +131,36 @@ class RankStage:
         n = len(pixels)
         outcome = batch["outcome"].copy()
         good = np.flatnonzero(outcome == OK)
-        kept_idx = np.full((n, self.keep), -1, np.int64)                         # into [original, *synthetic]
-        cand_scores = np.full((n, self.num_candidates), -np.inf, np.float32)
+        kept = np.full(n, "[]", dtype=object)           # indices into the row's candidates, best first (web)
+        cand_scores = np.full(n, "[]", dtype=object)
         n_empty = np.zeros(n, np.int64)
         n_truncated = np.zeros(n, np.int64)
         img_emb = np.zeros((n, self.dim), np.float32)
         text_emb = np.zeros((n, self.dim), np.float32)
         if good.size:
-            candidates = [[batch["caption"][i], *batch["synthetic"][i]] for i in good]
+            human = [batch["policy"][i] == HUMAN for i in good]
+            candidates = [json.loads(batch["human_captions"][i]) if h else [batch["caption"][i], *batch["synthetic"][i]]
+                          for i, h in zip(good, human)]
             scores, images, texts = self.ranker.score(pixels[good], candidates)
-            per = scores.shape[1]
-            text_all = texts.emb.view(len(good), per, -1)
+            start = 0
             for j, i in enumerate(good):
-                row_scores = scores[j].numpy()
-                n_empty[i] = int(texts.empty.view(len(good), per)[j].sum())
-                n_truncated[i] = int(texts.truncated.view(len(good), per)[j].sum())
-                cand_scores[i] = row_scores
-                chosen = select(candidates[j], row_scores, self.keep, self.keep_original)
-                if chosen is None:
+                count = len(candidates[j])
+                row_scores = scores[j, :count].numpy()
+                n_empty[i] = int(texts.empty[start:start + count].sum())
+                n_truncated[i] = int(texts.truncated[start:start + count].sum())
+                cand_scores[i] = json.dumps(row_scores.tolist())
+                chosen = list(range(count)) if human[j] else select(candidates[j], row_scores, self.keep,
+                                                                    self.keep_original)
+                if not chosen:
                     outcome[i] = TOO_FEW
-                    continue
-                kept_idx[i] = chosen
-                img_emb[i] = images[j].numpy()
-                text_emb[i] = text_all[j, chosen[0]].numpy()
+                else:
+                    kept[i] = json.dumps(chosen)
+                    img_emb[i] = images[j].numpy()
+                    text_emb[i] = texts.emb[start + chosen[0]].numpy()
+                start += count
         relisted = np.empty(n, dtype=object)  # Arrow cannot convert an object array of arrays
         relisted[:] = [list(x) for x in batch["synthetic"]]
-        batch.update(synthetic=relisted, outcome=outcome, kept_idx=kept_idx, cand_scores=cand_scores, n_empty=n_empty,
+        batch.update(synthetic=relisted, outcome=outcome, kept=kept, cand_scores=cand_scores, n_empty=n_empty,
                      n_truncated=n_truncated, img_emb=img_emb, text_emb=text_emb)
         return batch
 
@@ -181,33 +199,40 @@ def write_output_shard(input_uri: str, output_uri: str, index: int, results: dic
     stats["rows_not_ok"] = sum(s != OK for s in table.column("status").to_pylist())
     out, img_emb, text_emb = [], [], []
     if results is not None:
-        sources, images = table.column("source"), table.column("image")
+        columns = {c: table.column(c) for c in ("source", "url", "sha256", "image")}
         for j in np.argsort(results["row"], kind="stable"):
             stats["images_in"] += 1
             outcome = results["outcome"][j]
             if outcome in DECODE_FAILURES:
                 stats[outcome] += 1  # never captioned
                 continue
-            candidates = [str(results["caption"][j]), *map(str, results["synthetic"][j])]
-            scores = results["cand_scores"][j]
-            stats["captions_generated"] += len(candidates) - 1
+            human = results["policy"][j] == HUMAN
+            candidates = (json.loads(results["human_captions"][j]) if human
+                          else [str(results["caption"][j]), *map(str, results["synthetic"][j])])
+            scores = json.loads(results["cand_scores"][j])
+            stats["captions_generated"] += 0 if human else len(results["synthetic"][j])
             stats["empty_captions"] += int(results["n_empty"][j])
             stats["truncated_captions"] += int(results["n_truncated"][j])
             if outcome == TOO_FEW:
                 stats[TOO_FEW] += 1
                 continue
-            kept = [int(k) for k in results["kept_idx"][j]]
+            kept = [int(k) for k in json.loads(results["kept"][j])]
             row = int(results["row"][j])
             stats["images_out"] += 1
-            stats["kept_score_sum"] += float(sum(scores[k] for k in kept))
-            stats["kept_scores"] += len(kept)
-            stats["original_kept"] += int(0 in kept)
+            stats["human_images_out" if human else "web_images_out"] += 1
+            if human:
+                stats["human_captions_out"] += len(kept)
+            else:
+                stats["kept_score_sum"] += float(sum(scores[k] for k in kept))
+                stats["kept_scores"] += len(kept)
+                stats["original_kept"] += int(0 in kept)
             out.append({
-                "key": str(results["key"][j]), "source": sources[row].as_py(), "image": images[row].as_py(),
+                **{c: columns[c][row].as_py() for c in columns}, "key": str(results["key"][j]),
+                "policy": HUMAN if human else "web",
                 "captions": [candidates[k] for k in kept], "scores": [float(scores[k]) for k in kept],
-                "candidates": [{"caption": c, "score": float(s), "synthetic": k > 0}
+                "candidates": [{"caption": c, "score": float(s), "synthetic": not human and k > 0}
                                for k, (c, s) in enumerate(zip(candidates, scores))] if cfg.write_candidates else None,
-                "original_caption": candidates[0],
+                "original_caption": str(results["caption"][j]),
             })
             img_emb.append(results["img_emb"][j])
             text_emb.append(results["text_emb"][j])
@@ -215,7 +240,7 @@ def write_output_shard(input_uri: str, output_uri: str, index: int, results: dic
     if cfg.write_embeddings and out:
         paths = embedding_paths(index)
         for kind in ("img_emb", "text_emb", "metadata"):
-            dst.fs.makedirs(dst.path(f"{EMBEDDINGS_DIR}/{kind}"), exist_ok=True)
+            dst.makedirs(f"{EMBEDDINGS_DIR}/{kind}")
         for kind, rows in (("img_emb", img_emb), ("text_emb", text_emb)):
             buf = io.BytesIO()
             np.save(buf, np.stack(rows).astype(np.float16))  # clip-retrieval stores float16
@@ -227,7 +252,7 @@ def write_output_shard(input_uri: str, output_uri: str, index: int, results: dic
         buf = io.BytesIO()
         pq.write_table(meta, buf)
         dst.fs.pipe(dst.path(paths["metadata"]), buf.getvalue())
-    dst.fs.makedirs(dst.path(STATS_DIR), exist_ok=True)
+    dst.makedirs(STATS_DIR)
     dst.fs.pipe(dst.path(f"{STATS_DIR}/{shard_name(index)}.json"), json.dumps(stats).encode())
     dst.write_shard(index, shard, CAPFILT)
     return stats
@@ -310,10 +335,11 @@ def _write_complete_shards(ds, cfg: CapFiltConfig, pending: list[int], log) -> l
 
 
 def summarize(stats: list[dict], seconds: float | None = None) -> dict:
-    """Sum per-shard counters; add the rates and shares the summary reports."""
+    """Sum per-shard counters; add the rates and shares the summary reports (the kept-score
+    mean and the original's share are over web images: human captions are not ranked)."""
     total = {k: sum(s.get(k, 0) for s in stats) for k in COUNTERS}
     total["mean_kept_score"] = total.pop("kept_score_sum") / max(total.pop("kept_scores"), 1)
-    total["original_kept_share"] = total.pop("original_kept") / max(total["images_out"], 1)
+    total["original_kept_share"] = total.pop("original_kept") / max(total["web_images_out"], 1)
     if seconds is not None:
         total["seconds"] = round(seconds, 3)
         total["images_per_s"] = total["images_in"] / seconds if seconds > 0 else 0.0
@@ -363,12 +389,14 @@ def format_summary(summary: dict) -> str:
         f"CapFilt -> {s['output']}",
         f"  shards        {s['shards_written']} written, {s['shards_skipped']} already committed, {s['shards']} in total",
         f"  images        {s['images_in']} in, {s['images_out']} out  ({s['rows_not_ok']} input rows not ok, skipped)",
+        f"  policies      web {s['web_images_out']} images captioned and ranked; human {s['human_images_out']} "
+        f"images passed through with {s['human_captions_out']} captions",
         f"  bad input     undecodable {s['undecodable']}, zero-size {s['zero_size']}, too large {s['too_large']}, "
         f"too few usable captions {s[TOO_FEW]}",
         f"  captions      {s['captions_generated']} generated, {s['captions_per_s']:.1f}/s "
         f"({s['images_per_s']:.2f} images/s, {s['seconds']:.1f} s); empty {s['empty_captions']}, "
         f"truncated {s['truncated_captions']}",
-        f"  kept          mean CLIP score {s['mean_kept_score']:.4f}; original caption in top {s['keep']}: "
+        f"  kept (web)    mean CLIP score {s['mean_kept_score']:.4f}; original caption in top {s['keep']}: "
         f"{100 * s['original_kept_share']:.1f}% of images",
         f"  whole set     {t['images_out']} images out of {t['images_in']}, mean kept score {t['mean_kept_score']:.4f}, "
         f"original kept {100 * t['original_kept_share']:.1f}%",

@@ -75,16 +75,21 @@ class Ranker:
         return input_ids, attention_mask
 
     def score(self, pixel_values, captions: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor, TextEmbeddings]:
-        """Images [B, 3, H, W] and C captions each -> (scores [B, C] float32, image_emb [B, D], texts [B*C]).
+        """Images [B, 3, H, W] and a list of captions each -> (scores [B, C] float32, image_emb [B, D],
+        texts [sum of the list lengths], in row order), C the longest list.
 
-        ``scores[b, c]`` is the cosine of image b and its caption c; -inf where the caption is empty.
+        ``scores[b, c]`` is the cosine of image b and its caption c; -inf where the caption is
+        empty or where row b has fewer than c + 1 captions.
         """
-        batch, per = len(captions), len(captions[0])
+        lengths = [len(row) for row in captions]
         image_emb = self.embed_images(pixel_values).cpu()
         texts = self.embed_texts([c for row in captions for c in row])
-        text_emb = texts.emb.view(batch, per, -1)
-        scores = torch.einsum("bd,bcd->bc", image_emb, text_emb)
-        scores = scores.masked_fill(texts.empty.view(batch, per), float("-inf"))
+        scores = torch.full((len(captions), max(lengths, default=0)), float("-inf"))
+        start = 0
+        for b, n in enumerate(lengths):
+            row = texts.emb[start:start + n] @ image_emb[b]
+            scores[b, :n] = row.masked_fill(texts.empty[start:start + n], float("-inf"))
+            start += n
         return scores, image_emb, texts
 
 

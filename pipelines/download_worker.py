@@ -1,228 +1,256 @@
-"""One partition of the download job, run inside a Ray task.
+"""One partition of the download job, run inside a Ray task: its rows → a committed shard.
 
-What is img2dataset's and what is ours:
-  * fetching is img2dataset's ``download_image_with_retry`` (its User-Agent, X-Robots-Tag
-    opt-out, retries) on a thread pool fed the way its ``Downloader`` feeds it (a semaphore
-    bounds decoded-but-unwritten images to 2 × threads);
-  * resizing and encoding is img2dataset's ``Resizer`` (cv2 + albumentations);
-  * ours: the address guard (installed as the process's urllib opener, so img2dataset's
-    ``urlopen`` goes through it), a PIL pre-check that refuses decompression bombs from the
-    header before any pixel is decoded and catches truncated files that cv2 decodes silently,
-    conversion of CMYK/palette/16-bit/alpha images to 8-bit RGB, and the mapping of every
-    outcome to one status of the download contract.
+Fetch threads take URLs from a :class:`HostQueue` (at most ``max_per_host`` fetches per host
+in flight; a host that answered 429/503 is left alone for its ``Retry-After``) and hand
+bodies to the task's main thread, which checks, resizes and encodes them
+(``pipelines.images``). A semaphore bounds the bodies held at once to ``2 × threads``, each
+at most ``max_bytes``. The partition itself has a wall-clock bound
+(:func:`partition_seconds`); rows still unanswered then are ``timeout`` and the shard commits.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
-import io
-import string
+import math
+import queue
+import threading
 import time
-import urllib.parse
-import warnings
-from multiprocessing.pool import ThreadPool
-from threading import Semaphore
+from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
 
 from pipelines.config import DownloadConfig
-from pipelines.netguard import Policy, installed
+from pipelines.fetch import Fetched, Fetcher, FetchLimits, host_of
+from pipelines.images import ImageSpec, Rejected, store
+from pipelines.netguard import Policy
 from pipelines.schema import DOWNLOAD
-from pipelines.shardio import ShardSet
 
-USER_AGENT_TOKEN = "blip2-pipeline"
-DISALLOWED_HEADER_DIRECTIVES = {"noai", "noimageai", "noindex", "noimageindex"}  # img2dataset's defaults
-
-
-class Rejected(Exception):
-    """An image that is not kept; ``status`` is a download-contract status."""
-
-    def __init__(self, status: str, message: str):
-        super().__init__(message)
-        self.status = status
+RETRYABLE = ("timeout", "network_error")
+HOST_STATS_TOP = 20     # hosts kept per status in a shard's stats
 
 
-def status_of_fetch_error(message: str) -> str:
-    """Map img2dataset's download error string to a contract status.
-
-    img2dataset returns ``str(exception)``; our guard's errors carry ``blocked:`` /
-    ``redirect_error:`` prefixes so they survive that conversion."""
-    low = message.lower()
-    if "blocked:" in low or "x-robots-tag" in low:
-        return "blocked"
-    if "redirect_error:" in low or "infinite loop" in low:
-        return "redirect_error"
-    if message.startswith("HTTP Error"):
-        return "http_error"
-    if "timed out" in low or "timeout" in low:
-        return "timeout"
-    return "network_error"
+def per_url_seconds(cfg: DownloadConfig) -> float:
+    """The longest one URL can take: every attempt at its deadline, every Retry-After waited."""
+    attempts = 1 + cfg.retries + cfg.rate_limit_retries
+    return attempts * cfg.deadline + cfg.rate_limit_retries * cfg.max_retry_after
 
 
-def _to_rgb(img):
-    """Any PIL image → 8-bit RGB. Alpha is composited on white (as img2dataset does)."""
-    from PIL import Image
-
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(img).astype(np.uint32)
-        if img.mode.startswith("I;16") or arr.max(initial=0) > 255:  # 16-bit data: keep the top 8 bits
-            arr = arr >> 8
-        img = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
-    elif img.mode == "F":
-        img = Image.fromarray(np.asarray(img).clip(0, 255).astype(np.uint8))
-    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        img.mode == "P" and "transparency" in img.info)
-    if has_alpha:
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
+def partition_seconds(cfg: DownloadConfig, fetches: int) -> float:
+    """Wall-clock bound of one partition: its URLs at the per-URL bound, as parallel as the
+    per-host cap allows when every URL is on one host (the worst case)."""
+    if cfg.partition_timeout is not None:
+        return cfg.partition_timeout
+    lanes = max(1, min(cfg.threads, cfg.max_per_host))
+    return math.ceil(max(fetches, 1) / lanes) * per_url_seconds(cfg) + 60.0
 
 
-def check_image(data: bytes, max_pixels: int) -> tuple[bytes, int, int]:
-    """Validate downloaded bytes; return bytes the Resizer can decode as 8-bit colour.
-
-    Raises :class:`Rejected` with ``too_large`` (over ``max_pixels`` from the header, or
-    PIL's own DecompressionBombError) or ``decode_error`` (not an image, corrupt, truncated).
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if width * height > max_pixels:
-                raise Rejected("too_large", f"{width}x{height} = {width * height} pixels > max_pixels {max_pixels}")
-            img.load()  # full decode: truncated files fail here
-        except Image.DecompressionBombError as e:
-            raise Rejected("too_large", str(e)) from None
-        except UnidentifiedImageError:
-            raise Rejected("decode_error", "not a recognised image") from None
-        except Rejected:
-            raise
-        except Exception as e:  # noqa: BLE001 — PIL raises many types for corrupt files
-            raise Rejected("decode_error", f"{type(e).__name__}: {e}") from None
-    if img.format == "JPEG" and img.mode == "RGB":
-        return data, width, height  # the common case: hand the original bytes to cv2
-    buf = io.BytesIO()
-    _to_rgb(img).save(buf, format="BMP")  # lossless and cheap for cv2 to read back
-    return buf.getvalue(), width, height
+def empty_row(row: dict, status: str, error: str | None, **extra) -> dict:
+    return {"key": row["key"], "source": row["source"], "policy": row["policy"], "url": row["url"],
+            "caption": row["caption"], "captions": row["captions"] if status == "ok" else None,
+            "duplicate_of": row.get("duplicate_of"), "image": None, "width": None, "height": None,
+            "original_width": None, "original_height": None, "status": status, "error": error,
+            "sha256": None, **extra}
 
 
-def _ascii_url(url: str) -> str:
-    """Percent-encode non-ASCII characters (as browsers do); http.client refuses them otherwise."""
-    return url if url.isascii() else urllib.parse.quote(url, safe=string.punctuation)
+@dataclass
+class _Item:
+    index: int
+    url: str
+    host: str
+    attempts: int = 0          # retries used after timeouts / network errors / 5xx
+    rate_attempts: int = 0     # retries used after 429 / 503
 
 
-def _empty_row(row: dict, status: str, error: str | None) -> dict:
-    return {"key": row["key"], "source": row["source"], "url": row["url"], "caption": row["caption"],
-            "image": None, "width": None, "height": None, "original_width": None,
-            "original_height": None, "status": status, "error": error, "sha256": None}
+class HostQueue:
+    """Hands out fetches so that no host has more than ``max_per_host`` in flight and a host
+    that asked us to wait is left alone until then. Hosts take turns (round robin)."""
+
+    def __init__(self, items: list[_Item], max_per_host: int):
+        self.cap = max_per_host
+        self.waiting: dict[str, collections.deque] = {}
+        for item in items:
+            self.waiting.setdefault(item.host, collections.deque()).append(item)
+        self.turns = collections.deque(self.waiting)
+        self.active: collections.Counter = collections.Counter()
+        self.not_before: dict[str, float] = {}
+        self.cond = threading.Condition()
+        self.closed = False
+
+    def take(self) -> _Item | None:
+        """The next item to fetch; None when nothing is left to hand out (or the queue closed)."""
+        with self.cond:
+            while not self.closed and self.turns:
+                now, wake = time.monotonic(), None
+                for _ in range(len(self.turns)):
+                    host = self.turns[0]
+                    self.turns.rotate(-1)
+                    later = self.not_before.get(host, 0.0)
+                    if self.active[host] < self.cap and later <= now:
+                        item = self.waiting[host].popleft()
+                        if not self.waiting[host]:
+                            del self.waiting[host]
+                            self.turns.remove(host)
+                        self.active[host] += 1
+                        return item
+                    if later > now:
+                        wake = later if wake is None else min(wake, later)
+                self.cond.wait(None if wake is None else wake - now)
+            return None
+
+    def done(self, item: _Item) -> None:
+        with self.cond:
+            self.active[item.host] -= 1
+            self.cond.notify_all()
+
+    def again(self, item: _Item, delay: float = 0.0) -> None:
+        """Put ``item`` back; with a delay, its whole host waits (the server asked for it)."""
+        with self.cond:
+            self.active[item.host] -= 1
+            if delay > 0:
+                self.not_before[item.host] = max(self.not_before.get(item.host, 0.0), time.monotonic() + delay)
+            if item.host not in self.waiting:
+                self.waiting[item.host] = collections.deque()
+                self.turns.append(item.host)
+            self.waiting[item.host].appendleft(item)
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
 
 
 class PartitionDownloader:
-    """Turns one partition (URL table + ``duplicate_of``) into download-contract rows."""
+    """Turns the rows of one partition (plan rows with their marks) into download-contract rows."""
 
     def __init__(self, cfg: DownloadConfig):
-        from img2dataset.resizer import Resizer
+        import cv2
 
+        cv2.setNumThreads(1)  # one task per CPU slot: OpenCV's own threads would oversubscribe it
         self.cfg = cfg
-        self.policy = Policy(tuple(cfg.allow_hosts), cfg.max_redirects)
-        self.resizer = Resizer(image_size=cfg.image_size, resize_mode=cfg.resize_mode,
-                               resize_only_if_bigger=False, encode_format="jpg",
-                               encode_quality=cfg.encode_quality)
+        self.fetcher = Fetcher(Policy(tuple(cfg.allow_hosts), cfg.max_redirects),
+                               FetchLimits(cfg.timeout, cfg.deadline, cfg.max_bytes, cfg.user_agent_token))
+        self.spec = ImageSpec(cfg.image_size, cfg.resize_mode, cfg.resize_only_if_bigger, cfg.encode_quality,
+                              cfg.max_pixels, cfg.min_image_size)
 
     def _finish(self, row: dict, data: bytes) -> dict:
         sha = hashlib.sha256(data).hexdigest()
         try:
-            decodable, _, _ = check_image(data, self.cfg.max_pixels)
+            s = store(data, self.spec)
         except Rejected as r:
-            out = _empty_row(row, r.status, str(r))
-            out["sha256"] = sha
-            return out
-        img, width, height, ow, oh, err = self.resizer(io.BytesIO(decodable))
-        if err is not None:
-            out = _empty_row(row, "decode_error", err)
-            out["sha256"] = sha
-            return out
-        return {**_empty_row(row, "ok", None), "image": img, "width": width, "height": height,
-                "original_width": ow, "original_height": oh, "sha256": sha}
+            return empty_row(row, r.status, str(r), sha256=sha)
+        except Exception as e:  # noqa: BLE001 — one bad image never ends the partition
+            return empty_row(row, "decode_error", f"{type(e).__name__}: {e}", sha256=sha)
+        return {**empty_row(row, "ok", None, sha256=sha), "image": s.data, "width": s.width, "height": s.height,
+                "original_width": s.original_width, "original_height": s.original_height}
 
-    def __call__(self, part: pa.Table) -> pa.Table:
-        from img2dataset.downloader import download_image_with_retry
+    def _retry_delay(self, item: _Item, got: Fetched) -> float | None:
+        """Seconds to wait before trying ``item`` again, or None to keep ``got`` as its outcome."""
+        cfg = self.cfg
+        if got.status == "rate_limited" and item.rate_attempts < cfg.rate_limit_retries:
+            wait = got.retry_after if got.retry_after is not None else 2.0 ** item.rate_attempts
+            if wait <= cfg.max_retry_after:
+                item.rate_attempts += 1
+                return wait
+            return None
+        retryable = got.status in RETRYABLE or (got.status == "http_error" and (got.kind or "").startswith("5"))
+        if retryable and item.attempts < cfg.retries:
+            item.attempts += 1
+            return 0.0
+        return None
 
-        with installed(self.policy) as guard:  # this process's urlopen goes through the guard
-            return self._download(part, guard, download_image_with_retry)
-
-    def _download(self, part: pa.Table, guard, download_image_with_retry) -> pa.Table:
-        rows = part.to_pylist()
+    def download(self, rows: list[dict], stats: "PartitionStats | None" = None) -> list[dict]:
+        """Download-contract rows for ``rows`` (dicts with key, source, policy, url, caption,
+        captions, duplicate_of, status, error; status None = to fetch), in the same order."""
         out: list[dict | None] = [None] * len(rows)
-        to_fetch = []
+        items = []
         for i, row in enumerate(rows):
-            if row.get("caption_error"):
-                out[i] = _empty_row(row, "bad_caption", row["caption_error"])
-            elif row.get("duplicate_of"):
-                out[i] = _empty_row(row, "duplicate", f"duplicate of {row['duplicate_of']}")
-            elif (reason := guard.check_url(row["url"])) is not None:
-                out[i] = _empty_row(row, "blocked", f"blocked: {reason}")
+            if row["status"] is not None:
+                out[i] = empty_row(row, row["status"], row["error"])
             else:
-                to_fetch.append((i, _ascii_url(row["url"])))
+                items.append(_Item(i, row["url"], host_of(row["url"])))
+        deadline = time.monotonic() + partition_seconds(self.cfg, len(items))
+        hosts = HostQueue(items, self.cfg.max_per_host)
+        results: queue.Queue = queue.Queue()
+        bodies = threading.Semaphore(2 * self.cfg.threads)
 
-        semaphore = Semaphore(self.cfg.threads * 2)  # bounds images held in memory, as img2dataset does
+        def worker() -> None:
+            while True:
+                while not bodies.acquire(timeout=0.5):
+                    if hosts.closed:
+                        return
+                item = hosts.take()
+                if item is None:
+                    bodies.release()
+                    return
+                got = self.fetcher.fetch(item.url)
+                delay = self._retry_delay(item, got)
+                if delay is not None:
+                    bodies.release()
+                    hosts.again(item, delay)
+                    continue
+                hosts.done(item)
+                results.put((item, got))
 
-        def feed():
-            for item in to_fetch:
-                semaphore.acquire()
-                yield item
+        threads = [threading.Thread(target=worker, name=f"fetch-{t}", daemon=True)
+                   for t in range(min(self.cfg.threads, len(items)))]
+        for t in threads:
+            t.start()
+        pending = len(items)
+        while pending:
+            try:
+                item, got = results.get(timeout=max(0.01, min(1.0, deadline - time.monotonic())))
+            except queue.Empty:
+                if time.monotonic() >= deadline:
+                    break
+                continue
+            try:
+                row = rows[item.index]
+                out[item.index] = (self._finish(row, got.data) if got.status == "ok"
+                                   else empty_row(row, got.status, got.error))
+                if stats is not None:
+                    stats.fetched(item.host, got)
+            finally:
+                bodies.release()
+                pending -= 1
+        hosts.close()  # after the partition deadline: threads still fetching are abandoned (daemons)
+        for i, row in enumerate(rows):
+            if out[i] is None:
+                out[i] = empty_row(row, "timeout", f"partition deadline of {partition_seconds(self.cfg, len(items)):g} s "
+                                                   "passed before this URL was answered")
+        return out
 
-        def fetch(item):
-            return download_image_with_retry(item, timeout=self.cfg.timeout, retries=self.cfg.retries,
-                                             user_agent_token=USER_AGENT_TOKEN,
-                                             disallowed_header_directives=DISALLOWED_HEADER_DIRECTIVES)
 
-        with ThreadPool(self.cfg.threads) as pool:
-            for i, stream, err in pool.imap_unordered(fetch, feed()):
-                try:
-                    if err is not None or stream is None:
-                        err = err or "empty response"
-                        out[i] = _empty_row(rows[i], status_of_fetch_error(err), err)
-                    else:
-                        out[i] = self._finish(rows[i], stream.getvalue())
-                        stream.close()
-                except Exception as e:  # noqa: BLE001 — one bad row never ends the partition
-                    out[i] = _empty_row(rows[i], "decode_error", f"{type(e).__name__}: {e}")
-                finally:
-                    semaphore.release()
-        return pa.Table.from_pylist(out, schema=DOWNLOAD.schema)
+class PartitionStats:
+    """What one shard adds to the job summary: statuses per source, human images and captions,
+    and for the politeness and refusal outcomes, which hosts and which address classes."""
+
+    def __init__(self):
+        self.by_source: dict[str, dict[str, int]] = {}
+        self.images = collections.Counter()       # policy -> ok images
+        self.captions = collections.Counter()     # policy -> captions of ok images
+        self.hosts: dict[str, collections.Counter] = {}
+        self.blocked_kinds = collections.Counter()
+
+    def fetched(self, host: str, got: Fetched) -> None:
+        if got.status != "ok":
+            self.hosts.setdefault(got.status, collections.Counter())[host] += 1
+        if got.status == "blocked":
+            self.blocked_kinds[got.kind or "other"] += 1
+
+    def count(self, table: pa.Table) -> None:
+        for row in table.select(["source", "policy", "status", "captions"]).to_pylist():
+            per = self.by_source.setdefault(row["source"], {})
+            per[row["status"]] = per.get(row["status"], 0) + 1
+            if row["status"] == "ok":
+                self.images[row["policy"]] += 1
+                self.captions[row["policy"]] += len(row["captions"] or ())
+
+    def to_dict(self) -> dict:
+        return {"by_source": self.by_source, "images": dict(self.images), "captions": dict(self.captions),
+                "hosts": {s: dict(c.most_common(HOST_STATS_TOP)) for s, c in self.hosts.items()},
+                "blocked_kinds": dict(self.blocked_kinds)}
 
 
-def download_partitions(batch: pa.Table, cfg: DownloadConfig, output: str) -> pa.Table:
-    """Ray Data ``map_batches`` function: download and commit every partition in ``batch``.
-
-    Each block carries whole partitions (a ``partition`` column); one partition → one shard.
-    Returns one small stats row per partition for the driver's progress and summary.
-    """
-    import pyarrow.compute as pc
-
-    shards = ShardSet(output)
-    downloader = PartitionDownloader(cfg)
-    stats = {"partition": [], "rows": [], "ok": [], "seconds": [], "statuses": []}
-    for index in sorted(set(batch.column("partition").to_pylist())):
-        part = batch.filter(pc.equal(batch.column("partition"), index))
-        if part.num_rows != part.column("partition_rows")[0].as_py():
-            # Never commit part of a partition as its shard: that would drop rows silently.
-            raise RuntimeError(f"partition {index}: got {part.num_rows} of "
-                               f"{part.column('partition_rows')[0].as_py()} rows in one batch")
-        start = time.time()
-        table = downloader(part)
-        shards.write_shard(index, table, DOWNLOAD)
-        counts = {}
-        for s in table.column("status").to_pylist():
-            counts[s] = counts.get(s, 0) + 1
-        stats["partition"].append(index)
-        stats["rows"].append(table.num_rows)
-        stats["ok"].append(counts.get("ok", 0))
-        stats["seconds"].append(time.time() - start)
-        stats["statuses"].append(",".join(f"{k}={v}" for k, v in sorted(counts.items())))
-    return pa.table(stats)
+def to_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=DOWNLOAD.schema)

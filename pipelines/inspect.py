@@ -86,11 +86,13 @@ class Inspection:
     schema_versions: Counter = field(default_factory=Counter)
     status: Counter = field(default_factory=Counter)
     sources: Counter = field(default_factory=Counter)
+    policies: Counter = field(default_factory=Counter)
     width: Distribution = field(default_factory=Distribution)
     height: Distribution = field(default_factory=Distribution)
     original_width: Distribution = field(default_factory=Distribution)
     original_height: Distribution = field(default_factory=Distribution)
     caption_words: Distribution = field(default_factory=Distribution)
+    captions_per_image: Distribution = field(default_factory=Distribution)   # human images keep several
     clip_scores: Distribution = field(default_factory=lambda: Distribution(resolution=0.001))
     original_kept: int = 0             # CapFilt rows whose original caption is one of the two kept
     image_errors: int = 0              # image bytes PIL cannot read a header from
@@ -116,11 +118,12 @@ class Inspection:
             "uri": self.uri, "contract": self.contract, "manifest": self.manifest is not None,
             "shards": self.shards, "rows": self.rows, "bytes": self.bytes,
             "schema_versions": dict(self.schema_versions), "status": dict(self.status),
-            "sources": dict(self.sources),
+            "sources": dict(self.sources), "policies": dict(self.policies),
             "width": self.width.summary(), "height": self.height.summary(),
             "original_width": self.original_width.summary(),
             "original_height": self.original_height.summary(),
-            "caption_words": self.caption_words.summary(), "clip_scores": self.clip_scores.summary(),
+            "caption_words": self.caption_words.summary(), "captions_per_image": self.captions_per_image.summary(),
+            "clip_scores": self.clip_scores.summary(),
             "share_original_kept": self.share_original_kept, "image_errors": self.image_errors,
             "duplicate_keys": self.duplicate_keys, "duplicate_examples": self.duplicate_examples,
             "problems": self.problems, "verified": self.verified, "samples": self.samples,
@@ -189,10 +192,16 @@ class _Walker:
         for name in ("width", "height", "original_width", "original_height"):
             if name in cols:
                 getattr(ins, name).add(pc.drop_null(batch.column(name)).to_numpy(zero_copy_only=False))
+        if "policy" in cols:
+            ins.policies.update(batch.column("policy").to_pylist())
+        # Download rows: each row's own caption (failed rows included); CapFilt rows: every kept caption.
         if "caption" in cols:
             ins.caption_words.add(_word_counts(batch.column("caption")))
-        if "captions" in cols:
+        elif "captions" in cols:
             ins.caption_words.add(_word_counts(pc.list_flatten(batch.column("captions"))))
+        if "captions" in cols:
+            ins.captions_per_image.add(pc.list_value_length(pc.drop_null(batch.column("captions")))
+                                       .to_numpy(zero_copy_only=False))
         if "scores" in cols:
             ins.clip_scores.add(pc.list_flatten(batch.column("scores")).to_numpy(zero_copy_only=False))
         if "captions" in cols and "original_caption" in cols:
@@ -406,6 +415,8 @@ def format_text(ins: Inspection) -> str:
            f"created {ins.manifest.get('created_at')})" if ins.manifest else ""),
         f"sources          {_fmt_counter(ins.sources)}",
     ]
+    if ins.policies:
+        lines.append(f"caption policy   {_fmt_counter(ins.policies)}")
     if ins.status:
         lines.append(f"status           {_fmt_counter(ins.status)}")
     lines += [
@@ -416,6 +427,8 @@ def format_text(ins: Inspection) -> str:
         lines += [f"original width   {_fmt_dist(ins.original_width)}",
                   f"original height  {_fmt_dist(ins.original_height)}"]
     lines.append(f"caption words    {_fmt_dist(ins.caption_words)}")
+    if ins.captions_per_image.n:
+        lines.append(f"captions/image   {_fmt_dist(ins.captions_per_image)}")
     if ins.clip_scores.n:
         lines.append(f"CLIP score kept  {_fmt_dist(ins.clip_scores, 3)}")
     if ins.share_original_kept is not None:

@@ -8,30 +8,29 @@ through, and every redirect hop opens a new, equally guarded connection.
 
 ``guarded_opener(policy)`` builds a urllib opener from nothing but HTTP/HTTPS handlers (no
 file/ftp/data handlers, no environment proxies) whose connections resolve, classify and
-connect through :meth:`Guard.create_connection`. Installed with ``urllib.request.install_opener``
-inside a download worker, it also guards img2dataset's own ``urllib.request.urlopen`` calls.
+connect through :meth:`Guard.create_connection`; ``pipelines.fetch`` downloads through it.
+Every refusal carries a ``kind`` (``loopback``, ``private``, ``scheme``, ...) so callers count
+refusals by class without reading message text that a server may have chosen.
 """
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import socket
 import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Iterator
 
 ALLOWED_SCHEMES = ("http", "https")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class BlockedAddress(OSError):
-    """The guard refused a target. ``str()`` starts with ``blocked:`` so it stays recognisable
-    after urllib wraps it into a URLError and img2dataset turns that into a string."""
+    """The guard refused a target; ``kind`` is the class of the refusal (see :func:`classify`)."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, kind: str = "other"):
         super().__init__(f"blocked: {reason}")
+        self.kind = kind
 
 
 class RedirectLimit(urllib.error.URLError):
@@ -114,11 +113,20 @@ class Policy:
         return host.lower().rstrip(".") in self._names
 
 
-class Guard:
-    """Checks URLs and opens guarded connections under one :class:`Policy`."""
+def kind_of(reason: str) -> str:
+    """The class of a :func:`classify` reason: its first words, without the embedding note."""
+    return reason.split(" (embedded", 1)[0]
 
-    def __init__(self, policy: Policy):
+
+class Guard:
+    """Checks URLs and opens guarded connections under one :class:`Policy`.
+
+    ``on_connect(sock)`` is called with every socket the guard connects (the fetcher uses it
+    to enforce a wall-clock deadline on the whole request)."""
+
+    def __init__(self, policy: Policy, on_connect=None):
         self.policy = policy
+        self.on_connect = on_connect
 
     def check_ip(self, ip: str | IPAddress) -> str | None:
         addr = ipaddress.ip_address(ip) if isinstance(ip, str) else ip
@@ -126,21 +134,20 @@ class Guard:
             return None
         return classify(addr)
 
-    def check_url(self, url: str | None) -> str | None:
-        """Refusal reason from the URL alone (scheme, missing host, literal-IP host), or None.
-
-        Host *names* are judged later, on the addresses they resolve to."""
+    def refusal(self, url: str | None) -> tuple[str, str] | None:
+        """(reason, kind) of a refusal from the URL alone (scheme, missing host, literal-IP
+        host), or None. Host *names* are judged later, on the addresses they resolve to."""
         if not url:
-            return "empty URL"
+            return "empty URL", "malformed"
         try:
             parts = urllib.parse.urlsplit(url)
             host = parts.hostname
         except ValueError as e:
-            return f"malformed URL ({e})"
+            return f"malformed URL ({e})", "malformed"
         if parts.scheme.lower() not in ALLOWED_SCHEMES:
-            return f"scheme {parts.scheme or '(none)'!r} is not http(s)"
+            return f"scheme {parts.scheme or '(none)'!r} is not http(s)", "scheme"
         if not host:
-            return "URL has no host"
+            return "URL has no host", "malformed"
         if self.policy.name_allowed(host):
             return None
         try:
@@ -148,18 +155,24 @@ class Guard:
         except ValueError:
             return None
         reason = self.check_ip(ip)
-        return f"{host} is {reason}" if reason else None
+        return (f"{host} is {reason}", kind_of(reason)) if reason else None
+
+    def check_url(self, url: str | None) -> str | None:
+        """The reason :meth:`refusal` gives, or None."""
+        refused = self.refusal(url)
+        return refused[0] if refused else None
 
     def create_connection(self, address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None):
         """Drop-in for ``socket.create_connection`` that resolves, checks every address and
         connects only to an address it has just checked."""
         host, port = address
         trusted_name = self.policy.name_allowed(host)
-        refused, last_error = [], None
+        refused, kinds, last_error = [], [], None
         for family, type_, proto, _, sockaddr in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
             reason = None if trusted_name else self.check_ip(sockaddr[0])
             if reason:
                 refused.append(f"{sockaddr[0]} is {reason}")
+                kinds.append(kind_of(reason))
                 continue
             sock = socket.socket(family, type_, proto)
             try:
@@ -168,13 +181,15 @@ class Guard:
                 if source_address:
                     sock.bind(source_address)
                 sock.connect(sockaddr)
+                if self.on_connect is not None:
+                    self.on_connect(sock)
                 return sock
             except OSError as e:
                 sock.close()
                 last_error = e
         if last_error is not None:
             raise last_error
-        raise BlockedAddress(f"{host} resolves only to refused addresses: {', '.join(refused)}")
+        raise BlockedAddress(f"{host} resolves only to refused addresses: {', '.join(refused)}", kinds[0])
 
 
 def _guarded(conn_class, guard: Guard):
@@ -224,9 +239,9 @@ class _GuardedRedirectHandler(urllib.request.HTTPRedirectHandler):
         location = headers.get("location") or headers.get("uri")
         if location:
             newurl = urllib.parse.urljoin(req.full_url, location)
-            reason = self.guard.check_url(newurl)
-            if reason:
-                raise urllib.error.URLError(BlockedAddress(f"redirect to {newurl}: {reason}"))
+            refused = self.guard.refusal(newurl)
+            if refused:
+                raise urllib.error.URLError(BlockedAddress(f"redirect to {newurl}: {refused[0]}", refused[1]))
         return super().http_error_302(req, fp, code, msg, headers)
 
     http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
@@ -238,9 +253,9 @@ class _GuardedRedirectHandler(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-def guarded_opener(policy: Policy) -> urllib.request.OpenerDirector:
+def guarded_opener(policy: Policy, on_connect=None) -> urllib.request.OpenerDirector:
     """An opener that speaks only guarded HTTP/HTTPS (no file/ftp/data, no env proxies)."""
-    guard = Guard(policy)
+    guard = Guard(policy, on_connect)
     opener = urllib.request.OpenerDirector()
     for handler in (urllib.request.ProxyHandler({}), urllib.request.UnknownHandler(),
                     _GuardedHTTPHandler(guard), _GuardedHTTPSHandler(guard),
@@ -248,16 +263,3 @@ def guarded_opener(policy: Policy) -> urllib.request.OpenerDirector:
                     urllib.request.HTTPErrorProcessor()):
         opener.add_handler(handler)
     return opener
-
-
-@contextlib.contextmanager
-def installed(policy: Policy) -> Iterator[Guard]:
-    """Guard this process's ``urllib.request.urlopen`` while the block runs (in a download
-    worker: img2dataset's ``download_image`` calls ``urlopen``, which uses the installed opener).
-    The previous opener is restored afterwards, so a reused Ray worker is left as it was found."""
-    previous = getattr(urllib.request, "_opener", None)
-    urllib.request.install_opener(guarded_opener(policy))
-    try:
-        yield Guard(policy)
-    finally:
-        urllib.request.install_opener(previous)

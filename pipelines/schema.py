@@ -12,19 +12,29 @@ import pyarrow as pa
 
 SCHEMA_KEY = b"blip2.schema"
 
-# Status values of the download contract. Anything other than "ok" has image == null.
+# Status values of the download contract: every input row ends in exactly one of them.
+# Anything other than "ok" has image == null.
 DOWNLOAD_STATUSES = (
     "ok",
     "blocked",          # address guard refused the URL (scheme, private/loopback/link-local target)
+    "invalid_url",      # not a URL: wrong type, empty, undecodable, too long, no host
     "http_error",       # 4xx / 5xx
-    "timeout",
+    "rate_limited",     # 429 / 503 still after the Retry-After retries
+    "opted_out",        # X-Robots-Tag forbids the use (noai, noimageai, ...)
+    "timeout",          # the per-URL deadline (connect + headers + body + redirects) passed
     "redirect_error",   # redirect loop / too many redirects
-    "network_error",    # DNS failure, connection refused/reset
+    "network_error",    # DNS failure, connection refused/reset, body shorter than announced
     "decode_error",     # corrupt / truncated / not an image
-    "too_large",        # over the pixel limit (decompression bomb)
-    "bad_caption",      # empty or undecodable caption
-    "duplicate",        # URL already seen earlier in the same input
+    "too_large",        # body over download.max_bytes, or over the pixel limit (decompression bomb)
+    "too_small",        # a side under download.min_image_size (tracking pixels)
+    "bad_caption",      # empty, undecodable, not text, or too long
+    "duplicate",        # URL already seen earlier in the input (web sources)
+    "merged",           # a human caption of an image another row downloads: kept in that row's captions
+    "malformed_row",    # an input line that cannot be parsed (wrong field count, stray quote)
+    "task_failed",      # the partition's task died download.task_retries + 1 times (e.g. out of memory)
 )
+# How a source's captions are treated (pipelines.sources declares each source's policy).
+POLICIES = ("web", "human")
 
 
 @dataclass(frozen=True)
@@ -43,13 +53,18 @@ class Contract:
 
 DOWNLOAD = Contract(
     "download",
-    1,
+    2,
     pa.schema(
         [
             pa.field("key", pa.string(), nullable=False),
             pa.field("source", pa.string(), nullable=False),
+            pa.field("policy", pa.string(), nullable=False),    # web | human
             pa.field("url", pa.string()),
-            pa.field("caption", pa.string()),
+            pa.field("caption", pa.string()),                   # the row's own caption, as listed
+            # ok rows: every caption of the image (human: all rows of the same image merged,
+            # in input order; web: the row's own caption)
+            pa.field("captions", pa.list_(pa.string())),
+            pa.field("duplicate_of", pa.string()),              # duplicate/merged: the key that holds the image
             pa.field("image", pa.binary()),
             pa.field("width", pa.int32()),
             pa.field("height", pa.int32()),
@@ -67,15 +82,20 @@ CANDIDATE = pa.struct([pa.field("caption", pa.string()), pa.field("score", pa.fl
 
 CAPFILT = Contract(
     "capfilt",
-    1,
+    2,
     pa.schema(
         [
             pa.field("key", pa.string(), nullable=False),
             pa.field("source", pa.string(), nullable=False),
+            pa.field("policy", pa.string(), nullable=False),    # web | human
+            pa.field("url", pa.string()),
+            pa.field("sha256", pa.string()),                    # of the downloaded original
             pa.field("image", pa.binary(), nullable=False),
-            pa.field("captions", pa.list_(pa.string()), nullable=False),   # length 2, best first
+            # web: the kept `keep` of the 10 + 1 ranked candidates, best first;
+            # human: every human caption of the image, in input order (passed through)
+            pa.field("captions", pa.list_(pa.string()), nullable=False),
             pa.field("scores", pa.list_(pa.float32()), nullable=False),    # CLIP cosine of each
-            pa.field("candidates", pa.list_(CANDIDATE)),                   # all 11, optional
+            pa.field("candidates", pa.list_(CANDIDATE)),                   # web: all 11, optional
             pa.field("original_caption", pa.string()),
         ]
     ),
@@ -110,6 +130,10 @@ def validate(schema: pa.Schema, contract: Contract, where: str = "table") -> Non
             problems.append(f"column {field.name!r} is {got}, expected {field.type}")
     declared = (schema.metadata or {}).get(SCHEMA_KEY)
     if declared and declared.decode() != contract.tag:
+        name, _, version = declared.decode().partition("/")
+        if name == contract.name and version.isdigit() and int(version) < contract.version:
+            raise SchemaError(f"{where} was written in the older {declared.decode()} format; this version "
+                              f"reads {contract.tag}: re-run the job that made it into a new output")
         problems.append(f"declares schema {declared.decode()!r}, expected {contract.tag!r}")
     if problems:
         raise SchemaError(f"{where} does not match the {contract.tag} contract: " + "; ".join(problems))

@@ -88,6 +88,22 @@ class ShardSet:
         return f"{self.uri}/{name}"
 
     # -- writing -------------------------------------------------------------------------
+    def check_writable(self) -> None:
+        """Refuse an object-store output whose bucket does not exist (a typo must not create one)."""
+        if self._local:
+            return
+        bucket = self.root.split("/", 1)[0]
+        self.fs.invalidate_cache()
+        if not self.fs.exists(bucket):
+            raise FileNotFoundError(f"bucket {bucket!r} of {self.uri} does not exist (or is not visible "
+                                    "with these credentials); create it first")
+
+    def makedirs(self, name: str = "") -> None:
+        """Create a member folder: local only (object stores have no folders, and s3fs would
+        create a missing bucket)."""
+        if self._local:
+            self.fs.makedirs(self.path(name) if name else self.root, exist_ok=True)
+
     def write_shard(self, index: int, table: pa.Table, contract: Contract) -> ShardInfo:
         table = conform(table, contract)
         buf = io.BytesIO()
@@ -95,7 +111,7 @@ class ShardSet:
         data = buf.getvalue()
         name = shard_name(index)
         info = ShardInfo(name, table.num_rows, len(data), hashlib.sha256(data).hexdigest())
-        self.fs.makedirs(self.path(COMMITS), exist_ok=True)
+        self.makedirs(COMMITS)
         self.fs.pipe(self.path(f"{COMMITS}/{name}.json"), json.dumps(info.__dict__).encode())
         if self._local:
             tmp = self.path(f".{name}.tmp-{uuid.uuid4().hex}")
@@ -158,6 +174,11 @@ class ShardSet:
         if not names:
             raise SchemaError(f"{self.uri} holds no committed shards (part-NNNNN.parquet)")
         validate(self.open_parquet(names[0]).schema_arrow, contract, where=f"{self.url(names[0])}")
+
+    def read_table(self, name: str) -> pa.Table:
+        """A member Parquet file that is not a shard (plans, side tables)."""
+        with self.fs.open(self.path(name), "rb") as f:
+            return pq.read_table(f)
 
     def read_shard(self, name: str, contract: Contract | None = None) -> pa.Table:
         table = self.open_parquet(name).read()

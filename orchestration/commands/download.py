@@ -10,11 +10,15 @@ DEFAULT_PRESET = None
 def add_arguments(parser) -> None:
     parser.epilog = ("Security: private, loopback, link-local and non-http(s) targets are refused (also after "
                      "redirects and DNS) and counted as 'blocked'; download.allow_hosts='[127.0.0.1]' exempts "
-                     "hosts/CIDRs, e.g. the local demo server (the tiny preset sets it). Resume: run the same "
+                     "hosts/CIDRs, e.g. the local demo server (the tiny preset sets it). Bounds: every URL ends "
+                     "within download.deadline seconds per attempt and download.max_bytes. Resume: run the same "
                      "command again; committed shards are skipped.")
     parser.add_argument("--input", help="URL list: file, glob or folder (local or s3://); sets download.input")
     parser.add_argument("--source", help="auto, coco, vg, cc3m, cc12m, sbu, laion, generic; sets download.source")
     parser.add_argument("--output", help="output shard set: folder or s3://bucket/prefix; sets download.output")
+    parser.add_argument("--policy", help="captions: auto (the source's), web or human; sets download.policy")
+    parser.add_argument("--plan-only", action="store_true",
+                        help="read the lists and write the plan (partitions, duplicates, merged captions), download nothing")
     parser.add_argument("--no-progress", action="store_true", help="hide Ray Data progress bars")
 
 
@@ -25,7 +29,7 @@ def run(args, cfg) -> int:
     from pipelines.sources import open_url_lists
 
     d = cfg.download
-    for name in ("input", "source", "output"):
+    for name in ("input", "source", "output", "policy"):
         value = getattr(args, name)
         if value:
             setattr(d, name, value)
@@ -36,11 +40,12 @@ def run(args, cfg) -> int:
         print(f"blip2 download: address guard allows {', '.join(d.allow_hosts)} (download.allow_hosts)",
               file=sys.stderr)
     try:
-        lists = open_url_lists(d.input, d.source, d.url_prefix)  # bad input fails here, before Ray starts
+        lists = open_url_lists(d.input, d.source, d.url_prefix, d.policy)  # bad input fails here, before Ray starts
         ensure_ray(cfg.ray)
-        summary = run_download(d, seed=cfg.seed, progress=not args.no_progress, lists=lists)
+        summary = run_download(d, seed=cfg.seed, progress=not args.no_progress, lists=lists,
+                               plan_only=args.plan_only, log=lambda m: print(m, file=sys.stderr))
     except (SchemaError, ValueError, FileNotFoundError) as e:
         print(f"blip2 download: {e}", file=sys.stderr)
         return 2
     print(format_summary(summary, d.output))
-    return 0 if summary["complete"] else 1
+    return 0 if summary.get("plan_only") or summary["complete"] else 1

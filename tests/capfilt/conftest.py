@@ -1,33 +1,21 @@
 """Download-contract shard sets built from the synthetic corpus, with the web's bad rows mixed in."""
 from __future__ import annotations
 
-import hashlib
 import io
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 from PIL import Image
 
 from pipelines.schema import DOWNLOAD
 from pipelines.shardio import ShardSet
+from tests.helpers.shards import download_row, write_set
 
 LONG_CAPTION = " ".join(["a red circle above a blue square"] * 20)  # far beyond CLIP's 32-token tiny context
 
 
-def download_row(key: str, caption: str | None, image: bytes | None, status: str = "ok") -> dict:
-    ok = status == "ok"
-    return dict(key=key, source="synthetic", url=f"http://127.0.0.1/{key}", caption=caption, image=image,
-                width=96 if ok else None, height=96 if ok else None, original_width=96 if ok else None,
-                original_height=96 if ok else None, status=status, error=None if ok else status,
-                sha256=hashlib.sha256(image).hexdigest() if image else None)
-
-
 def write_download_set(uri: str, shards: list[list[dict]]) -> ShardSet:
-    ss = ShardSet(uri)
-    for i, rows in enumerate(shards):
-        ss.write_shard(i, pa.Table.from_pylist(rows, schema=DOWNLOAD.arrow_schema()), DOWNLOAD)
-    return ss
+    return write_set(uri, DOWNLOAD, shards)
 
 
 def hostile_shards(corpus_dir: Path, items, per_shard: int = 5) -> tuple[list[list[dict]], dict]:

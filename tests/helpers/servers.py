@@ -28,39 +28,156 @@ def free_port() -> int:
 class HostileHandler(SimpleHTTPRequestHandler):
     """Static files plus the web's bad habits, by path:
 
-    /status/<code>          that HTTP status, empty body
-    /sleep/<seconds>/<file> the file, after a delay (timeouts)
-    /redirect?to=<url>      302 to any URL (e.g. another loopback address the guard must refuse)
-    /loop/<n>               an endless redirect chain
+    /status/<code>[?reason=]  that HTTP status (and reason phrase), empty body
+    /sleep/<seconds>/<file>   the file, after a delay (timeouts)
+    /redirect?to=<url>        302 to any URL (e.g. another loopback address the guard must refuse)
+    /loop/<n>                 an endless redirect chain
+    /drip?n=&interval=        Content-Length n, then one byte every interval seconds
+    /slowheaders?interval=    the status line, then the headers one byte every interval seconds
+    /endless                  200 without Content-Length and a body that never ends
+    /lie?claim=&send=&hold=   Content-Length claim, ``send`` bytes, then hold the connection (or close)
+    /big/<bytes>              a body of that many bytes with a true Content-Length
+    /ratelimit/<id>/<file>?n=&after=  429 with Retry-After ``after`` for the first n requests of id
+    /slowredirect/<n>/<file>?delay=  n redirect hops, each answered after ``delay`` seconds
+    /robots/<file>?tag=       the file with that X-Robots-Tag header
+    /gate/<file>?delay=       the file after a delay; the server counts how many are in flight at once
     """
 
     def log_message(self, *args):
         pass
 
+    def handle(self):
+        try:
+            super().handle()
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up on purpose (deadline, size cap)
+            pass
+
     def do_GET(self):  # noqa: N802 (http.server naming)
         parsed = urllib.parse.urlparse(self.path)
         parts = [p for p in parsed.path.split("/") if p]
-        if parts[:1] == ["status"] and len(parts) == 2:
-            self.send_response(int(parts[1]))
+        q = {k: v[0] for k, v in urllib.parse.parse_qs(parsed.query).items()}
+        route = getattr(self, f"route_{parts[0]}", None) if parts else None
+        if route is not None:
+            return route(parts[1:], q)
+        return super().do_GET()
+
+    def _serve_file(self, parts, extra_headers=()):
+        self.path = "/" + "/".join(parts)
+        self._extra = extra_headers
+        return super().do_GET()
+
+    def end_headers(self):
+        for k, v in getattr(self, "_extra", ()):
+            self.send_header(k, v)
+        super().end_headers()
+
+    def route_status(self, parts, q):
+        self.send_response(int(parts[0]), q.get("reason"))
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def route_sleep(self, parts, q):
+        time.sleep(float(parts[0]))
+        return self._serve_file(parts[1:])
+
+    def route_redirect(self, parts, q):
+        return self._redirect(q.get("to", "/"))
+
+    def route_loop(self, parts, q):
+        return self._redirect(f"/loop/{int(parts[0]) + 1}")
+
+    def route_drip(self, parts, q):
+        n, interval = int(q.get("n", 100000)), float(q.get("interval", 1))
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(n))
+        self.end_headers()
+        for _ in range(n):
+            self.wfile.write(b"\xff")
+            self.wfile.flush()
+            time.sleep(interval)
+
+    def route_slowheaders(self, parts, q):
+        interval = float(q.get("interval", 1))
+        self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+        for byte in b"X-Slow: " + b"a" * 10000:
+            self.wfile.write(bytes([byte]))
+            self.wfile.flush()
+            time.sleep(interval)
+
+    def route_endless(self, parts, q):
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        block = b"\0" * 65536
+        while True:
+            self.wfile.write(block)
+
+    def route_lie(self, parts, q):
+        self.send_response(200)
+        self.send_header("Content-Length", q.get("claim", "1000"))
+        self.end_headers()
+        self.wfile.write(b"\xff" * int(q.get("send", 10)))
+        self.wfile.flush()
+        time.sleep(float(q.get("hold", 0)))
+        self.close_connection = True
+
+    def route_big(self, parts, q):
+        n = int(parts[0])
+        self.send_response(200)
+        self.send_header("Content-Length", str(n))
+        self.end_headers()
+        self.server.big_bytes_sent = getattr(self.server, "big_bytes_sent", 0)
+        for start in range(0, n, 65536):
+            chunk = min(65536, n - start)
+            self.wfile.write(b"\0" * chunk)
+            self.server.big_bytes_sent += chunk
+
+    def route_ratelimit(self, parts, q):
+        counts = self.server.__dict__.setdefault("rate_counts", {})
+        with _COUNT_LOCK:
+            counts[parts[0]] = counts.get(parts[0], 0) + 1
+            seen = counts[parts[0]]
+        if seen <= int(q.get("n", 1)):
+            self.send_response(429)
+            if "after" in q:
+                self.send_header("Retry-After", q["after"])
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
-        if parts[:1] == ["sleep"] and len(parts) >= 3:
-            time.sleep(float(parts[1]))
-            self.path = "/" + "/".join(parts[2:])
-            return super().do_GET()
-        if parts[:1] == ["redirect"]:
-            target = urllib.parse.parse_qs(parsed.query).get("to", ["/"])[0]
-            return self._redirect(target)
-        if parts[:1] == ["loop"] and len(parts) == 2:
-            return self._redirect(f"/loop/{int(parts[1]) + 1}")
-        return super().do_GET()
+        return self._serve_file(parts[1:])
+
+    def route_slowredirect(self, parts, q):
+        time.sleep(float(q.get("delay", 1)))
+        n = int(parts[0])
+        if n == 0:
+            return self._serve_file(parts[1:])
+        return self._redirect(f"/slowredirect/{n - 1}/{'/'.join(parts[1:])}?delay={q.get('delay', 1)}")
+
+    def route_robots(self, parts, q):
+        return self._serve_file(parts, [("X-Robots-Tag", q.get("tag", "noai"))])
+
+    def route_gate(self, parts, q):
+        server = self.server
+        with _COUNT_LOCK:
+            server.gate_now = getattr(server, "gate_now", 0) + 1
+            server.gate_max = max(getattr(server, "gate_max", 0), server.gate_now)
+        try:
+            time.sleep(float(q.get("delay", 0.2)))
+            return self._serve_file(parts)
+        finally:
+            with _COUNT_LOCK:
+                server.gate_now -= 1
 
     def _redirect(self, location: str):
         self.send_response(302)
         self.send_header("Location", location)
         self.send_header("Content-Length", "0")
         self.end_headers()
+
+
+_COUNT_LOCK = threading.Lock()
 
 
 def start_http_server(root: str | Path, host: str = "127.0.0.1"):
@@ -137,3 +254,17 @@ class RayHead:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
+
+
+def pids_running(text: str) -> list[int]:
+    """PIDs whose command line contains ``text`` (Ray names a task's worker process ``ray::<task name>``)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmdline:
+                out.append(int(entry.name))
+    return out

@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 from orchestration.cli import main
+from pipelines.schema import CAPFILT
 from pipelines.shardio import shard_name
-from tests.pipelines.test_inspect import corrupt_middle, write_capfilt_set, write_download_set
+from tests.helpers.shards import corrupt_middle, write_capfilt_set, write_download_set
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -52,7 +53,7 @@ def test_cli_on_s3_writes_html(corpus, s3_bucket, tmp_path):
                            "--html", str(out_html), "--thumbnails", "6"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)  # moto env is inherited
     assert proc.returncode == 0, proc.stderr
-    assert f"shard set        {uri}" in proc.stdout and "contract         capfilt/1" in proc.stdout
+    assert f"shard set        {uri}" in proc.stdout and f"contract         {CAPFILT.tag}" in proc.stdout
     assert "original kept    8/24 rows (33.3%)" in proc.stdout
     page = out_html.read_text()
     assert page.count("class='thumb' src='data:image/jpeg;base64,") == 6

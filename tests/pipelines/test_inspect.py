@@ -1,7 +1,6 @@
 """Shard inspection on real shard sets built from the synthetic corpus (local and moto S3)."""
 from __future__ import annotations
 
-import hashlib
 import json
 
 import pyarrow as pa
@@ -10,70 +9,7 @@ import pytest
 from pipelines.inspect import Distribution, format_text, inspect_shards
 from pipelines.schema import CAPFILT, DOWNLOAD
 from pipelines.shardio import ShardSet, shard_name
-
-# -- shard-set builders (also used by tests/orchestration/test_shards_cmd.py) --------------
-
-
-def download_rows(corpus, start: int, n: int, failures: int = 1) -> list[dict]:
-    """``n`` ok rows from the corpus plus ``failures`` http_error rows."""
-    root, items = corpus
-    rows = []
-    for it in items[start:start + n]:
-        data = (root / it.file).read_bytes()
-        rows.append(dict(key=f"synthetic/{it.index:06d}", source="synthetic",
-                         url=f"http://127.0.0.1:1/{it.file}", caption=it.caption, image=data,
-                         width=96, height=96, original_width=96, original_height=96, status="ok",
-                         error=None, sha256=hashlib.sha256(data).hexdigest()))
-    for j in range(failures):
-        rows.append(dict(key=f"web/{start:03d}-{j}", source="web", url=f"http://127.0.0.1:1/missing/{start}-{j}",
-                         caption="a lost picture", image=None, width=None, height=None,
-                         original_width=None, original_height=None, status="http_error",
-                         error="404 Not Found", sha256=None))
-    return rows
-
-
-def write_download_set(uri: str, corpus, shards: int = 3, per_shard: int = 8, manifest: bool = True) -> ShardSet:
-    ss = ShardSet(uri)
-    for s in range(shards):
-        ss.write_shard(s, pa.Table.from_pylist(download_rows(corpus, s * per_shard, per_shard),
-                                               schema=DOWNLOAD.schema), DOWNLOAD)
-    if manifest:
-        ss.write_manifest(DOWNLOAD, config={"test": True})
-    return ss
-
-
-def capfilt_rows(corpus, start: int, n: int) -> list[dict]:
-    """Every third row keeps its original (true) caption first; the others keep two synthetic ones."""
-    root, items = corpus
-    rows = []
-    for it in items[start:start + n]:
-        synthetic = [f"a picture of {it.colors[0]} things", f"a picture of a {it.shapes[0]}"]
-        if it.index % 3 == 0:
-            captions, scores = [it.caption, synthetic[0]], [0.35, 0.30]
-        else:
-            captions, scores = synthetic, [0.32, 0.28]
-        cands = [dict(caption=c, score=s, synthetic=c != it.caption) for c, s in zip(captions, scores)]
-        rows.append(dict(key=f"synthetic/{it.index:06d}", source="synthetic", image=(root / it.file).read_bytes(),
-                         captions=captions, scores=scores, candidates=cands, original_caption=it.caption))
-    return rows
-
-
-def write_capfilt_set(uri: str, corpus, shards: int = 2, per_shard: int = 12) -> ShardSet:
-    ss = ShardSet(uri)
-    for s in range(shards):
-        ss.write_shard(s, pa.Table.from_pylist(capfilt_rows(corpus, s * per_shard, per_shard),
-                                               schema=CAPFILT.schema), CAPFILT)
-    ss.write_manifest(CAPFILT, config={"test": True})
-    return ss
-
-
-def corrupt_middle(path) -> None:
-    """Flip bytes in the middle of a file, keeping its size (only a checksum can tell)."""
-    data = bytearray(path.read_bytes())
-    mid = len(data) // 2
-    data[mid:mid + 64] = bytes(b ^ 0x5A for b in data[mid:mid + 64])
-    path.write_bytes(bytes(data))
-
+from tests.helpers.shards import capfilt_rows, corrupt_middle, download_rows, write_capfilt_set, write_download_set
 
 # -- tests --------------------------------------------------------------------------------
 
@@ -98,11 +34,11 @@ def test_download_set_statistics(where, corpus, tmp_path, request):
     ss = write_download_set(uri, corpus)
     ins = inspect_shards(uri, sample=2, verify=True)
     assert ins.ok, ins.problems
-    assert (ins.shards, ins.rows, ins.contract) == (3, 27, "download/1")
+    assert (ins.shards, ins.rows, ins.contract) == (3, 27, DOWNLOAD.tag)
     assert ins.bytes == sum(s["bytes"] for s in ss.read_manifest()["shards"])
     assert ins.status == {"ok": 24, "http_error": 3}
     assert ins.sources == {"synthetic": 24, "web": 3}
-    assert ins.schema_versions == {"download/1": 3}
+    assert ins.schema_versions == {DOWNLOAD.tag: 3}
     assert ins.width.summary()["n"] == 24 and ins.width.summary()["p50"] == 96
     # caption words: the 24 true captions + 3 failure captions of 3 words
     _, items = corpus
@@ -120,7 +56,7 @@ def test_capfilt_set_statistics_read_image_headers(corpus, tmp_path):
     write_capfilt_set(str(tmp_path / "cf"), corpus)
     ins = inspect_shards(str(tmp_path / "cf"), thumbnails=5)
     assert ins.ok, ins.problems
-    assert (ins.shards, ins.rows, ins.contract) == (2, 24, "capfilt/1")
+    assert (ins.shards, ins.rows, ins.contract) == (2, 24, CAPFILT.tag)
     # sizes from the JPEG headers (the corpus is 96x96), one per row
     assert ins.width.summary() == {"n": 24, "min": 96, "p05": 96, "p50": 96, "p95": 96, "max": 96, "mean": 96}
     # indices 0,3,...,21 keep the original caption: 8 of 24
@@ -162,14 +98,14 @@ def test_missing_manifest_schema_mismatch_and_extra_shard(corpus, tmp_path):
     ss = write_download_set(str(tmp_path / "x"), corpus, shards=2, manifest=False)
     ins = inspect_shards(ss.uri)
     assert any("_manifest.json is missing" in p for p in ins.problems)
-    assert ins.rows == 18 and ins.contract == "download/1"  # statistics still computed
+    assert ins.rows == 18 and ins.contract == DOWNLOAD.tag  # statistics still computed
     ss.write_manifest(DOWNLOAD)
     # a capfilt shard dropped into a download set, not in its manifest
     ss.write_shard(7, pa.Table.from_pylist(capfilt_rows(corpus, 0, 2), schema=CAPFILT.schema), CAPFILT)
     ins = inspect_shards(ss.uri, verify=True)
     assert any(p.startswith(shard_name(7)) and "not in the manifest" in p for p in ins.problems)
-    assert any(p.startswith(shard_name(7)) and "download/1 contract" in p for p in ins.problems)
-    assert ins.schema_versions == {"download/1": 2, "capfilt/1": 1}
+    assert any(p.startswith(shard_name(7)) and f"{DOWNLOAD.tag} contract" in p for p in ins.problems)
+    assert ins.schema_versions == {DOWNLOAD.tag: 2, CAPFILT.tag: 1}
 
 
 def test_unreadable_shard_does_not_stop_the_walk(corpus, tmp_path):

@@ -2,11 +2,11 @@ import pyarrow as pa
 import pytest
 
 from pipelines.schema import CAPFILT, DOWNLOAD, SchemaError, conform, contract_of, validate
+from tests.helpers.shards import download_row as _row
 
 
 def download_row(**kw):
-    row = dict(key="laion/0", source="laion", url="http://x/0.jpg", caption="a red circle", image=b"\xff\xd8",
-               width=4, height=4, original_width=8, original_height=8, status="ok", error=None, sha256="ab")
+    row = _row("laion/0", "a red circle", b"\xff\xd8", source="laion", url="http://x/0.jpg", size=4)
     row.update(kw)
     return row
 
@@ -27,6 +27,13 @@ def test_validate_names_missing_and_mistyped_columns():
     msg = str(e.value)
     assert "shard.parquet" in msg and "missing column 'captions'" in msg
     assert "column 'image' is string, expected binary" in msg
+
+
+def test_an_older_contract_version_is_refused_with_what_to_do():
+    table = pa.Table.from_pylist([download_row()], schema=DOWNLOAD.arrow_schema())
+    old = table.schema.with_metadata({b"blip2.schema": f"download/{DOWNLOAD.version - 1}".encode()})
+    with pytest.raises(SchemaError, match=r"older download/\d+ format.*re-run the job"):
+        validate(old, DOWNLOAD, where="part-00000.parquet")
 
 
 def test_validate_refuses_a_file_declaring_another_contract():

@@ -6,15 +6,12 @@ import pytest
 
 from pipelines.schema import DOWNLOAD, SchemaError
 from pipelines.shardio import ShardSet, redact, shard_name
+from tests.helpers.shards import download_row
 
 
 def table(n, start=0):
-    return pa.Table.from_pylist(
-        [dict(key=f"s/{i}", source="s", url=f"http://h/{i}", caption=f"c{i}", image=None, width=None,
-              height=None, original_width=None, original_height=None, status="http_error", error="404",
-              sha256=None) for i in range(start, start + n)],
-        schema=DOWNLOAD.schema,
-    )
+    return pa.Table.from_pylist([download_row(f"s/{i}", f"c{i}", None, "http_error", source="s", error="404")
+                                 for i in range(start, start + n)], schema=DOWNLOAD.schema)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -34,7 +31,7 @@ def test_write_commit_and_manifest(shard_uri):
     data = shards.fs.cat(shards.path(shard_name(0)))
     assert info0.sha256 == hashlib.sha256(data).hexdigest() and info0.rows == 3
     manifest = shards.write_manifest(DOWNLOAD, config={"output": shard_uri, "aws_secret_access_key": "x"})
-    assert manifest["num_rows"] == 8 and manifest["schema"] == "download/1"
+    assert manifest["num_rows"] == 8 and manifest["schema"] == DOWNLOAD.tag
     assert manifest["config"]["aws_secret_access_key"] == "<redacted>"
     assert json.loads(shards.fs.cat(shards.path("_manifest.json")))["num_shards"] == 2
     keys = [r["key"] for _, b in shards.iter_batches(DOWNLOAD) for r in b.to_pylist()]
