@@ -51,6 +51,9 @@ def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     return None
 
 
+_SPECIAL_V4 = (ipaddress.ip_network("192.0.0.0/24"), ipaddress.ip_network("192.88.99.0/24"))
+
+
 def classify(ip: str | IPAddress) -> str | None:
     """Why an address must not be contacted, or None if it is a public unicast address.
 
@@ -79,7 +82,8 @@ def classify(ip: str | IPAddress) -> str | None:
         ("reserved", addr.is_reserved),
         ("private", addr.is_private),
         ("site-local", isinstance(addr, ipaddress.IPv6Address) and addr.is_site_local),
-        ("not globally routable", not addr.is_global),
+        # IETF protocol assignments and 6to4 relays: CPython calls a few of these global
+        ("not globally routable", not addr.is_global or any(addr in n for n in _SPECIAL_V4 if addr.version == 4)),
     ):
         if hit:
             return reason

@@ -46,13 +46,19 @@ def shard_index(name: str) -> int:
     return int(m.group(1))
 
 
+_URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^/\s:@]*):[^@/\s]*@", re.IGNORECASE)
+
+
 def redact(obj: Any) -> Any:
-    """Drop anything that looks like a credential before a config is written anywhere."""
+    """Drop anything that looks like a credential before a config is written or printed: values
+    of keys named like secrets, and the password of any ``scheme://user:password@host`` value."""
     if isinstance(obj, dict):
         return {k: ("<redacted>" if any(h in str(k).lower() for h in _SECRET_HINTS) else redact(v))
                 for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [redact(v) for v in obj]
+    if isinstance(obj, str):
+        return _URL_PASSWORD.sub(r"\1:<redacted>@", obj)
     return obj
 
 

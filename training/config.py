@@ -98,6 +98,9 @@ class TrainConfig:
         if self.mlflow_experiment and not self.mlflow_tracking_uri:
             raise ValueError("mlflow_experiment needs mlflow_tracking_uri")
         uri = self.mlflow_tracking_uri
+        if uri and "@" in uri.split("://", 1)[-1].split("/", 1)[0]:
+            raise ValueError("mlflow_tracking_uri must not carry user:password@ (configs are logged and "
+                             "checkpointed); set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD instead")
         if uri and "://" not in uri and not uri.startswith("/"):
             raise ValueError(f"mlflow_tracking_uri {uri!r}: use a server URI or an absolute path / file:/// URI "
                              "(a relative path would resolve in the Ray worker's directory)")

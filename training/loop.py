@@ -30,6 +30,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from pipelines.shardio import redact
 from training.checkpoint import DataPosition, TrainState, load_into, save_rank_files, save_shared_files
 from training.config import ModelConfig, TrainConfig
 from training.ingest import IngestSpec, batches_per_epoch, epoch_shard_order, iter_epoch, list_shards
@@ -150,7 +151,7 @@ def train_loop_per_worker(config: dict) -> None:
     raw = model
     accum = accumulation_steps(train, world)
     log = MetricsLog(wc.run_uri, state.step, open_trackers(
-        wc.run_uri, train, state.step, {"seed": wc.seed, "train": train.__dict__, "model": wc.model.__dict__})
+        wc.run_uri, train, state.step, redact({"seed": wc.seed, "train": train.__dict__, "model": wc.model.__dict__}))
     ) if rank == 0 else None
     stream = micro_batches(wc.ingest, state.data, rank, world)
     trainable = [p for p in raw.parameters() if p.requires_grad]
@@ -223,7 +224,7 @@ def _report_checkpoint(wc: WorkerConfig, model, optimizer, scheduler, scaler, st
         save_rank_files(Path(d), rank)
         if rank == 0:
             save_shared_files(Path(d), model.trainable_state_dict(), optimizer, scheduler, scaler, state,
-                              config={"seed": wc.seed, "train": wc.train.__dict__, "model": wc.model.__dict__})
+                              config=redact({"seed": wc.seed, "train": wc.train.__dict__, "model": wc.model.__dict__}))
             log.flush()
         metrics = {k: v for k, v in row.items() if k != "keys"}
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import yaml
 
 from orchestration.config import to_dict
+from pipelines.shardio import redact
 
 HELP = "print the resolved config (preset + key=value overrides) as YAML"
 
@@ -13,5 +14,5 @@ def add_arguments(parser) -> None:
 
 
 def run(args, cfg) -> int:
-    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    print(yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False), end="")
     return 0

@@ -187,3 +187,39 @@ def test_keep_original_puts_the_web_caption_first(tiny_models):
     assert [k[0] for k in kept] == [0] * n
     for i in range(n):
         assert kept[i][1] == 1 + int(np.argmax(scores[i][1:]))
+
+
+def test_human_rows_pass_through_with_every_caption_and_web_rows_are_ranked(ray_local, tiny_models, corpus, tmp_path):
+    from pipelines.schema import DOWNLOAD
+    from tests.helpers.shards import download_row, write_set
+
+    root, items = corpus
+    img = [(root / it.file).read_bytes() for it in items[:5]]
+    human = {"coco/0": ["a man's dog, running!", "a dog on a beach", "the dog runs"],
+             "coco/3": [f"human caption {k}" for k in range(5)], "vg/9": ["trees line the street"]}
+    shards = [[download_row("coco/0", human["coco/0"][0], img[0], source="coco", policy="human", captions=human["coco/0"]),
+               download_row("laion/0", "web alt text", img[1], source="laion"),
+               download_row("coco/3", human["coco/3"][0], img[2], source="coco", policy="human", captions=human["coco/3"]),
+               download_row("coco/1", human["coco/0"][1], None, "merged", source="coco", policy="human",
+                            duplicate_of="coco/0")],
+              [download_row("vg/9", human["vg/9"][0], img[3], source="vg", policy="human", captions=human["vg/9"]),
+               download_row("laion/1", "another alt text", img[4], source="laion")]]
+    src = write_set(str(tmp_path / "dl"), DOWNLOAD, shards)
+    cfg = job_config(tiny_models, src.uri, str(tmp_path / "out"))
+    summary = run_capfilt(cfg, seed=3, log=lambda m: None)
+    rows = {r["key"]: r for r in read_set(cfg.output).to_pylist()}
+    assert sorted(rows) == ["coco/0", "coco/3", "laion/0", "laion/1", "vg/9"]
+    for key, captions in human.items():
+        r = rows[key]
+        assert r["policy"] == "human" and r["captions"] == captions and len(r["scores"]) == len(captions)
+        assert [c["caption"] for c in r["candidates"]] == captions and not any(c["synthetic"] for c in r["candidates"])
+        assert r["url"] == f"http://127.0.0.1:1/{key}" and r["sha256"]
+    for key in ("laion/0", "laion/1"):
+        assert rows[key]["policy"] == "web" and len(rows[key]["captions"]) == 2 and len(rows[key]["candidates"]) == 11
+    assert summary["human_images_out"] == 3 and summary["human_captions_out"] == 9 and summary["web_images_out"] == 2
+    assert summary["captions_generated"] == 20  # the two web images only
+    # Human images are still embedded (search and curation use every image).
+    for index, keys in ((0, ["coco/0", "laion/0", "coco/3"]), (1, ["vg/9", "laion/1"])):
+        paths = embedding_paths(index)
+        emb = np.load(io.BytesIO(ShardSet(cfg.output).fs.cat(ShardSet(cfg.output).path(paths["img_emb"]))))
+        assert emb.shape[0] == len(keys) and np.all(np.abs(emb).sum(axis=1) > 0)

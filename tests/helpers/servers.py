@@ -226,7 +226,10 @@ class RayHead:
                f"--port={self.port}", f"--dashboard-port={self.dashboard_port}",
                "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
                "--include-dashboard=true", "--disable-usage-stats", *(f"--{k}={v}" for k, v in ports.items())]
-        self.proc = subprocess.Popen(cmd, env={**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})},
+        # A job's working_dir package is garbage-collected 600 s after upload unless a job holds it;
+        # on a loaded machine the suite's later submits of the same package then find it gone.
+        env = {"RAY_RUNTIME_ENV_TEMPORARY_REFERENCE_EXPIRATION_S": "7200", **(env or {})}
+        self.proc = subprocess.Popen(cmd, env={**os.environ, "RAY_AUTH_MODE": "disabled", **env},
                                      start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"

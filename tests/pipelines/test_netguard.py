@@ -142,3 +142,8 @@ def test_nat64_is_refused_as_cpython_classifies_it():
     # Python puts ::/8 (NAT64's 64:ff9b::/96 included) in its reserved table: IPv4-only hosts behind
     # DNS64 are refused. Pinned here because the guard's answer moves with CPython's tables.
     assert classify("64:ff9b::808:808") == "reserved" and classify("64:ff9b::a9fe:a9fe") == "reserved"
+
+
+@pytest.mark.parametrize("ip", ["192.0.0.8", "192.0.0.9", "192.88.99.1"])
+def test_special_purpose_blocks_python_calls_global_are_refused(ip):
+    assert classify(ip) == "not globally routable"

@@ -59,3 +59,20 @@ def test_check_schema_refuses_wrong_input(tmp_path):
 def test_redact_nested():
     assert redact({"a": {"AWS_SECRET_ACCESS_KEY": "s", "x": [{"token": 1}]}}) == {
         "a": {"AWS_SECRET_ACCESS_KEY": "<redacted>", "x": [{"token": "<redacted>"}]}}
+
+
+def test_redact_strips_passwords_from_url_values():
+    got = redact({"mlflow_tracking_uri": "http://u:auditPass@h:5000/x", "list": ["s3://key:secret@bucket/p"],
+                  "plain": "http://h/path?q=a:b@c", "email": "someone@example.org"})
+    assert got == {"mlflow_tracking_uri": "http://u:<redacted>@h:5000/x", "list": ["s3://key:<redacted>@bucket/p"],
+                   "plain": "http://h/path?q=a:b@c", "email": "someone@example.org"}
+
+
+def test_blip2_config_prints_no_password(capsys):
+    from orchestration.cli import main
+
+    assert main(["config", "--config", "tiny", "train.wandb_project=", "download.url_prefix=http://u:SENTINEL@h/"]) == 0
+    out = capsys.readouterr().out
+    assert "SENTINEL" not in out and "http://u:<redacted>@h/" in out
+    assert main(["config", "--config", "tiny", "train.mlflow_tracking_uri=http://u:SENTINEL@127.0.0.1:9/"]) == 2
+    assert "MLFLOW_TRACKING_PASSWORD" in capsys.readouterr().err
