@@ -197,33 +197,50 @@ def run_partitions(plan: Plan, cfg: DownloadConfig, shards: ShardSet, progress: 
     return run
 
 
-def count_output(shards: ShardSet) -> dict:
-    """The whole set's counters, from every committed shard's stats (host counters kept bounded)."""
-    by_status = dict.fromkeys(DOWNLOAD_STATUSES, 0)
-    by_source: dict[str, dict[str, int]] = {}
-    images, captions, kinds = collections.Counter(), collections.Counter(), collections.Counter()
-    hosts: dict[str, collections.Counter] = {}
-    committed = shards.committed()
-    rows = sum(shards.shard_info(n).rows for n in committed)
-    for name in committed:
-        s = json.loads(shards.fs.cat(shards.path(f"{STATS_DIR}/{name}.json")))
+class SetCounts:
+    """The whole set's counters, summed from the per-shard stats (host counters pruned to stay bounded)."""
+
+    def __init__(self):
+        self.rows = self.shards = 0
+        self.by_status = dict.fromkeys(DOWNLOAD_STATUSES, 0)
+        self.by_source: dict[str, dict[str, int]] = {}
+        self.images, self.captions, self.kinds = collections.Counter(), collections.Counter(), collections.Counter()
+        self.hosts: dict[str, collections.Counter] = {}
+
+    def add(self, rows: int, s: dict) -> None:
+        self.rows += rows
+        self.shards += 1
         for source, counts in s["by_source"].items():
-            per = by_source.setdefault(source, {})
+            per = self.by_source.setdefault(source, {})
             for status, n in counts.items():
                 per[status] = per.get(status, 0) + n
-                by_status[status] = by_status.get(status, 0) + n
-        images.update(s["images"])
-        captions.update(s["captions"])
-        kinds.update(s["blocked_kinds"])
+                self.by_status[status] = self.by_status.get(status, 0) + n
+        self.images.update(s["images"])
+        self.captions.update(s["captions"])
+        self.kinds.update(s["blocked_kinds"])
         for status, per_host in s["hosts"].items():
-            c = hosts.setdefault(status, collections.Counter())
+            c = self.hosts.setdefault(status, collections.Counter())
             c.update(per_host)
             if len(c) > MAX_TRACKED_HOSTS:
-                hosts[status] = collections.Counter(dict(c.most_common(MAX_TRACKED_HOSTS // 2)))
-    return {"rows": rows, "shards": len(committed), "by_status": by_status, "by_source": by_source,
-            "images": dict(images), "captions": dict(captions), "blocked_by_class": dict(kinds),
-            "hosts": {s: {"rows": sum(c.values()), "hosts": len(c), "top": dict(c.most_common(TOP_HOSTS))}
-                      for s, c in hosts.items()}}
+                self.hosts[status] = collections.Counter(dict(c.most_common(MAX_TRACKED_HOSTS // 2)))
+
+    def to_dict(self) -> dict:
+        return {"rows": self.rows, "shards": self.shards, "by_status": self.by_status, "by_source": self.by_source,
+                "images": dict(self.images), "captions": dict(self.captions), "blocked_by_class": dict(self.kinds),
+                "hosts": {s: {"rows": sum(c.values()), "hosts": len(c), "top": dict(c.most_common(TOP_HOSTS))}
+                          for s, c in self.hosts.items()}}
+
+
+def count_output(shards: ShardSet) -> dict:
+    """Counters of every committed shard, read many at a time, a bounded batch in memory."""
+    def read(name: str) -> tuple[int, dict]:
+        return shards.shard_info(name).rows, json.loads(shards.fs.cat(shards.path(f"{STATS_DIR}/{name}.json")))
+
+    counts, committed = SetCounts(), shards.committed()
+    for start in range(0, len(committed), 4096):
+        for rows, stats in shards.map_members(read, committed[start:start + 4096]):
+            counts.add(rows, stats)
+    return counts.to_dict()
 
 
 def run_download(cfg: DownloadConfig, seed: int = 0, progress: bool = True, lists: UrlLists | None = None,
