@@ -100,7 +100,7 @@ def build_input(root: Path, n: int, per_shard: int, size: int) -> str:
         for it in items[s:s + per_shard]:
             data = (root / "corpus" / it.file).read_bytes()
             rows.append(dict(key=f"bench/{it.index:06d}", source="synthetic", policy="web", url=None,
-                             caption=it.caption, captions=[it.caption], duplicate_of=None, image=data, width=size,
+                             caption=it.caption, captions=[it.caption], duplicate_of=None, meta=None, image=data, width=size,
                              height=size, original_width=size, original_height=size, status="ok", error=None,
                              sha256=hashlib.sha256(data).hexdigest()))
         ss.write_shard(s // per_shard, pa.Table.from_pylist(rows, schema=DOWNLOAD.arrow_schema()), DOWNLOAD)

@@ -199,7 +199,7 @@ def write_output_shard(input_uri: str, output_uri: str, index: int, results: dic
     stats["rows_not_ok"] = sum(s != OK for s in table.column("status").to_pylist())
     out, img_emb, text_emb = [], [], []
     if results is not None:
-        columns = {c: table.column(c) for c in ("source", "url", "sha256", "image")}
+        columns = {c: table.column(c) for c in ("source", "url", "sha256", "meta", "image")}
         for j in np.argsort(results["row"], kind="stable"):
             stats["images_in"] += 1
             outcome = results["outcome"][j]

@@ -46,7 +46,7 @@ def partition_rows(part: Partition, unit: Unit, plan_rows: pa.Table, marks: pa.T
     for r in plan_rows.to_pylist():
         row = {"key": f"{unit.source}/{unit.key_offset + r['row']}", "source": unit.source, "policy": unit.policy,
                "url": r["url"], "caption": r["caption"], "captions": r["captions"], "duplicate_of": None,
-               "status": r["status"], "error": r["error"]}
+               "meta": r["meta"], "status": r["status"], "error": r["error"]}
         mark = by_id.get(base | r["row"])
         if mark is not None and mark["kind"] == "owner":
             row["captions"] = mark["captions"]

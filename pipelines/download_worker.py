@@ -47,7 +47,7 @@ def partition_seconds(cfg: DownloadConfig, fetches: int) -> float:
 def empty_row(row: dict, status: str, error: str | None, **extra) -> dict:
     return {"key": row["key"], "source": row["source"], "policy": row["policy"], "url": row["url"],
             "caption": row["caption"], "captions": row["captions"] if status == "ok" else None,
-            "duplicate_of": row.get("duplicate_of"), "image": None, "width": None, "height": None,
+            "duplicate_of": row.get("duplicate_of"), "meta": row.get("meta"), "image": None, "width": None, "height": None,
             "original_width": None, "original_height": None, "status": status, "error": error,
             "sha256": None, **extra}
 

@@ -26,6 +26,8 @@ from pipelines.schema import CONTRACTS, Contract, SchemaError, contract_of, vali
 from pipelines.shardio import MANIFEST, ROW_GROUP_ROWS, SHARD_RE, ShardSet
 
 THUMB_PX = 160  # longest side of a report thumbnail
+META_SCORES = ("similarity", "punsafe", "pwatermark")   # the lists' own scores (METADATA), histogrammed
+META_TAGS = ("nsfw", "license")
 
 
 @dataclass
@@ -94,6 +96,8 @@ class Inspection:
     caption_words: Distribution = field(default_factory=Distribution)
     captions_per_image: Distribution = field(default_factory=Distribution)   # human images keep several
     clip_scores: Distribution = field(default_factory=lambda: Distribution(resolution=0.001))
+    meta_scores: dict = field(default_factory=lambda: {k: Distribution(resolution=0.01) for k in META_SCORES})
+    meta_tags: dict = field(default_factory=lambda: {k: Counter() for k in META_TAGS})
     original_kept: int = 0             # CapFilt rows whose original caption is one of the two kept
     image_errors: int = 0              # image bytes PIL cannot read a header from
     duplicate_keys: int = 0            # rows whose key appeared earlier
@@ -124,6 +128,8 @@ class Inspection:
             "original_height": self.original_height.summary(),
             "caption_words": self.caption_words.summary(), "captions_per_image": self.captions_per_image.summary(),
             "clip_scores": self.clip_scores.summary(),
+            "meta_scores": {k: d.summary() for k, d in self.meta_scores.items()},
+            "meta_tags": {k: dict(c) for k, c in self.meta_tags.items()},
             "share_original_kept": self.share_original_kept, "image_errors": self.image_errors,
             "duplicate_keys": self.duplicate_keys, "duplicate_examples": self.duplicate_examples,
             "problems": self.problems, "verified": self.verified, "samples": self.samples,
@@ -202,6 +208,12 @@ class _Walker:
         if "captions" in cols:
             ins.captions_per_image.add(pc.list_value_length(pc.drop_null(batch.column("captions")))
                                        .to_numpy(zero_copy_only=False))
+        if "meta" in cols:
+            meta = batch.column("meta")
+            for k in META_SCORES:
+                ins.meta_scores[k].add(pc.struct_field(meta, k).to_numpy(zero_copy_only=False))
+            for k in META_TAGS:
+                ins.meta_tags[k].update(v for v in pc.struct_field(meta, k).to_pylist() if v is not None)
         if "scores" in cols:
             ins.clip_scores.add(pc.list_flatten(batch.column("scores")).to_numpy(zero_copy_only=False))
         if "captions" in cols and "original_caption" in cols:
@@ -431,6 +443,12 @@ def format_text(ins: Inspection) -> str:
         lines.append(f"captions/image   {_fmt_dist(ins.captions_per_image)}")
     if ins.clip_scores.n:
         lines.append(f"CLIP score kept  {_fmt_dist(ins.clip_scores, 3)}")
+    for k, d in ins.meta_scores.items():
+        if d.n:
+            lines.append(f"list {k:<11} {_fmt_dist(d, 2)}")
+    for k, c in ins.meta_tags.items():
+        if c:
+            lines.append(f"list {k:<11} {_fmt_counter(c)}")
     if ins.share_original_kept is not None:
         lines.append(f"original kept    {ins.original_kept}/{ins.rows} rows "
                      f"({100 * ins.share_original_kept:.1f}%) keep the web caption among the two")

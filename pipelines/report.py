@@ -77,6 +77,10 @@ def _charts(ins: Inspection) -> list[tuple[str, str]]:
     hist("image height", ins.height, "pixels", "#4c9a6a")
     hist("caption length", ins.caption_words, "words", "#c27c2c")
     hist("CLIP score of kept captions", ins.clip_scores, "cosine", "#2c6fc2")
+    for name, dist in ins.meta_scores.items():
+        hist(f"list metadata: {name}", dist, name, "#7a7a2c")
+    for name, counter in ins.meta_tags.items():
+        bars(f"list metadata: {name}", counter, "#7a7a2c")
     return out
 
 

@@ -36,6 +36,19 @@ DOWNLOAD_STATUSES = (
 # How a source's captions are treated (pipelines.sources declares each source's policy).
 POLICIES = ("web", "human")
 
+# Per-image metadata some lists publish (LAION: CLIP similarity, NSFW and watermark probabilities,
+# original size, license), typed; null where the list has no such column. Sources map their own
+# column names onto these fields (pipelines.sources); curation and inspection read them.
+METADATA = pa.struct([
+    pa.field("similarity", pa.float32()),   # LAION: CLIP ViT-B/32 image-text cosine of the alt text
+    pa.field("punsafe", pa.float32()),      # probability the image is unsafe
+    pa.field("pwatermark", pa.float32()),   # probability the image carries a watermark
+    pa.field("width", pa.int32()),          # the list's stated original size
+    pa.field("height", pa.int32()),
+    pa.field("license", pa.string()),
+    pa.field("nsfw", pa.string()),          # LAION's tag: UNLIKELY, UNSURE, NSFW
+])
+
 
 @dataclass(frozen=True)
 class Contract:
@@ -65,6 +78,7 @@ DOWNLOAD = Contract(
             # in input order; web: the row's own caption)
             pa.field("captions", pa.list_(pa.string())),
             pa.field("duplicate_of", pa.string()),              # duplicate/merged: the key that holds the image
+            pa.field("meta", METADATA),                         # the list's per-image metadata
             pa.field("image", pa.binary()),
             pa.field("width", pa.int32()),
             pa.field("height", pa.int32()),
@@ -90,6 +104,7 @@ CAPFILT = Contract(
             pa.field("policy", pa.string(), nullable=False),    # web | human
             pa.field("url", pa.string()),
             pa.field("sha256", pa.string()),                    # of the downloaded original
+            pa.field("meta", METADATA),                         # the list's per-image metadata
             pa.field("image", pa.binary(), nullable=False),
             # web: the kept `keep` of the 10 + 1 ranked candidates, best first;
             # human: every human caption of the image, in input order (passed through)

@@ -26,16 +26,19 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.schema import POLICIES, SchemaError
+from pipelines.schema import METADATA, POLICIES, SchemaError
 
 URL_TABLE = pa.schema([
     pa.field("row", pa.int64(), nullable=False),   # data row index within the file
     pa.field("url", pa.string()),
     pa.field("caption", pa.string()),              # the row's first caption, as listed
     pa.field("captions", pa.list_(pa.string())),   # its usable captions (several in karpathy val/test json)
+    pa.field("meta", METADATA),                    # the list's own metadata columns, when it has them
     pa.field("status", pa.string()),               # null: to download; else a download status of the row
     pa.field("error", pa.string()),
 ])
+LAION_METADATA = (("similarity", "similarity"), ("punsafe", "punsafe"), ("pwatermark", "pwatermark"),
+                  ("width", "WIDTH"), ("height", "HEIGHT"), ("license", "LICENSE"), ("nsfw", "NSFW"))
 READ_BATCH_ROWS = 8192
 BLOCK_BYTES = 1 << 22
 SHOWN_CHARS = 200      # how much of a refused value a row keeps, so a 10 MB caption is not stored whole
@@ -60,6 +63,7 @@ class Source:
     columns: tuple[str, ...] = ()       # for header-less delimited files
     url_prefix: str = ""
     delimiter: str = "\t"
+    metadata: tuple[tuple[str, str], ...] = ()   # (METADATA field, this source's column); optional in a file
 
     def quoted(self, path: str) -> bool:
         return _ext(path) == "csv"
@@ -78,13 +82,44 @@ SOURCES: dict[str, Source] = {s.name: s for s in (
     Source("cc12m", ("tsv",), "url", "caption", header=False, columns=("url", "caption")),
     # SBU: LAVIS sbu.json ([{"url", "caption", ...}]) or a url<TAB>caption list
     Source("sbu", ("json", "jsonl", "tsv"), "url", "caption", header=False, columns=("url", "caption")),
-    # LAION-400M/5B metadata parquet
-    Source("laion", ("parquet",), "URL", "TEXT"),
-    # Anything else with url/caption columns (parquet, csv/tsv with header, json)
-    Source("generic", ("parquet", "csv", "tsv", "json", "jsonl"), "url", "caption", delimiter=","),
+    # LAION-400M/5B metadata parquet (its other columns travel as `meta`)
+    Source("laion", ("parquet",), "URL", "TEXT", metadata=LAION_METADATA),
+    # Anything else with url/caption columns (parquet, csv/tsv with header, json); LAION-style
+    # metadata columns are carried when a file has them (img2dataset lists, DataComp, ...)
+    Source("generic", ("parquet", "csv", "tsv", "json", "jsonl"), "url", "caption", delimiter=",",
+           metadata=LAION_METADATA),
 )}
 
 _TEXT_TYPES = (pa.string(), pa.large_string(), pa.binary(), pa.large_binary())
+
+
+def decode_metadata(record: dict, source: Source) -> dict | None:
+    """The METADATA struct of one record, or None when the source carries none. A value that does
+    not fit its field (a NaN size, a number where text belongs) becomes null, not an error."""
+    if not source.metadata:
+        return None
+    out, found, columns = {}, False, dict(source.metadata)
+    for field_ in METADATA:
+        value = record.get(columns.get(field_.name, ""))
+        found |= value is not None
+        out[field_.name] = _convert(value, field_.type)
+    return out if found else None
+
+
+def _convert(value, tp):
+    if value is None:
+        return None
+    try:
+        if pa.types.is_floating(tp):
+            value = float(value)
+            return None if value != value else value
+        if pa.types.is_integer(tp):
+            value = float(value)
+            return int(value) if value == value and abs(value) < 2**31 else None
+        return value if isinstance(value, str) else (value.decode("utf-8", "replace") if isinstance(value, bytes)
+                                                     else str(value))
+    except (TypeError, ValueError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -400,10 +435,12 @@ def _records(source: Source, fs, path: str, counts: dict) -> Iterator[tuple[dict
     ext = _ext(path)
     if ext == "parquet":
         pf = pq.ParquetFile(fs.open(path, "rb"))
-        cols = [source.url_column, source.caption_column]
+        names = pf.schema_arrow.names
+        cols = [source.url_column, source.caption_column] + [c for _, c in source.metadata if c in names]
         for b in pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=cols):
-            for url, cap in zip(b.column(cols[0]).to_pylist(), b.column(cols[1]).to_pylist()):
-                yield {cols[0]: url, cols[1]: cap}, None
+            values = [b.column(c).to_pylist() for c in cols]
+            for row in zip(*values):
+                yield dict(zip(cols, row)), None
     elif ext in ("json", "jsonl"):
         yield from _json_records(fs, path, counts)
     else:
@@ -427,11 +464,12 @@ def read_rows(f: UrlFile, url_prefix: str = "", limits: Limits = Limits(),
         return table
 
     for record, malformed in _records(src, fs, path, raw):
-        status = error = url = caption = None
+        status = error = url = caption = meta = None
         captions: list[str] = []
         if malformed is not None:
             status, error = "malformed_row", malformed
         else:
+            meta = decode_metadata(record, src)
             url, url_problem = decode_url(record.get(src.url_column), prefix, limits)
             captions, caption, cap_problem = decode_captions(record.get(src.caption_column), limits)
             if url_problem:
@@ -442,6 +480,7 @@ def read_rows(f: UrlFile, url_prefix: str = "", limits: Limits = Limits(),
         cols["url"].append(url)
         cols["caption"].append(caption)
         cols["captions"].append(captions)
+        cols["meta"].append(meta)
         cols["status"].append(status)
         cols["error"].append(error)
         counts.rows += 1

@@ -198,7 +198,9 @@ def test_human_rows_pass_through_with_every_caption_and_web_rows_are_ranked(ray_
     human = {"coco/0": ["a man's dog, running!", "a dog on a beach", "the dog runs"],
              "coco/3": [f"human caption {k}" for k in range(5)], "vg/9": ["trees line the street"]}
     shards = [[download_row("coco/0", human["coco/0"][0], img[0], source="coco", policy="human", captions=human["coco/0"]),
-               download_row("laion/0", "web alt text", img[1], source="laion"),
+               {**download_row("laion/0", "web alt text", img[1], source="laion"),
+                "meta": {"similarity": 0.33, "punsafe": 0.02, "pwatermark": 0.7, "width": 800, "height": 600,
+                         "license": "cc-by", "nsfw": "UNLIKELY"}},
                download_row("coco/3", human["coco/3"][0], img[2], source="coco", policy="human", captions=human["coco/3"]),
                download_row("coco/1", human["coco/0"][1], None, "merged", source="coco", policy="human",
                             duplicate_of="coco/0")],
@@ -218,6 +220,12 @@ def test_human_rows_pass_through_with_every_caption_and_web_rows_are_ranked(ray_
         assert rows[key]["policy"] == "web" and len(rows[key]["captions"]) == 2 and len(rows[key]["candidates"]) == 11
     assert summary["human_images_out"] == 3 and summary["human_captions_out"] == 9 and summary["web_images_out"] == 2
     assert summary["captions_generated"] == 20  # the two web images only
+    assert rows["laion/0"]["meta"]["pwatermark"] == pytest.approx(0.7) and rows["laion/1"]["meta"] is None
+    from pipelines.inspect import format_text, inspect_shards
+
+    ins = inspect_shards(cfg.output)  # the list's metadata shows up in the report
+    assert ins.meta_scores["pwatermark"].n == 1 and ins.meta_tags["nsfw"] == {"UNLIKELY": 1}
+    assert "list pwatermark" in format_text(ins) and ins.policies == {"human": 3, "web": 2}
     # Human images are still embedded (search and curation use every image).
     for index, keys in ((0, ["coco/0", "laion/0", "coco/3"]), (1, ["vg/9", "laion/1"])):
         paths = embedding_paths(index)

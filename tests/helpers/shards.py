@@ -17,7 +17,8 @@ def download_row(key: str, caption: str | None, image: bytes | None, status: str
     ok = status == "ok"
     return dict(key=key, source=source, policy=policy, url=url or f"http://127.0.0.1:1/{key}", caption=caption,
                 captions=(captions if captions is not None else [caption]) if ok else None,
-                duplicate_of=duplicate_of, image=image, width=size if ok else None, height=size if ok else None,
+                duplicate_of=duplicate_of, meta=None, image=image,
+                width=size if ok else None, height=size if ok else None,
                 original_width=size if ok else None, original_height=size if ok else None, status=status,
                 error=None if ok else (error or status), sha256=hashlib.sha256(image).hexdigest() if image else None)
 
@@ -26,7 +27,7 @@ def capfilt_row(key: str, image: bytes, captions: list[str], scores: list[float]
                 policy: str = "web", candidates: list[dict] | None = None, original_caption: str | None = None) -> dict:
     """A CAPFILT row."""
     return dict(key=key, source=source, policy=policy, url=f"http://127.0.0.1:1/{key}",
-                sha256=hashlib.sha256(image).hexdigest(), image=image, captions=captions, scores=scores,
+                sha256=hashlib.sha256(image).hexdigest(), meta=None, image=image, captions=captions, scores=scores,
                 candidates=candidates, original_caption=original_caption if original_caption is not None else captions[0])
 
 

@@ -234,13 +234,17 @@ def test_a_task_that_keeps_dying_is_retried_a_bounded_number_of_times_then_commi
 def test_download_to_s3(tmp_path, ray_local, s3_bucket, http_server, corpus):
     items = corpus[1][:10]
     pq.write_table(pa.table({"URL": [f"{http_server.base_url}/{it.file}" for it in items],
-                             "TEXT": [it.caption for it in items]}), tmp_path / "laion.parquet")
+                             "TEXT": [it.caption for it in items], "punsafe": [i / 10 for i in range(10)],
+                             "NSFW": ["UNLIKELY"] * 9 + ["NSFW"], "similarity": [0.3] * 10}), tmp_path / "laion.parquet")
     cfg = dataclasses.replace(base_cfg(tmp_path / "laion.parquet", f"{s3_bucket}/dl"), source="auto")
     summary = run_download(cfg, progress=False, log=lambda m: None)
     assert summary["by_source"] == {"laion": {"ok": 10}}
     shards = ShardSet(f"{s3_bucket}/dl")
     assert shards.committed() == ["part-00000.parquet", "part-00001.parquet"]
-    assert read_output(shards.uri).column("caption").to_pylist() == [it.caption for it in items]
+    out = read_output(shards.uri)
+    assert out.column("caption").to_pylist() == [it.caption for it in items]
+    meta = out.column("meta").to_pylist()  # LAION's own columns travel with their rows
+    assert [m["nsfw"] for m in meta][-1] == "NSFW" and [round(m["punsafe"], 2) for m in meta] == [i / 10 for i in range(10)]
     assert shards.read_manifest()["num_rows"] == 10
     assert not shards.fs.exists(shards.path("_plan/rows"))  # planned rows removed once complete
 

@@ -36,7 +36,8 @@ def test_coco_lavis_karpathy_json_keeps_every_caption_of_a_row(tmp_path):
     assert lists.files[0].source.name == "coco" and lists.policy_of(lists.files[0]) == "human"
     assert rows[0] == {"row": 0, "url": "http://images.cocodataset.org/val2014/COCO_val2014_000000391895.jpg",
                        "caption": "A woman wearing a net on her head.",
-                       "captions": ["A woman wearing a net on her head."], "status": None, "error": None}
+                       "captions": ["A woman wearing a net on her head."], "meta": None, "status": None,
+                       "error": None}
     assert rows[1]["captions"] == ["two dogs", "dogs playing"] and rows[1]["caption"] == "two dogs"
 
 
@@ -85,7 +86,7 @@ def test_sbu_json_and_tsv(tmp_path):
     t = tmp_path / "sbu_urls.tsv"
     t.write_text("http://c.example/2.jpg\tsea\n")
     _, rows, _ = read_all(j, "sbu")
-    assert rows == [{"row": 0, "url": "http://c.example/1.jpg", "caption": "sky", "captions": ["sky"],
+    assert rows == [{"row": 0, "url": "http://c.example/1.jpg", "caption": "sky", "captions": ["sky"], "meta": None,
                      "status": None, "error": None}]
     lists, rows, _ = read_all(t)
     assert lists.files[0].source.name == "sbu"
@@ -99,6 +100,23 @@ def test_laion_parquet(tmp_path):
     lists, rows, _ = read_all(f)
     assert lists.files[0].source.name == "laion"
     assert [(r["row"], r["caption"]) for r in rows] == [(0, "one"), (1, "two")]
+
+
+def test_laion_metadata_columns_travel_typed_and_a_bad_value_is_null(tmp_path):
+    f = tmp_path / "laion.parquet"
+    pq.write_table(pa.table({"URL": ["http://d.example/1.jpg", "http://d.example/2.jpg"], "TEXT": ["one", "two"],
+                             "similarity": [0.31, 0.29], "punsafe": [0.01, None], "pwatermark": [0.9, 0.1],
+                             "WIDTH": [640.0, float("nan")], "HEIGHT": [480, 300], "LICENSE": ["?", "cc-by"],
+                             "NSFW": ["UNLIKELY", "UNSURE"], "hash": [1, 2]}), f)
+    _, rows, _ = read_all(f)
+    m0, m1 = rows[0]["meta"], rows[1]["meta"]
+    assert {k: m0[k] for k in ("similarity", "punsafe", "pwatermark")} == pytest.approx(
+        {"similarity": 0.31, "punsafe": 0.01, "pwatermark": 0.9}, rel=1e-6)
+    assert (m0["width"], m0["height"], m0["license"], m0["nsfw"]) == (640, 480, "?", "UNLIKELY")
+    assert m1["punsafe"] is None and m1["width"] is None and m1["height"] == 300 and m1["nsfw"] == "UNSURE"
+    g = tmp_path / "plain.parquet"  # a list without such columns carries none
+    pq.write_table(pa.table({"URL": ["http://d.example/3.jpg"], "TEXT": ["three"]}), g)
+    assert read_all(g)[1][0]["meta"] is None
 
 
 def test_a_folder_is_read_file_by_file_in_name_order(tmp_path):

@@ -20,6 +20,7 @@ def capfilt_table(corpus_dir: Path, items, start: int, stop: int, bad: set[int] 
         "policy": ["web"] * len(rows),
         "url": [f"http://127.0.0.1:1/{it.file}" for it in rows],
         "sha256": [None] * len(rows),
+        "meta": [None] * len(rows),
         "image": images,
         "captions": [[it.caption, f"a picture of {it.caption}!"] for it in rows],
         "scores": [[0.31, 0.29] for _ in rows],
