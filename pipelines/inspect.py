@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.schema import CONTRACTS, Contract, SchemaError, contract_of, validate
+from pipelines.schema import CONTRACTS, DOWNLOAD, Contract, SchemaError, contract_of, validate
 from pipelines.shardio import MANIFEST, ROW_GROUP_ROWS, SHARD_RE, ShardSet
 
 THUMB_PX = 160  # longest side of a report thumbnail
@@ -261,7 +261,8 @@ class _Walker:
         scores = scores + [None] * (len(caps) - len(scores))
         return Thumbnail(str(row.get("key")), jpeg, caps, scores)
 
-    def finish_duplicates(self, shards: ShardSet, names: list[str]) -> None:
+    def finish_duplicates(self, read_keys, names: list[str]) -> None:
+        """Confirm repeated key hashes with the strings: ``read_keys(name)`` is a shard's keys."""
         if not self.key_hashes:
             return
         hashes = np.concatenate(self.key_hashes)
@@ -273,7 +274,7 @@ class _Walker:
         seen: dict[str, list[str]] = {}
         for name in names:
             try:
-                keys = shards.open_parquet(name).read(columns=["key"]).column("key").to_pylist()
+                keys = read_keys(name)
             except Exception:  # noqa: BLE001 - already reported as unreadable
                 continue
             for k in keys:
@@ -334,6 +335,8 @@ def inspect_shards(uri: str, sample: int = 0, thumbnails: int = 0, verify: bool 
         manifest = None
     ins.manifest = manifest
     listing = _listing(shards)
+    if not listing and manifest is None and (foreign := _foreign_source(uri)) is not None:
+        return _inspect_foreign(foreign, ins, _Walker(ins, sample, thumbnails), batch_size)
     records = _check_manifest(ins, manifest, listing)
     expected = CONTRACTS.get((manifest or {}).get("schema", "").partition("/")[0])
     if expected is not None and expected.tag != manifest.get("schema"):
@@ -345,12 +348,43 @@ def inspect_shards(uri: str, sample: int = 0, thumbnails: int = 0, verify: bool 
     complete = not (set(records) - set(listing))  # every listed shard present ...
     for name in listing:
         complete &= _walk_shard(shards, name, records.get(name), expected, walker, verify, batch_size)
-    walker.finish_duplicates(shards, list(listing))
+    walker.finish_duplicates(lambda n: shards.open_parquet(n).read(columns=["key"]).column("key").to_pylist(),
+                             list(listing))
     # ... and read to the end: only then can the row total be compared
     if complete and manifest is not None and manifest.get("num_rows") not in (None, ins.rows):
         ins.problems.append(f"{MANIFEST}: says {manifest['num_rows']} rows, the shards hold {ins.rows}")
     if not listing:
         ins.problems.append(f"{shards.uri}: no committed shards (part-NNNNN.parquet)")
+    return ins
+
+
+def _foreign_source(uri: str):
+    """An img2dataset or WebDataset folder read through pipelines.adapters, else None."""
+    from pipelines.adapters import OwnShards, open_download_source
+
+    try:
+        source = open_download_source(uri)
+    except SchemaError:
+        return None
+    return None if isinstance(source, OwnShards) else source
+
+
+def _inspect_foreign(source, ins: Inspection, walker: _Walker, batch_size: int) -> Inspection:
+    """Statistics of a folder another tool wrote, as the download-contract rows a job reads from it."""
+    ins.contract = f"{DOWNLOAD.tag} (read from an {source.kind})"
+    for index in source.indices():
+        try:
+            table = source.read(index)
+        except Exception as e:  # noqa: BLE001 - an unreadable shard is named, the walk goes on
+            ins.problems.append(f"shard {index}: unreadable ({type(e).__name__}: {str(e)[:200]})")
+            continue
+        ins.shards += 1
+        for batch in table.to_batches(max_chunksize=batch_size):
+            walker.add(batch, DOWNLOAD)
+    walker.finish_duplicates(lambda n: source.read(int(n), ["key"]).column("key").to_pylist(),
+                             [str(i) for i in source.indices()])
+    if not ins.shards:
+        ins.problems.append(f"{ins.uri}: no readable shards")
     return ins
 
 
@@ -422,7 +456,7 @@ def format_text(ins: Inspection) -> str:
         f"shard set        {ins.uri}",
         f"contract         {ins.contract or 'unknown'}   schema versions: {_fmt_counter(ins.schema_versions)}",
         f"shards           {ins.shards}   rows {ins.rows}   bytes {ins.bytes} ({_human_bytes(ins.bytes)})",
-        f"manifest         {'present' if ins.manifest is not None else 'MISSING'}"
+        f"manifest         {'present' if ins.manifest is not None else 'none (another tool wrote this folder)' if 'read from' in (ins.contract or '') else 'MISSING'}"
         + (f" ({ins.manifest.get('num_shards')} shards, {ins.manifest.get('num_rows')} rows, "
            f"created {ins.manifest.get('created_at')})" if ins.manifest else ""),
         f"sources          {_fmt_counter(ins.sources)}",
