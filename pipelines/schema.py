@@ -47,6 +47,9 @@ METADATA = pa.struct([
     pa.field("height", pa.int32()),
     pa.field("license", pa.string()),
     pa.field("nsfw", pa.string()),          # LAION's tag: UNLIKELY, UNSURE, NSFW
+    # LAION-COCO: BLIP captions with their CLIP ViT-L/14 scores, precomputed (capfilt.precomputed)
+    pa.field("synthetic_captions", pa.list_(pa.string())),
+    pa.field("synthetic_scores", pa.list_(pa.float32())),
 ])
 
 

@@ -38,7 +38,8 @@ URL_TABLE = pa.schema([
     pa.field("error", pa.string()),
 ])
 LAION_METADATA = (("similarity", "similarity"), ("punsafe", "punsafe"), ("pwatermark", "pwatermark"),
-                  ("width", "WIDTH"), ("height", "HEIGHT"), ("license", "LICENSE"), ("nsfw", "NSFW"))
+                  ("width", "WIDTH"), ("height", "HEIGHT"), ("license", "LICENSE"), ("nsfw", "NSFW"),
+                  ("synthetic_captions", "all_captions"), ("synthetic_scores", "all_similarities"))
 READ_BATCH_ROWS = 8192
 BLOCK_BYTES = 1 << 22
 SHOWN_CHARS = 200      # how much of a refused value a row keeps, so a 10 MB caption is not stored whole
@@ -109,6 +110,11 @@ def decode_metadata(record: dict, source: Source) -> dict | None:
 def _convert(value, tp):
     if value is None:
         return None
+    if pa.types.is_list(tp):
+        if not isinstance(value, (list, tuple)):
+            return None
+        items = [_convert(v, tp.value_type) for v in value]
+        return None if any(v is None for v in items) else items
     try:
         if pa.types.is_floating(tp):
             value = float(value)

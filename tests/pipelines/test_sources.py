@@ -286,3 +286,13 @@ def test_gzipped_list_read_from_s3(tmp_path, s3_bucket):
     assert lists.files[0].source.name == "cc3m"
     assert [(r["row"], r["url"]) for r in rows] == [(0, "http://h.example/1.jpg"), (1, "http://h.example/2.jpg")]
     assert lists.fingerprint()[0]["version"]  # the ETag
+
+
+def test_laion_coco_precomputed_captions_are_carried(tmp_path):
+    f = tmp_path / "laion_coco.parquet"
+    pq.write_table(pa.table({"URL": ["http://d.example/1.jpg"], "TEXT": ["alt text"], "top_caption": ["a dog"],
+                             "all_captions": [["a dog", "a brown dog", "a dog on grass"]],
+                             "all_similarities": [[0.31, 0.35, 0.29]]}), f)
+    meta = read_all(f, "laion")[1][0]["meta"]
+    assert meta["synthetic_captions"] == ["a dog", "a brown dog", "a dog on grass"]
+    assert meta["synthetic_scores"] == pytest.approx([0.31, 0.35, 0.29], rel=1e-6)
