@@ -73,6 +73,7 @@ class Thumbnail:
     jpeg: bytes                        # re-encoded, longest side THUMB_PX
     captions: list[str]
     scores: list[float | None]
+    note: str = ""                     # a line under the key (a search hit's shard, a removal's reasons)
 
 
 @dataclass
@@ -133,7 +134,7 @@ def _word_counts(strings: pa.Array) -> np.ndarray:
     return pc.list_value_length(pc.utf8_split_whitespace(valid)).to_numpy(zero_copy_only=False)
 
 
-def _thumbnail(data: bytes) -> tuple[bytes, tuple[int, int]]:
+def make_thumbnail(data: bytes) -> tuple[bytes, tuple[int, int]]:
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as im:
@@ -217,7 +218,7 @@ class _Walker:
             if not (capfilt or thumb):
                 break
             try:
-                jpeg, size = _thumbnail(data) if thumb else (None, _image_size(data))
+                jpeg, size = make_thumbnail(data) if thumb else (None, _image_size(data))
             except Exception:  # noqa: BLE001 - any undecodable image is a counted outcome
                 ins.image_errors += 1
                 continue

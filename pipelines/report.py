@@ -12,7 +12,7 @@ import io
 from collections import Counter
 from pathlib import Path
 
-from pipelines.inspect import Distribution, Inspection, format_text
+from pipelines.inspect import Distribution, Inspection, Thumbnail, format_text
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1180px}
@@ -23,7 +23,7 @@ table.stats td{padding:2px 12px 2px 0;vertical-align:top;font-size:13px}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(170px,1fr));gap:10px}
 figure.thumb{margin:0;padding:6px;border:1px solid #ddd;border-radius:4px;font-size:12px}
 figure.thumb img{display:block;max-width:160px;max-height:160px;margin:0 auto 4px}
-.key{color:#777;font-family:monospace}.score{color:#1f4e99;font-family:monospace}
+.key{color:#777;font-family:monospace}.note{color:#8a4b00;font-size:11px}.score{color:#1f4e99;font-family:monospace}
 pre{background:#f6f6f6;padding:8px;font-size:12px;overflow-x:auto}
 """
 
@@ -86,8 +86,9 @@ def _thumb_html(t) -> str:
         + (f" <span class='score'>{s:.3f}</span>" if s is not None else "") + "</div>"
         for c, s in zip(t.captions, t.scores))
     uri = "data:image/jpeg;base64," + base64.b64encode(t.jpeg).decode()
+    note = f"<div class='note'>{html.escape(t.note)}</div>" if t.note else ""
     return (f"<figure class='thumb'><img class='thumb' src='{uri}' alt='{html.escape(t.key)}'>"
-            f"<figcaption><div class='key'>{html.escape(t.key)}</div>{caps}</figcaption></figure>")
+            f"<figcaption><div class='key'>{html.escape(t.key)}</div>{note}{caps}</figcaption></figure>")
 
 
 def render_html(ins: Inspection) -> str:
@@ -119,9 +120,27 @@ def render_html(ins: Inspection) -> str:
 """
 
 
+def render_search_html(set_uri: str, query: str, hits: list[Thumbnail], info: dict) -> str:
+    """A page of search hits: the query, what was searched, one thumbnail per hit (best first)."""
+    about = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in info.items())
+    thumbs = "".join(_thumb_html(t) for t in hits)
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>search: {html.escape(query)}</title>
+<style>{_CSS}</style></head><body>
+<h1>Search</h1><div class="key">{html.escape(set_uri)}</div>
+<h2>Query: {html.escape(query)}</h2><table class="stats">{about}</table>
+<h2>Top {len(hits)}</h2><div class="grid">{thumbs}</div>
+</body></html>
+"""
+
+
 def write_html(ins: Inspection, out: str | Path) -> Path:
     """Write the report to a local file; returns its path."""
+    return write_page(render_html(ins), out)
+
+
+def write_page(page: str, out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_html(ins), encoding="utf-8")
+    out.write_text(page, encoding="utf-8")
     return out
