@@ -16,7 +16,7 @@ from pipelines.inspect import Distribution, Inspection, Thumbnail, format_text
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1180px}
-h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:22px 0 8px}
+h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:22px 0 8px} h3{font-size:14px;margin:14px 0 6px}
 table.stats td{padding:2px 12px 2px 0;vertical-align:top;font-size:13px}
 .problems li{color:#b00020}.ok{color:#167a2e}
 .charts{display:flex;flex-wrap:wrap;gap:8px}.charts img{width:370px;border:1px solid #ddd}
@@ -77,6 +77,14 @@ def _charts(ins: Inspection) -> list[tuple[str, str]]:
     hist("image height", ins.height, "pixels", "#4c9a6a")
     hist("caption length", ins.caption_words, "words", "#c27c2c")
     hist("CLIP score of kept captions", ins.clip_scores, "cosine", "#2c6fc2")
+    if ins.curation is not None:
+        c = ins.curation
+        bars("rows removed per reason", c.by_reason, "#b5523b")
+        for name, label in (("clip_score", "curation: CLIP score of every input row"),
+                            ("aesthetic", "curation: aesthetic score"), ("nsfw", "curation: NSFW head score"),
+                            ("punsafe", "curation: LAION punsafe"), ("pwatermark", "curation: LAION pwatermark")):
+            hist(label, c.scores.get(name, Distribution()), "score", "#b5523b")
+        hist("curation: cosine of removed duplicates to the row kept", c.similarity, "cosine", "#b5523b")
     return out
 
 
@@ -107,6 +115,7 @@ def render_html(ins: Inspection) -> str:
     charts = "".join(f"<img class='chart' src='{uri}' alt='{html.escape(title)}' title='{html.escape(title)}'>"
                      for title, uri in _charts(ins))
     thumbs = "".join(_thumb_html(t) for t in ins.thumbnails)
+    curation = _curation_html(ins.curation) if ins.curation is not None else ""
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>shard report: {html.escape(ins.uri)}</title>
 <style>{_CSS}</style></head><body>
@@ -114,10 +123,23 @@ def render_html(ins: Inspection) -> str:
 <h2>Summary</h2><table class="stats">{stats}</table>
 <h2>Consistency</h2>{consistency}
 <h2>Distributions</h2><div class="charts">{charts}</div>
-<h2>Sample images ({len(ins.thumbnails)})</h2><div class="grid">{thumbs}</div>
+{curation}<h2>Sample images ({len(ins.thumbnails)})</h2><div class="grid">{thumbs}</div>
 <h2>Text summary</h2><pre>{html.escape(format_text(ins))}</pre>
 </body></html>
 """
+
+
+def _curation_html(c) -> str:
+    """Counts per reason, the thresholds used and a grid of removed examples per reason."""
+    rows = [("rows in", c.rows_in), ("kept", c.kept), ("removed (side table _removed/)", c.removed),
+            *((f"removed: {r.replace('_', ' ')}", n) for r, n in c.by_reason.items()),
+            *((f"threshold: {k.replace('_', ' ')}", f"{v:.4f}" if isinstance(v, float) else v)
+              for k, v in c.thresholds.items() if v is not None)]
+    table = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    grids = "".join(f"<h3>removed: {html.escape(reason.replace('_', ' '))} ({c.by_reason.get(reason, 0)})</h3>"
+                    f"<div class='grid removed'>{''.join(_thumb_html(t) for t in thumbs)}</div>"
+                    for reason, thumbs in c.examples.items())
+    return f"<h2>Curation</h2><table class='stats curation'>{table}</table>{grids}"
 
 
 def render_search_html(set_uri: str, query: str, hits: list[Thumbnail], info: dict) -> str:
