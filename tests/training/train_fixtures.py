@@ -2,6 +2,7 @@
 Ray Train checkpoint folders written from a model."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,6 +18,8 @@ def capfilt_table(corpus_dir: Path, items, start: int, stop: int, bad: set[int] 
     return pa.Table.from_pydict({
         "key": [f"{it.index:06d}" for it in rows],
         "source": ["synthetic"] * len(rows),
+        "url": [f"http://127.0.0.1:1/{it.file}" for it in rows],
+        "sha256": [hashlib.sha256(data).hexdigest() for data in images],
         "image": images,
         "captions": [[it.caption, f"a picture of {it.caption}!"] for it in rows],
         "scores": [[0.31, 0.29] for _ in rows],
