@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -51,8 +52,21 @@ def _load(loc: ShardSet):
     if not (loc.fs.exists(loc.path(STATE_FILE)) and loc.fs.exists(loc.path(INDEX_FILE))):
         return None, None
     state = json.loads(loc.fs.cat(loc.path(STATE_FILE)))
-    index = faiss.deserialize_index(np.frombuffer(loc.fs.cat(loc.path(INDEX_FILE)), np.uint8))
-    return index, state
+    if loc.is_local:
+        return faiss.read_index(loc.path(INDEX_FILE)), state
+    with tempfile.TemporaryDirectory() as tmp:   # faiss reads files: one streamed copy, not bytes in memory
+        loc.fs.get_file(loc.path(INDEX_FILE), f"{tmp}/{INDEX_FILE}")
+        return faiss.read_index(f"{tmp}/{INDEX_FILE}"), state
+
+
+def _save(loc: ShardSet, index, state: dict) -> None:
+    """The index first, its description last (a crash in between is seen as a mismatch and rebuilt)."""
+    import faiss
+
+    with tempfile.TemporaryDirectory() as tmp:
+        faiss.write_index(index, f"{tmp}/{INDEX_FILE}")
+        loc.put_file(INDEX_FILE, f"{tmp}/{INDEX_FILE}")
+    loc.put(STATE_FILE, json.dumps(state, indent=1).encode())
 
 
 def _stale(index, state: dict, src: ShardSet, cfg: SearchConfig, committed: set[str]) -> str | None:
@@ -121,8 +135,7 @@ def update_index(set_uri: str, cfg: SearchConfig, log=print):
         stats["shards_added"] += 1
         stats["rows_added"] += rows
     if stats["shards_added"] and index is not None:
-        loc.put(INDEX_FILE, faiss.serialize_index(index).tobytes())   # the index first, its description last
-        loc.put(STATE_FILE, json.dumps(state, indent=1).encode())
+        _save(loc, index, state)
     stats.update(rows=0 if index is None else int(index.ntotal), shards=len(state["shards"]),
                  seconds=round(time.time() - started, 3), index=loc.uri)
     return index, state, stats

@@ -100,6 +100,22 @@ class ShardSet:
         self.put(name, data)
         return info
 
+    def put_file(self, name: str, local_path: str) -> None:
+        """Copy a local file in as member ``name``, all or nothing (streamed: never whole in memory)."""
+        path = self.path(name)
+        if self._local:
+            folder, _, base = path.rpartition("/")
+            self.fs.makedirs(folder, exist_ok=True)
+            tmp = f"{folder}/.{base}.tmp-{uuid.uuid4().hex}"
+            self.fs.put_file(local_path, tmp)
+            self.fs.mv(tmp, path)
+        else:
+            self.fs.put_file(local_path, path)
+
+    @property
+    def is_local(self) -> bool:
+        return self._local
+
     def put(self, name: str, data: bytes) -> None:
         """Write member file ``name`` all or nothing: a temporary name renamed locally, one PUT on S3."""
         path = self.path(name)

@@ -141,3 +141,19 @@ def test_search_page_renders_in_headless_chromium(corpus, encoder, tmp_path):
     assert "&lt;script&gt;" in dom
     for h in result["hits"][1:]:
         assert html.escape(h.caption) in dom and f"{h.score:.3f}" in dom and f"row {h.row}" in dom
+
+
+def test_an_interrupted_update_is_rebuilt(corpus, encoder, tmp_path):
+    """index.faiss written but index.json not (a crash in between): the next update rebuilds."""
+    uri = str(tmp_path / "set")
+    add_shard(uri, corpus, encoder, 0, 0, 12)
+    update_index(uri, SearchConfig(), **QUIET)
+    state_path = tmp_path / "set" / "_index" / "index.json"
+    old_state = state_path.read_text()
+    add_shard(uri, corpus, encoder, 1, 12, 12)
+    update_index(uri, SearchConfig(), **QUIET)
+    state_path.write_text(old_state)                      # the json of before, the index of after
+    messages = []
+    index, state, stats = update_index(uri, SearchConfig(), log=messages.append)
+    assert any("disagree" in m for m in messages) and stats["rows"] == index.ntotal == 24
+    assert [s["name"] for s in state["shards"]] == ["part-00000.parquet", "part-00001.parquet"]
