@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,13 +27,13 @@ import numpy as np
 import pyarrow as pa
 
 from capfilt.config import CapFiltConfig
+from capfilt.embeddings import write_embeddings
 from capfilt.preprocess import OK, TOO_LARGE, UNDECODABLE, ZERO_SIZE, Preprocess
 from pipelines.remote import local_dir
 from pipelines.schema import CAPFILT, DOWNLOAD, validate
 from pipelines.shardio import ShardSet, shard_index, shard_name
 
 STATS_DIR = "_capfilt_stats"
-EMBEDDINGS_DIR = "embeddings"
 TOO_FEW = "too_few_captions"
 DECODE_FAILURES = (UNDECODABLE, ZERO_SIZE, TOO_LARGE)
 # Per-shard counters; the run and set summaries are their sums.
@@ -176,13 +175,6 @@ class CaptionRankStage:
 
 
 # -- output -----------------------------------------------------------------------------------
-def embedding_paths(index: int) -> dict[str, str]:
-    """clip-retrieval's on-disk layout, one file of each kind per shard, rows aligned with the shard."""
-    return {"img_emb": f"{EMBEDDINGS_DIR}/img_emb/img_emb_{index:05d}.npy",
-            "text_emb": f"{EMBEDDINGS_DIR}/text_emb/text_emb_{index:05d}.npy",
-            "metadata": f"{EMBEDDINGS_DIR}/metadata/metadata_{index:05d}.parquet"}
-
-
 def write_output_shard(input_uri: str, output_uri: str, index: int, results: dict | None,
                        cfg: CapFiltConfig) -> dict:
     """Join one shard's results with its input rows and commit CAPFILT shard ``index``.
@@ -190,8 +182,6 @@ def write_output_shard(input_uri: str, output_uri: str, index: int, results: dic
     Embeddings and stats are written first, the shard last: a shard that exists is complete.
     Returns the shard's counters (also kept in ``_capfilt_stats/part-NNNNN.json``).
     """
-    import pyarrow.parquet as pq
-
     src, dst = ShardSet(input_uri), ShardSet(output_uri)
     table = src.read_shard(shard_name(index), DOWNLOAD)
     stats = dict.fromkeys(COUNTERS, 0)
@@ -237,21 +227,8 @@ def write_output_shard(input_uri: str, output_uri: str, index: int, results: dic
             img_emb.append(results["img_emb"][j])
             text_emb.append(results["text_emb"][j])
     shard = pa.Table.from_pylist(out, schema=CAPFILT.arrow_schema())
-    if cfg.write_embeddings and out:
-        paths = embedding_paths(index)
-        for kind in ("img_emb", "text_emb", "metadata"):
-            dst.makedirs(f"{EMBEDDINGS_DIR}/{kind}")
-        for kind, rows in (("img_emb", img_emb), ("text_emb", text_emb)):
-            buf = io.BytesIO()
-            np.save(buf, np.stack(rows).astype(np.float16))  # clip-retrieval stores float16
-            dst.fs.pipe(dst.path(paths[kind]), buf.getvalue())
-        meta = pa.table({"key": shard.column("key"),
-                         "caption": pa.array([r["captions"][0] for r in out], pa.string()),
-                         "original_caption": shard.column("original_caption"),
-                         "score": pa.array([r["scores"][0] for r in out], pa.float32())})
-        buf = io.BytesIO()
-        pq.write_table(meta, buf)
-        dst.fs.pipe(dst.path(paths["metadata"]), buf.getvalue())
+    if cfg.write_embeddings:
+        write_embeddings(dst, index, shard, img_emb, text_emb)
     dst.makedirs(STATS_DIR)
     dst.fs.pipe(dst.path(f"{STATS_DIR}/{shard_name(index)}.json"), json.dumps(stats).encode())
     dst.write_shard(index, shard, CAPFILT)

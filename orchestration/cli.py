@@ -20,6 +20,7 @@ COMMANDS = {
     "tiny-models": "tiny_models",
     "download": "download",
     "capfilt": "capfilt",
+    "curate": "curate",
     "train": "train",
     "eval": "eval",
     "export-hf": "export_hf",

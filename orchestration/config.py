@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from capfilt.config import CapFiltConfig
+from capfilt.curate_config import CurateConfig, SearchConfig
 from pipelines.config import DownloadConfig
 from training.config import EvalConfig, ModelConfig, TrainConfig
 
@@ -37,6 +38,8 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
     capfilt: CapFiltConfig = field(default_factory=CapFiltConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -187,19 +190,23 @@ def read_preset(name_or_path: str) -> dict:
 # artifacts folder (and other Ray workers need not share the driver's directory), so a relative
 # path would point somewhere else there. Outputs always; inputs only when they exist here, so a
 # Hugging Face Hub id such as "Salesforce/blip-image-captioning-large" is left as it is.
-OUTPUT_PATHS = {"download": ("output",), "capfilt": ("output",), "train": ("output",)}
+OUTPUT_PATHS = {"download": ("output",), "capfilt": ("output",), "curate": ("output",), "train": ("output",)}
 INPUT_PATHS = {"download": ("input",), "capfilt": ("input", "captioner", "ranker"),
+               "curate": ("input", "nsfw.head", "aesthetic.head"), "search": ("index",),
                "model": ("vision_path", "qformer_init", "stage1_checkpoint", "llm_path"), "train": ("input",)}
 
 
 def absolute_local_paths(cfg: Config) -> Config:
     for keys, always in ((OUTPUT_PATHS, True), (INPUT_PATHS, False)):
         for section, names in keys.items():
-            sec = getattr(cfg, section)
             for name in names:
-                value = getattr(sec, name)
+                *parents, leaf = name.split(".")  # "nsfw.head": a key of a sub-section
+                sec = getattr(cfg, section)
+                for p in parents:
+                    sec = getattr(sec, p)
+                value = getattr(sec, leaf)
                 if value and "://" not in value and not os.path.isabs(value) and (always or os.path.exists(value)):
-                    setattr(sec, name, os.path.abspath(value))
+                    setattr(sec, leaf, os.path.abspath(value))
     return cfg
 
 

@@ -195,6 +195,14 @@ def build_t5(out: Path) -> Path:
     return out
 
 
+def build_aesthetic_head(out: Path) -> Path:
+    """LAION's aesthetic MLP over the tiny ranker's 32-d image embedding (random weights)."""
+    from capfilt.heads import build_head, save_head
+
+    save_head(build_head("aesthetic_mlp", 32), "aesthetic_mlp", out)
+    return out
+
+
 BUILDERS = {
     "bert": build_bert,
     "vision": build_clip_vision,
@@ -203,6 +211,7 @@ BUILDERS = {
     "ranker": build_ranker,
     "opt": build_opt,
     "t5": build_t5,
+    "aesthetic": build_aesthetic_head,
 }
 
 

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipelines.curation import REASONS, REMOVED_DIR, SCORES_DIR, is_curated
 from pipelines.schema import CONTRACTS, DOWNLOAD, Contract, SchemaError, contract_of, validate
 from pipelines.shardio import MANIFEST, ROW_GROUP_ROWS, SHARD_RE, ShardSet
 
@@ -75,6 +76,25 @@ class Thumbnail:
     jpeg: bytes                        # re-encoded, longest side THUMB_PX
     captions: list[str]
     scores: list[float | None]
+    note: str = ""                     # a line under the key (a search hit's shard, a removal's reasons)
+
+
+@dataclass
+class Curation:
+    """What ``blip2 curate`` removed from a curated set, read from its side table and score table."""
+    rows_in: int = 0
+    kept: int = 0
+    removed: int = 0
+    by_reason: Counter = field(default_factory=Counter)        # a row counts once per reason
+    scores: dict = field(default_factory=dict)                 # score name -> Distribution over every input row
+    similarity: Distribution = field(default_factory=lambda: Distribution(resolution=0.001))  # removed duplicates
+    thresholds: dict = field(default_factory=dict)
+    examples: dict = field(default_factory=dict)               # reason -> [Thumbnail]
+
+    def to_dict(self) -> dict:
+        return {"rows_in": self.rows_in, "kept": self.kept, "removed": self.removed, "by_reason": dict(self.by_reason),
+                "scores": {k: d.summary() for k, d in self.scores.items()}, "similarity": self.similarity.summary(),
+                "thresholds": self.thresholds}
 
 
 @dataclass
@@ -106,6 +126,7 @@ class Inspection:
     verified: bool = False
     samples: list[dict] = field(default_factory=list)
     thumbnails: list[Thumbnail] = field(default_factory=list)
+    curation: Curation | None = None   # set for a set written by blip2 curate
 
     @property
     def ok(self) -> bool:
@@ -133,6 +154,7 @@ class Inspection:
             "share_original_kept": self.share_original_kept, "image_errors": self.image_errors,
             "duplicate_keys": self.duplicate_keys, "duplicate_examples": self.duplicate_examples,
             "problems": self.problems, "verified": self.verified, "samples": self.samples,
+            "curation": self.curation.to_dict() if self.curation else None,
         }
 
 
@@ -142,7 +164,7 @@ def _word_counts(strings: pa.Array) -> np.ndarray:
     return pc.list_value_length(pc.utf8_split_whitespace(valid)).to_numpy(zero_copy_only=False)
 
 
-def _thumbnail(data: bytes) -> tuple[bytes, tuple[int, int]]:
+def make_thumbnail(data: bytes) -> tuple[bytes, tuple[int, int]]:
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as im:
@@ -238,7 +260,7 @@ class _Walker:
             if not (capfilt or thumb):
                 break
             try:
-                jpeg, size = _thumbnail(data) if thumb else (None, _image_size(data))
+                jpeg, size = make_thumbnail(data) if thumb else (None, _image_size(data))
             except Exception:  # noqa: BLE001 - any undecodable image is a counted outcome
                 ins.image_errors += 1
                 continue
@@ -355,6 +377,9 @@ def inspect_shards(uri: str, sample: int = 0, thumbnails: int = 0, verify: bool 
         ins.problems.append(f"{MANIFEST}: says {manifest['num_rows']} rows, the shards hold {ins.rows}")
     if not listing:
         ins.problems.append(f"{shards.uri}: no committed shards (part-NNNNN.parquet)")
+    if is_curated(manifest):
+        ins.curation = inspect_curation(shards, manifest, examples=max(thumbnails // 4, 4) if thumbnails else 0,
+                                        problems=ins.problems, batch_size=batch_size)
     return ins
 
 
@@ -386,6 +411,50 @@ def _inspect_foreign(source, ins: Inspection, walker: _Walker, batch_size: int) 
     if not ins.shards:
         ins.problems.append(f"{ins.uri}: no readable shards")
     return ins
+CURATION_SCORES = ("clip_score", "aesthetic", "nsfw", "punsafe", "pwatermark")
+
+
+def inspect_curation(shards: ShardSet, manifest: dict, examples: int, problems: list[str],
+                     batch_size: int = ROW_GROUP_ROWS) -> Curation:
+    """Stream the side table (reasons, similarities, example images) and the score table (score histograms)."""
+    cur = Curation(thresholds=(manifest.get("summary") or {}).get("thresholds") or {})
+    cur.scores = {name: Distribution(resolution=0.001) for name in CURATION_SCORES}
+    scores, removed = ShardSet(shards.url(SCORES_DIR)), ShardSet(shards.url(REMOVED_DIR))
+    for name, batch in _batches(scores, ["clip_score", "aesthetic", "nsfw", "punsafe", "pwatermark"], problems,
+                                batch_size):
+        cur.rows_in += batch.num_rows
+        for col in CURATION_SCORES:
+            cur.scores[col].add(pc.drop_null(batch.column(col)).to_numpy(zero_copy_only=False))
+    for name, batch in _batches(removed, ["key", "reasons", "captions", "scores", "similarity", "duplicate_of", "image"],
+                                problems, batch_size):
+        cur.removed += batch.num_rows
+        cur.similarity.add(pc.drop_null(batch.column("similarity")).to_numpy(zero_copy_only=False))
+        rows = batch.select(["key", "reasons", "captions", "scores", "duplicate_of"]).to_pylist()
+        images = batch.column("image")
+        for i, row in enumerate(rows):
+            cur.by_reason.update(row["reasons"])
+            for reason in row["reasons"]:
+                got = cur.examples.setdefault(reason, [])
+                if len(got) < examples and images[i].is_valid:
+                    try:
+                        jpeg = make_thumbnail(images[i].as_py())[0]
+                    except Exception:  # noqa: BLE001 - counted with the other image errors' kind: skipped
+                        continue
+                    note = "removed: " + ", ".join(row["reasons"]) + (
+                        f" (duplicate of {row['duplicate_of']})" if row["duplicate_of"] else "")
+                    got.append(Thumbnail(row["key"], jpeg, list(row["captions"] or []), list(row["scores"] or []), note))
+    cur.kept = cur.rows_in - cur.removed
+    cur.by_reason = Counter({r: cur.by_reason[r] for r in REASONS if cur.by_reason[r]})
+    return cur
+
+
+def _batches(ss: ShardSet, columns: list[str], problems: list[str], batch_size: int):
+    for name in ss.committed():
+        try:
+            for batch in ss.open_parquet(name).iter_batches(batch_size=batch_size, columns=columns):
+                yield name, batch
+        except Exception as e:  # noqa: BLE001 - a bad side-table shard is named, the walk goes on
+            problems.append(f"{ss.url(name)}: unreadable ({type(e).__name__}: {str(e)[:200]})")
 
 
 def _walk_shard(shards: ShardSet, name: str, record: dict | None, expected: Contract | None,
@@ -488,6 +557,10 @@ def format_text(ins: Inspection) -> str:
                      f"({100 * ins.share_original_kept:.1f}%) keep the web caption among the two")
     if ins.image_errors:
         lines.append(f"image errors     {ins.image_errors} images whose header PIL cannot read")
+    if ins.curation is not None:
+        c = ins.curation
+        lines.append(f"curation         {c.rows_in} rows in = {c.kept} kept + {c.removed} removed "
+                     f"({_fmt_counter(c.by_reason)}); side table {REMOVED_DIR}/")
     lines.append(f"duplicate keys   {ins.duplicate_keys}"
                  + (f"  e.g. {', '.join(f'{k} in {v}' for k, v in list(ins.duplicate_examples.items())[:3])}"
                     if ins.duplicate_keys else ""))

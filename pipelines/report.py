@@ -12,18 +12,18 @@ import io
 from collections import Counter
 from pathlib import Path
 
-from pipelines.inspect import Distribution, Inspection, format_text
+from pipelines.inspect import Distribution, Inspection, Thumbnail, format_text
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1180px}
-h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:22px 0 8px}
+h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:22px 0 8px} h3{font-size:14px;margin:14px 0 6px}
 table.stats td{padding:2px 12px 2px 0;vertical-align:top;font-size:13px}
 .problems li{color:#b00020}.ok{color:#167a2e}
 .charts{display:flex;flex-wrap:wrap;gap:8px}.charts img{width:370px;border:1px solid #ddd}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(170px,1fr));gap:10px}
 figure.thumb{margin:0;padding:6px;border:1px solid #ddd;border-radius:4px;font-size:12px}
 figure.thumb img{display:block;max-width:160px;max-height:160px;margin:0 auto 4px}
-.key{color:#777;font-family:monospace}.score{color:#1f4e99;font-family:monospace}
+.key{color:#777;font-family:monospace}.note{color:#8a4b00;font-size:11px}.score{color:#1f4e99;font-family:monospace}
 pre{background:#f6f6f6;padding:8px;font-size:12px;overflow-x:auto}
 """
 
@@ -81,6 +81,14 @@ def _charts(ins: Inspection) -> list[tuple[str, str]]:
         hist(f"list metadata: {name}", dist, name, "#7a7a2c")
     for name, counter in ins.meta_tags.items():
         bars(f"list metadata: {name}", counter, "#7a7a2c")
+    if ins.curation is not None:
+        c = ins.curation
+        bars("rows removed per reason", c.by_reason, "#b5523b")
+        for name, label in (("clip_score", "curation: CLIP score of every input row"),
+                            ("aesthetic", "curation: aesthetic score"), ("nsfw", "curation: NSFW head score"),
+                            ("punsafe", "curation: LAION punsafe"), ("pwatermark", "curation: LAION pwatermark")):
+            hist(label, c.scores.get(name, Distribution()), "score", "#b5523b")
+        hist("curation: cosine of removed duplicates to the row kept", c.similarity, "cosine", "#b5523b")
     return out
 
 
@@ -90,8 +98,9 @@ def _thumb_html(t) -> str:
         + (f" <span class='score'>{s:.3f}</span>" if s is not None else "") + "</div>"
         for c, s in zip(t.captions, t.scores))
     uri = "data:image/jpeg;base64," + base64.b64encode(t.jpeg).decode()
+    note = f"<div class='note'>{html.escape(t.note)}</div>" if t.note else ""
     return (f"<figure class='thumb'><img class='thumb' src='{uri}' alt='{html.escape(t.key)}'>"
-            f"<figcaption><div class='key'>{html.escape(t.key)}</div>{caps}</figcaption></figure>")
+            f"<figcaption><div class='key'>{html.escape(t.key)}</div>{note}{caps}</figcaption></figure>")
 
 
 def render_html(ins: Inspection) -> str:
@@ -110,6 +119,7 @@ def render_html(ins: Inspection) -> str:
     charts = "".join(f"<img class='chart' src='{uri}' alt='{html.escape(title)}' title='{html.escape(title)}'>"
                      for title, uri in _charts(ins))
     thumbs = "".join(_thumb_html(t) for t in ins.thumbnails)
+    curation = _curation_html(ins.curation) if ins.curation is not None else ""
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>shard report: {html.escape(ins.uri)}</title>
 <style>{_CSS}</style></head><body>
@@ -117,15 +127,46 @@ def render_html(ins: Inspection) -> str:
 <h2>Summary</h2><table class="stats">{stats}</table>
 <h2>Consistency</h2>{consistency}
 <h2>Distributions</h2><div class="charts">{charts}</div>
-<h2>Sample images ({len(ins.thumbnails)})</h2><div class="grid">{thumbs}</div>
+{curation}<h2>Sample images ({len(ins.thumbnails)})</h2><div class="grid">{thumbs}</div>
 <h2>Text summary</h2><pre>{html.escape(format_text(ins))}</pre>
+</body></html>
+"""
+
+
+def _curation_html(c) -> str:
+    """Counts per reason, the thresholds used and a grid of removed examples per reason."""
+    rows = [("rows in", c.rows_in), ("kept", c.kept), ("removed (side table _removed/)", c.removed),
+            *((f"removed: {r.replace('_', ' ')}", n) for r, n in c.by_reason.items()),
+            *((f"threshold: {k.replace('_', ' ')}", f"{v:.4f}" if isinstance(v, float) else v)
+              for k, v in c.thresholds.items() if v is not None)]
+    table = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    grids = "".join(f"<h3>removed: {html.escape(reason.replace('_', ' '))} ({c.by_reason.get(reason, 0)})</h3>"
+                    f"<div class='grid removed'>{''.join(_thumb_html(t) for t in thumbs)}</div>"
+                    for reason, thumbs in c.examples.items())
+    return f"<h2>Curation</h2><table class='stats curation'>{table}</table>{grids}"
+
+
+def render_search_html(set_uri: str, query: str, hits: list[Thumbnail], info: dict) -> str:
+    """A page of search hits: the query, what was searched, one thumbnail per hit (best first)."""
+    about = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in info.items())
+    thumbs = "".join(_thumb_html(t) for t in hits)
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>search: {html.escape(query)}</title>
+<style>{_CSS}</style></head><body>
+<h1>Search</h1><div class="key">{html.escape(set_uri)}</div>
+<h2>Query: {html.escape(query)}</h2><table class="stats">{about}</table>
+<h2>Top {len(hits)}</h2><div class="grid">{thumbs}</div>
 </body></html>
 """
 
 
 def write_html(ins: Inspection, out: str | Path) -> Path:
     """Write the report to a local file; returns its path."""
+    return write_page(render_html(ins), out)
+
+
+def write_page(page: str, out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_html(ins), encoding="utf-8")
+    out.write_text(page, encoding="utf-8")
     return out

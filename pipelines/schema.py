@@ -119,7 +119,47 @@ CAPFILT = Contract(
     ),
 )
 
-CONTRACTS = {c.name: c for c in (DOWNLOAD, CAPFILT)}
+# `blip2 curate` (pipelines/curation.py names the folders). Every input row gets one SCORES row;
+# every row it removes is kept whole in the REMOVED side table, with its reasons and scores.
+_CURATION_SCORES = [
+    pa.field("clip_score", pa.float32()),     # of the kept caption(s), as curate.clip_score.use says
+    pa.field("aesthetic", pa.float32()),      # aesthetic head (null: no head)
+    pa.field("nsfw", pa.float32()),           # NSFW head, probability unsafe (null: no head)
+    pa.field("punsafe", pa.float32()),        # LAION's own columns, when the shard carries them
+    pa.field("pwatermark", pa.float32()),
+]
+
+CURATE_SCORES = Contract(
+    "curate_scores",
+    1,
+    pa.schema(
+        [
+            pa.field("row", pa.int32(), nullable=False),       # row index in the input shard
+            pa.field("key", pa.string(), nullable=False),
+            pa.field("source", pa.string(), nullable=False),
+            pa.field("sha256", pa.string()),                   # the shard's, else hashed from the image
+            pa.field("policy", pa.string()),                   # "human" rows skip the CLIP-score filter
+            *_CURATION_SCORES,
+        ]
+    ),
+)
+
+REMOVED = Contract(
+    "curate_removed",
+    1,
+    pa.schema(
+        [
+            *CAPFILT.schema,
+            pa.field("row", pa.int32(), nullable=False),
+            pa.field("reasons", pa.list_(pa.string()), nullable=False),
+            *_CURATION_SCORES,
+            pa.field("duplicate_of", pa.string()),             # key of the row kept in its place
+            pa.field("similarity", pa.float32()),              # cosine to it (1.0 for an exact duplicate)
+        ]
+    ),
+)
+
+CONTRACTS = {c.name: c for c in (DOWNLOAD, CAPFILT, CURATE_SCORES, REMOVED)}
 
 
 class SchemaError(ValueError):

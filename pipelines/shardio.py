@@ -119,13 +119,36 @@ class ShardSet:
         info = ShardInfo(name, table.num_rows, len(data), hashlib.sha256(data).hexdigest())
         self.makedirs(COMMITS)
         self.fs.pipe(self.path(f"{COMMITS}/{name}.json"), json.dumps(info.__dict__).encode())
-        if self._local:
-            tmp = self.path(f".{name}.tmp-{uuid.uuid4().hex}")
-            self.fs.pipe(tmp, data)
-            self.fs.mv(tmp, self.path(name))
-        else:
-            self.fs.pipe(self.path(name), data)
+        self.put(name, data)
         return info
+
+    def put_file(self, name: str, local_path: str) -> None:
+        """Copy a local file in as member ``name``, all or nothing (streamed: never whole in memory)."""
+        path = self.path(name)
+        if self._local:
+            folder, _, base = path.rpartition("/")
+            self.fs.makedirs(folder, exist_ok=True)
+            tmp = f"{folder}/.{base}.tmp-{uuid.uuid4().hex}"
+            self.fs.put_file(local_path, tmp)
+            self.fs.mv(tmp, path)
+        else:
+            self.fs.put_file(local_path, path)
+
+    @property
+    def is_local(self) -> bool:
+        return self._local
+
+    def put(self, name: str, data: bytes) -> None:
+        """Write member file ``name`` all or nothing: a temporary name renamed locally, one PUT on S3."""
+        path = self.path(name)
+        if self._local:
+            folder, _, base = path.rpartition("/")
+            self.fs.makedirs(folder, exist_ok=True)
+            tmp = f"{folder}/.{base}.tmp-{uuid.uuid4().hex}"
+            self.fs.pipe(tmp, data)
+            self.fs.mv(tmp, path)
+        else:
+            self.fs.pipe(path, data)
 
     def write_manifest(self, contract: Contract, config: dict | None = None,
                        summary: dict | None = None) -> dict:

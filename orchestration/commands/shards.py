@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 import sys
 
-HELP = "inspect a download or CapFilt shard set (local or s3://): stats, --verify, --sample, --html"
+HELP = ("inspect a shard set (local or s3://): stats, --verify, --sample, --html; or search it by text or image "
+        "(faiss over its CLIP embeddings)")
 
 
 def add_arguments(parser) -> None:
@@ -20,8 +21,23 @@ def add_arguments(parser) -> None:
     p.add_argument("--thumbnails", type=int, default=24, metavar="N", help="images in the HTML grid (default 24)")
     p.add_argument("--json", metavar="OUT", help="also write the statistics as JSON")
 
+    q = sub.add_parser("search", help="top-k rows for a text or image query (faiss index, built incrementally)",
+                       description="Update the faiss index over the set's CLIP image embeddings (only shards it "
+                                   "does not hold yet are added), embed the query with the CapFilt ranker "
+                                   "(capfilt.ranker) and print the top-k rows.")
+    q.add_argument("path", help="CapFilt or curated shard set: local path, file:// or s3://")
+    what = q.add_mutually_exclusive_group(required=True)
+    what.add_argument("--text", help="a text query (CLIP text tower)")
+    what.add_argument("--image", help="an image file to search with (CLIP image tower)")
+    q.add_argument("-k", type=int, default=None, help="hits to return (default search.k)")
+    q.add_argument("--index", help="index folder (default search.index, else <path>/_index)")
+    q.add_argument("--html", metavar="OUT", help="write the hits as an HTML page with thumbnails")
+    q.add_argument("--json", metavar="OUT", help="also write the hits as JSON")
+
 
 def run(args, cfg) -> int:
+    if args.shards_command == "search":
+        return _search(args, cfg)
     from pipelines.inspect import format_text, inspect_shards
 
     ins = inspect_shards(args.path, sample=args.sample, verify=args.verify,
@@ -38,3 +54,25 @@ def run(args, cfg) -> int:
         print(f"blip2 shards inspect: {args.path} holds no committed shards", file=sys.stderr)
         return 1
     return 1 if args.verify and not ins.ok else 0
+
+
+def _search(args, cfg) -> int:
+    import dataclasses
+
+    from capfilt.search import format_hits, run_search, write_search_page
+
+    section = dataclasses.replace(cfg.search, index=args.index or cfg.search.index)
+    try:
+        result = run_search(args.path, section, cfg.capfilt.ranker, text=args.text, image_path=args.image, k=args.k,
+                            log=lambda m: print(m, file=sys.stderr, flush=True))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"blip2 shards search: {e}", file=sys.stderr)
+        return 2
+    print(format_hits(result))
+    if args.html:
+        print(f"HTML page        {write_search_page(args.path, result, args.html)}")
+    if args.json:
+        hits = [{k: v for k, v in h.__dict__.items() if k != "image"} for h in result["hits"]]
+        with open(args.json, "w") as f:
+            json.dump({"query": result["query"], "index": result["index"], "hits": hits}, f, indent=1)
+    return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import dataclasses
+import hashlib
 import io
 
 import numpy as np
@@ -14,7 +15,8 @@ import torch
 from PIL import Image
 
 from capfilt.config import CapFiltConfig
-from capfilt.job import RankStage, embedding_paths, run_capfilt
+from capfilt.embeddings import embedding_paths
+from capfilt.job import RankStage, run_capfilt
 from capfilt.ranker import select
 from pipelines.schema import CAPFILT, SchemaError
 from pipelines.shardio import ShardSet
@@ -55,6 +57,9 @@ def test_every_usable_image_once_and_bad_input_counted(first_run):
     assert manifest["summary"]["set"]["images_out"] == len(expected["out"])
     assert all(len(c) == 2 and len(s) == 2 for c, s in zip(table.column("captions").to_pylist(),
                                                            table.column("scores").to_pylist()))
+    for row in table.select(["key", "url", "sha256", "image"]).to_pylist():  # carried from the download row
+        assert row["url"] == f"http://127.0.0.1/{row['key']}"
+        assert row["sha256"] == hashlib.sha256(row["image"]).hexdigest()
 
 
 def test_kept_captions_are_the_top_two_by_plain_clip(first_run, tiny_models):

@@ -27,9 +27,16 @@ def test_demo_runs_the_whole_chain(tmp_path):
     summary = json.loads((work / "demo_summary.json").read_text())
     download, capfilt = ShardSet(str(work / "download")), ShardSet(str(work / "capfilt"))
     assert download.read_manifest()["schema"] == DOWNLOAD.tag
-    assert download.read_manifest()["num_rows"] == 48 + 2  # every URL, the two broken ones included
+    assert download.read_manifest()["num_rows"] == 48 + 2 + 4  # every URL: the two broken ones, the 4 re-posts
     assert download.read_manifest()["summary"]["by_status"]["http_error"] == 2
-    assert capfilt.read_manifest()["schema"] == CAPFILT.tag and capfilt.read_manifest()["num_rows"] == 48
+    assert capfilt.read_manifest()["schema"] == CAPFILT.tag and capfilt.read_manifest()["num_rows"] == 48 + 4
+    curated, removed = ShardSet(str(work / "curated")), ShardSet(str(work / "curated" / "_removed"))
+    cur = summary["curation"]["set"]
+    assert cur["rows_in"] == 52 and cur["kept"] + cur["removed"] == 52 and cur["accounted"]
+    assert curated.read_manifest()["num_rows"] == cur["kept"] and removed.read_manifest()["num_rows"] == cur["removed"]
+    assert cur["by_reason"]["exact_duplicate"] >= 1 and cur["by_reason"]["clip_score"] >= 1   # re-posts, low scores
+    assert len(summary["search"]["hits"]) == 3 and "curate: 52 rows in" in proc.stdout
+    assert os.path.getsize(summary["search_page"]) > 1000 and os.path.getsize(summary["curated_report"]) > 1000
     metrics = summary["metrics"]
     assert 0 <= metrics["txt_r1"] <= 100 and metrics["chance"]["txt_r1"] == pytest.approx(100 / 16)
     for path in [summary["report"], *summary["loss_curves"]]:

@@ -2,6 +2,7 @@
 Ray Train checkpoint folders written from a model."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,7 +20,7 @@ def capfilt_table(corpus_dir: Path, items, start: int, stop: int, bad: set[int] 
         "source": ["synthetic"] * len(rows),
         "policy": ["web"] * len(rows),
         "url": [f"http://127.0.0.1:1/{it.file}" for it in rows],
-        "sha256": [None] * len(rows),
+        "sha256": [hashlib.sha256(data).hexdigest() for data in images],
         "meta": [None] * len(rows),
         "image": images,
         "captions": [[it.caption, f"a picture of {it.caption}!"] for it in rows],

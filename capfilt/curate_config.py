@@ -1,0 +1,106 @@
+"""Config sections of ``blip2 curate`` (``curate.*``) and ``blip2 shards search`` (``search.*``).
+
+Every filter has its own sub-section with an ``enabled`` switch, e.g.
+``curate.semdedup.threshold=0.9 curate.clip_score.quantile=0.3 curate.nsfw.enabled=false``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ClipScoreFilter:
+    """DataComp-style: drop rows whose kept caption(s) CLIP ViT-L/14 scores low."""
+    enabled: bool = True
+    use: str = "best"                   # best | mean | min of the kept captions' scores
+    min_score: float | None = None      # absolute cosine (None: no absolute threshold)
+    quantile: float | None = 0.1        # drop the lowest-scoring share of the input (None: none)
+
+    def validate(self) -> None:
+        if self.use not in ("best", "mean", "min"):
+            raise ValueError(f"use must be best, mean or min, got {self.use!r}")
+        if self.quantile is not None and not 0.0 <= self.quantile < 1.0:
+            raise ValueError(f"quantile must be in [0, 1), got {self.quantile}")
+
+
+@dataclass
+class ExactDedupFilter:
+    """Identical image bytes (sha256) across sources: the best-scoring row stays."""
+    enabled: bool = True
+
+
+@dataclass
+class SemDedupFilter:
+    """SemDeDup: spherical k-means on the image embeddings; within a cluster, a row whose cosine
+    to a better row (higher CLIP score, then smaller key) is above ``threshold`` is removed."""
+    enabled: bool = True
+    threshold: float = 0.95             # cosine (SemDeDup's epsilon = 1 - threshold)
+    clusters: int | None = None         # None: about sqrt(rows * probes)
+    probes: int = 2                     # clusters each row joins: pairs split by a boundary still meet
+    sample: int = 100_000               # rows k-means trains on (memory: sample x dim x 4 bytes)
+    iterations: int = 20
+    rows_per_task: int = 250_000        # bounds one dedup task's memory (rows x dim x 2 bytes + one cluster)
+    num_cpus: float = 1.0               # per k-means / assignment / dedup task
+
+    def validate(self) -> None:
+        if not -1.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold is a cosine in [-1, 1], got {self.threshold}")
+        if self.probes < 1 or self.sample < 1 or self.iterations < 1 or self.rows_per_task < 1:
+            raise ValueError("probes, sample, iterations and rows_per_task must be >= 1")
+        if self.clusters is not None and self.clusters < 1:
+            raise ValueError(f"clusters must be >= 1, got {self.clusters}")
+
+
+@dataclass
+class NsfwFilter:
+    """LAION's CLIP-based NSFW detector (``head``), and LAION's ``punsafe`` column where a shard has it."""
+    enabled: bool = True
+    head: str = ""                      # local dir / s3:// written by capfilt.heads.save_head ("" : none)
+    threshold: float = 0.5              # removed when the head's score or punsafe is above
+
+
+@dataclass
+class WatermarkFilter:
+    """LAION's ``pwatermark`` column where a shard has it."""
+    enabled: bool = True
+    threshold: float = 0.8
+
+
+@dataclass
+class AestheticFilter:
+    """LAION's aesthetic predictor over the image embedding (``head``)."""
+    enabled: bool = True
+    head: str = ""                      # "" : not scored
+    min_score: float | None = None      # None: score only, remove nothing (LAION-Aesthetics used 5, 6, 6.5)
+
+
+@dataclass
+class CurateConfig:
+    input: str = "runs/capfilt"         # CAPFILT shard set with its embeddings
+    output: str = "runs/curated"        # curated CAPFILT shard set (+ _removed/ side table)
+    clip_score: ClipScoreFilter = field(default_factory=ClipScoreFilter)
+    exact_dedup: ExactDedupFilter = field(default_factory=ExactDedupFilter)
+    semdedup: SemDedupFilter = field(default_factory=SemDedupFilter)
+    nsfw: NsfwFilter = field(default_factory=NsfwFilter)
+    watermark: WatermarkFilter = field(default_factory=WatermarkFilter)
+    aesthetic: AestheticFilter = field(default_factory=AestheticFilter)
+    # The scoring pass (heads over the embeddings): a Ray Data actor pool.
+    score_num_cpus: float = 0.5
+    score_num_gpus: float = 0.0
+    score_concurrency: int = 1
+    write_num_cpus: float = 0.5
+    exact_rows_per_task: int = 5_000_000    # sha256 partitions: bounds one exact-dedup task's memory
+
+    def validate(self) -> None:
+        if self.score_concurrency < 1 or self.exact_rows_per_task < 1:
+            raise ValueError("score_concurrency and exact_rows_per_task must be >= 1")
+
+
+@dataclass
+class SearchConfig:
+    """``blip2 shards search``: a faiss index over the image embeddings, queried with CLIP (capfilt.ranker)."""
+    index: str = ""                     # where the index lives ("" : <shard set>/_index)
+    factory: str = "Flat"               # faiss index_factory string, inner product (e.g. IVF4096,SQ8)
+    train_rows: int = 200_000           # rows a trainable index (IVF, PQ) trains on, from the first shards
+    nprobe: int = 32                    # IVF lists searched per query
+    k: int = 10

@@ -1,0 +1,159 @@
+"""`blip2 shards search`: a real faiss index over embeddings from the tiny CLIP, local and on moto S3."""
+from __future__ import annotations
+
+import html
+import json
+import re
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from capfilt.curate_config import SearchConfig
+from capfilt.embeddings import read_embeddings, write_embeddings
+from capfilt.search import QueryEncoder, run_search, search, update_index, write_search_page
+from capfilt.semdedup import normalized
+from orchestration.cli import main
+from pipelines.schema import CAPFILT
+from pipelines.shardio import ShardSet
+from tests.helpers.browser import CHROMIUM, chromium
+from tests.helpers.shards import capfilt_rows
+
+QUIET = dict(log=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_models):
+    return QueryEncoder(str(tiny_models["ranker"]))
+
+
+def add_shard(uri: str, corpus, encoder, index: int, start: int, n: int) -> None:
+    """CapFilt shard ``index`` from corpus rows start..start+n, embedded by the tiny CLIP ranker."""
+    rows = capfilt_rows(corpus, start, n)
+    table = pa.Table.from_pylist(rows, schema=CAPFILT.schema)
+    ss = ShardSet(uri)
+    ss.write_shard(index, table, CAPFILT)
+    img = np.array([encoder.image(r["image"]) for r in rows])
+    txt = np.array([encoder.text(r["captions"][0]) for r in rows])
+    write_embeddings(ss, index, table, img, txt)
+    ss.write_manifest(CAPFILT)
+
+
+def stored(uri: str) -> tuple[np.ndarray, list[str]]:
+    ss = ShardSet(uri)
+    emb, keys = [], []
+    for name in ss.committed():
+        table = ss.read_shard(name)
+        if table.num_rows:
+            emb.append(read_embeddings(ss, int(name[5:10])))
+            keys += table.column("key").to_pylist()
+    return normalized(np.concatenate(emb)), keys
+
+
+def test_text_and_image_queries_match_brute_force_and_updates_are_incremental(corpus, encoder, tmp_path):
+    uri = str(tmp_path / "set")
+    add_shard(uri, corpus, encoder, 0, 0, 12)
+    add_shard(uri, corpus, encoder, 1, 12, 12)
+    cfg = SearchConfig()
+    index, state, stats = update_index(uri, cfg, **QUIET)
+    assert (stats["shards_added"], stats["rows"]) == (2, 24) and (tmp_path / "set" / "_index" / "index.faiss").exists()
+
+    emb, keys = stored(uri)
+    query = encoder.text("a red circle above a blue square")
+    found = search(index, state, query, k=5)
+    ref = np.argsort(-(emb @ normalized(query[None])[0]), kind="stable")[:5]
+    assert [i for i, _ in found] == ref.tolist()
+    np.testing.assert_allclose([s for _, s in found], emb[ref] @ normalized(query[None])[0], atol=1e-5)
+
+    _, items = corpus
+    target = corpus[0] / items[7].file        # row 7 of shard 0: the image itself comes first
+    result = run_search(uri, cfg, encoder_dir(encoder), image_path=str(target), k=3, **QUIET)
+    top = result["hits"][0]
+    assert (top.key, top.shard, top.row) == (keys[7], "part-00000.parquet", 7) and top.score > 0.999
+    assert top.image == target.read_bytes() and top.caption == capfilt_rows(corpus, 7, 1)[0]["captions"][0]
+    assert result["index"]["shards_added"] == 0           # nothing new: nothing re-added
+
+    add_shard(uri, corpus, encoder, 2, 24, 12)
+    add_shard(uri, corpus, encoder, 3, 36, 0)             # an empty shard
+    _, state, stats = update_index(uri, cfg, **QUIET)
+    assert (stats["shards_added"], stats["rows_added"], stats["rows"]) == (2, 12, 36)
+    assert [s["offset"] for s in state["shards"]] == [0, 12, 24, 36]
+    hit = run_search(uri, cfg, encoder_dir(encoder), image_path=str(corpus[0] / items[30].file), k=1, **QUIET)["hits"][0]
+    assert (hit.shard, hit.row) == ("part-00002.parquet", 6)
+
+    add_shard(uri, corpus, encoder, 1, 12, 5)             # shard 1 rewritten: the index is rebuilt
+    messages = []
+    _, state, stats = update_index(uri, cfg, log=messages.append)
+    assert stats["rows"] == 29 and any("part-00001.parquet changed" in m for m in messages)
+    with pytest.raises(ValueError, match="not both"):
+        run_search(uri, cfg, encoder_dir(encoder), **QUIET)
+
+
+def encoder_dir(encoder: QueryEncoder) -> str:
+    return encoder.ranker.model.name_or_path
+
+
+def test_ivf_index_trains_on_the_first_shards(corpus, encoder, tmp_path):
+    uri = str(tmp_path / "set")
+    add_shard(uri, corpus, encoder, 0, 0, 24)
+    add_shard(uri, corpus, encoder, 1, 24, 24)
+    cfg = SearchConfig(factory="IVF2,Flat", nprobe=2, train_rows=24)
+    index, state, stats = update_index(uri, cfg, **QUIET)
+    assert stats["rows"] == 48 and index.is_trained
+    emb, _ = stored(uri)
+    query = encoder.text("a green triangle")
+    found = search(index, state, query, k=4, nprobe=2)          # every list probed: exact
+    assert [i for i, _ in found] == np.argsort(-(emb @ normalized(query[None])[0]))[:4].tolist()
+    messages = []
+    update_index(uri, SearchConfig(), log=messages.append)      # another factory: rebuilt
+    assert any("factory 'IVF2,Flat'" in m for m in messages)
+
+
+def test_cli_on_s3_with_html_and_json(corpus, encoder, s3_bucket, tmp_path, tiny_models, capsys):
+    uri = f"{s3_bucket}/capfilt"
+    add_shard(uri, corpus, encoder, 0, 0, 12)
+    add_shard(uri, corpus, encoder, 1, 12, 12)
+    args = ["shards", "search", uri, "--text", "a blue square", "-k", "4", "--html", str(tmp_path / "hits.html"),
+            "--json", str(tmp_path / "hits.json"), f"capfilt.ranker={tiny_models['ranker']}"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    hits = json.loads((tmp_path / "hits.json").read_text())["hits"]
+    assert len(hits) == 4 and [h["rank"] for h in hits] == [1, 2, 3, 4]
+    assert all(h["key"] in out for h in hits) and "over 24 vectors in 2 shards" in out
+    assert ShardSet(f"{uri}/_index").fs.exists(ShardSet(f"{uri}/_index").path("index.json"))
+    page = (tmp_path / "hits.html").read_text()
+    assert page.count("class='thumb' src='data:image/jpeg;base64,") == 4
+    assert main(["shards", "search", uri, "--text", "", f"capfilt.ranker={tiny_models['ranker']}"]) == 2
+    assert "no tokens" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium); "
+                                             ".ci/run installs it before the suite")
+def test_search_page_renders_in_headless_chromium(corpus, encoder, tmp_path):
+    uri = str(tmp_path / "set")
+    add_shard(uri, corpus, encoder, 0, 0, 12)
+    result = run_search(uri, SearchConfig(), encoder_dir(encoder), text="a red circle", k=6, **QUIET)
+    result["hits"][0].caption = "<script>document.title='pwned'</script>"
+    page = write_search_page(uri, result, str(tmp_path / "hits.html"))
+    dom = chromium(["--dump-dom", f"file://{page}"], tmp_path / "profile")
+    thumbs = re.findall(r'<img class="thumb" src="data:image/jpeg;base64,[A-Za-z0-9+/=]+"', dom)
+    assert len(thumbs) == 6 and "<title>search: text: a red circle</title>" in dom
+    assert "&lt;script&gt;" in dom
+    for h in result["hits"][1:]:
+        assert html.escape(h.caption) in dom and f"{h.score:.3f}" in dom and f"row {h.row}" in dom
+
+
+def test_an_interrupted_update_is_rebuilt(corpus, encoder, tmp_path):
+    """index.faiss written but index.json not (a crash in between): the next update rebuilds."""
+    uri = str(tmp_path / "set")
+    add_shard(uri, corpus, encoder, 0, 0, 12)
+    update_index(uri, SearchConfig(), **QUIET)
+    state_path = tmp_path / "set" / "_index" / "index.json"
+    old_state = state_path.read_text()
+    add_shard(uri, corpus, encoder, 1, 12, 12)
+    update_index(uri, SearchConfig(), **QUIET)
+    state_path.write_text(old_state)                      # the json of before, the index of after
+    messages = []
+    index, state, stats = update_index(uri, SearchConfig(), log=messages.append)
+    assert any("disagree" in m for m in messages) and stats["rows"] == index.ntotal == 24
+    assert [s["name"] for s in state["shards"]] == ["part-00000.parquet", "part-00001.parquet"]
