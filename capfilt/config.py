@@ -27,6 +27,11 @@ class CapFiltConfig:
     # Demo switch: tiny random captioners write noise, so the learning check keeps the
     # original caption first and the best synthetic one second. Real presets leave it off.
     keep_original: bool = False
+    # Use the list's own synthetic captions and their scores (LAION-COCO's all_captions and
+    # all_similarities, carried in the download rows' meta) instead of running the captioner:
+    # the top `keep` by those scores are kept; the ranker still embeds every image.
+    precomputed: bool = False
+    input_policy: str = "web"           # policy of rows read from img2dataset / WebDataset folders
     write_candidates: bool = True       # all 10 + 1 captions with scores, for inspection
     write_embeddings: bool = True       # clip-retrieval layout under <output>/embeddings
     max_pixels: int = 40_000_000        # decoded images above this are refused (decompression bombs)
@@ -64,5 +69,7 @@ class CapFiltConfig:
             lo, hi = getattr(self, name)
             if not 1 <= lo <= hi:
                 raise ValueError(f"{name} must be (min, max) with 1 <= min <= max, got {(lo, hi)}")
+        if self.input_policy not in ("web", "human"):
+            raise ValueError(f"input_policy must be web or human, got {self.input_policy!r}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")

@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -29,9 +28,10 @@ import pyarrow as pa
 from capfilt.config import CapFiltConfig
 from capfilt.embeddings import write_embeddings
 from capfilt.preprocess import OK, TOO_LARGE, UNDECODABLE, ZERO_SIZE, Preprocess
+from pipelines.adapters import DownloadSource, open_download_source
 from pipelines.remote import local_dir
-from pipelines.schema import CAPFILT, DOWNLOAD, validate
-from pipelines.shardio import ShardSet, shard_index, shard_name
+from pipelines.schema import CAPFILT
+from pipelines.shardio import ShardSet, shard_name
 
 STATS_DIR = "_capfilt_stats"
 TOO_FEW = "too_few_captions"
@@ -44,44 +44,40 @@ HUMAN = "human"
 
 
 # -- input ----------------------------------------------------------------------------------
-def check_input(src: ShardSet) -> list[int]:
-    """Validate every committed input shard's schema (footer reads) before any model loads."""
-    names = src.committed()
-    if not names:
-        src.check_schema(DOWNLOAD)  # raises the "no committed shards" SchemaError
-    with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda n: validate(src.open_parquet(n).schema_arrow, DOWNLOAD, where=src.url(n)), names))
-    return sorted(shard_index(n) for n in names)
+def check_input(src: DownloadSource) -> list[int]:
+    """Validate the input shards (footer reads) before any model loads; their indices."""
+    return src.check()
 
 
-def read_ok_rows(batch: dict, *, input_uri: str, chunk: int):
+def read_ok_rows(batch: dict, *, source: DownloadSource, chunk: int):
     """Ray Data UDF: shard indices -> that shard's ``status == ok`` rows, ``chunk`` rows at a time."""
-    src = ShardSet(input_uri)
     for index in batch["shard"]:
-        table = src.read_shard(shard_name(int(index)), DOWNLOAD).select(
-            ["key", "policy", "caption", "captions", "image", "status"])
+        table = source.read(int(index), ["key", "policy", "caption", "captions", "meta", "image", "status"])
         rows = np.flatnonzero(np.asarray(table.column("status").to_pylist(), dtype=object) == OK)
         ok = table.take(pa.array(rows, pa.int64()))
-        keys, policies, captions, lists, images = (ok.column(c).to_pylist()
-                                                   for c in ("key", "policy", "caption", "captions", "image"))
+        keys, policies, captions, lists, metas, images = (
+            ok.column(c).to_pylist() for c in ("key", "policy", "caption", "captions", "meta", "image"))
         for start in range(0, len(rows), chunk):
             sl = slice(start, start + chunk)
             # Ragged lists travel as JSON text: blocks then share one Arrow type whatever rows they hold.
             human = [json.dumps(list(c or ()) if p == HUMAN else []) for p, c in zip(policies[sl], lists[sl])]
+            given = [json.dumps([m.get("synthetic_captions") or [], m.get("synthetic_scores") or []] if m else [[], []])
+                     for m in metas[sl]]
             yield {"shard": np.full(len(rows[sl]), index, np.int64), "row": rows[sl].astype(np.int64),
                    "n_ok": np.full(len(rows[sl]), len(rows), np.int64),
                    "key": np.array(keys[sl], dtype=object),
                    "policy": np.array(policies[sl], dtype=object),
                    "caption": np.array([c or "" for c in captions[sl]], dtype=object),
                    "human_captions": np.array(human, dtype=object),
+                   "precomputed": np.array(given, dtype=object),
                    "image": np.array(images[sl], dtype=object)}
 
 
-def read_and_decode(batch: dict, *, input_uri: str, chunk: int, pre: Preprocess):
+def read_and_decode(batch: dict, *, source: DownloadSource, chunk: int, pre: Preprocess):
     """Ray Data UDF (CPU task, one input shard): its ok rows, decoded once into both models'
     pixel tensors, streamed out ``chunk`` rows at a time so the captioners start on the
     first chunk while the rest of the shard is still decoding."""
-    for rows in read_ok_rows(batch, input_uri=input_uri, chunk=chunk):
+    for rows in read_ok_rows(batch, source=source, chunk=chunk):
         yield pre(rows)
 
 
@@ -114,14 +110,28 @@ class RankStage:
     """Scores each row's candidates with CLIP; adds the embeddings and which candidates are kept.
 
     Web rows: [original] + synthetic, the best ``keep`` kept. Human rows: their captions, all
-    kept in input order. ``kept`` and ``cand_scores`` are JSON lists of each row's own length."""
+    kept in input order. ``kept`` and ``cand_scores`` are JSON lists of each row's own length.
+    With ``capfilt.precomputed`` the synthetic captions are the list's own (LAION-COCO) and are
+    ranked by the list's scores (the original keeps its CLIP score but is not ranked)."""
 
     def __init__(self, cfg: CapFiltConfig):
         from capfilt.ranker import Ranker
 
         self.ranker = Ranker(local_dir(cfg.ranker), dtype=cfg.dtype)
         self.keep, self.keep_original = cfg.keep, cfg.keep_original
+        self.precomputed = cfg.precomputed
         self.dim = self.ranker.model.config.projection_dim
+
+    def _candidates(self, batch: dict, i: int) -> tuple[list[str], list[float] | None]:
+        """A row's candidates and, for precomputed captions, the list's own scores."""
+        if batch["policy"][i] == HUMAN:
+            return json.loads(batch["human_captions"][i]), None
+        if self.precomputed:
+            captions, given = json.loads(batch["precomputed"][i])
+            if len(given) != len(captions):
+                given = [float("-inf")] * len(captions)
+            return [batch["caption"][i], *captions], given
+        return [batch["caption"][i], *batch["synthetic"][i]], None
 
     def __call__(self, batch: dict) -> dict:
         from capfilt.ranker import select
@@ -138,18 +148,21 @@ class RankStage:
         text_emb = np.zeros((n, self.dim), np.float32)
         if good.size:
             human = [batch["policy"][i] == HUMAN for i in good]
-            candidates = [json.loads(batch["human_captions"][i]) if h else [batch["caption"][i], *batch["synthetic"][i]]
-                          for i, h in zip(good, human)]
-            scores, images, texts = self.ranker.score(pixels[good], candidates)
+            candidates, given = zip(*(self._candidates(batch, i) for i in good))
+            scores, images, texts = self.ranker.score(pixels[good], list(candidates))
             start = 0
             for j, i in enumerate(good):
                 count = len(candidates[j])
                 row_scores = scores[j, :count].numpy()
+                if given[j] is not None:  # the list's scores rank its captions; the original is not ranked
+                    row_scores = np.array([row_scores[0], *given[j]], np.float32)
+                    ranked = np.r_[-np.inf, row_scores[1:]]
                 n_empty[i] = int(texts.empty[start:start + count].sum())
                 n_truncated[i] = int(texts.truncated[start:start + count].sum())
                 cand_scores[i] = json.dumps(row_scores.tolist())
-                chosen = list(range(count)) if human[j] else select(candidates[j], row_scores, self.keep,
-                                                                    self.keep_original)
+                chosen = (list(range(count)) if human[j] else
+                          select(candidates[j], ranked if given[j] is not None else row_scores, self.keep,
+                                 self.keep_original))
                 if not chosen:
                     outcome[i] = TOO_FEW
                 else:
@@ -157,9 +170,11 @@ class RankStage:
                     img_emb[i] = images[j].numpy()
                     text_emb[i] = texts.emb[start + chosen[0]].numpy()
                 start += count
-        relisted = np.empty(n, dtype=object)  # Arrow cannot convert an object array of arrays
-        relisted[:] = [list(x) for x in batch["synthetic"]]
-        batch.update(synthetic=relisted, outcome=outcome, kept=kept, cand_scores=cand_scores, n_empty=n_empty,
+        if "synthetic" in batch:  # captioned here (not precomputed)
+            relisted = np.empty(n, dtype=object)  # Arrow cannot convert an object array of arrays
+            relisted[:] = [list(x) for x in batch["synthetic"]]
+            batch["synthetic"] = relisted
+        batch.update(outcome=outcome, kept=kept, cand_scores=cand_scores, n_empty=n_empty,
                      n_truncated=n_truncated, img_emb=img_emb, text_emb=text_emb)
         return batch
 
@@ -175,15 +190,15 @@ class CaptionRankStage:
 
 
 # -- output -----------------------------------------------------------------------------------
-def write_output_shard(input_uri: str, output_uri: str, index: int, results: dict | None,
+def write_output_shard(source: DownloadSource, output_uri: str, index: int, results: dict | None,
                        cfg: CapFiltConfig) -> dict:
     """Join one shard's results with its input rows and commit CAPFILT shard ``index``.
 
     Embeddings and stats are written first, the shard last: a shard that exists is complete.
     Returns the shard's counters (also kept in ``_capfilt_stats/part-NNNNN.json``).
     """
-    src, dst = ShardSet(input_uri), ShardSet(output_uri)
-    table = src.read_shard(shard_name(index), DOWNLOAD)
+    dst = ShardSet(output_uri)
+    table = source.read(index)
     stats = dict.fromkeys(COUNTERS, 0)
     stats["rows_in"] = table.num_rows
     stats["rows_not_ok"] = sum(s != OK for s in table.column("status").to_pylist())
@@ -198,9 +213,10 @@ def write_output_shard(input_uri: str, output_uri: str, index: int, results: dic
                 continue
             human = results["policy"][j] == HUMAN
             candidates = (json.loads(results["human_captions"][j]) if human
+                          else [str(results["caption"][j]), *json.loads(results["precomputed"][j])[0]] if cfg.precomputed
                           else [str(results["caption"][j]), *map(str, results["synthetic"][j])])
             scores = json.loads(results["cand_scores"][j])
-            stats["captions_generated"] += 0 if human else len(results["synthetic"][j])
+            stats["captions_generated"] += 0 if human or cfg.precomputed else len(results["synthetic"][j])
             stats["empty_captions"] += int(results["n_empty"][j])
             stats["truncated_captions"] += int(results["n_truncated"][j])
             if outcome == TOO_FEW:
@@ -236,7 +252,7 @@ def write_output_shard(input_uri: str, output_uri: str, index: int, results: dic
 
 
 # -- the job ----------------------------------------------------------------------------------
-def build_dataset(cfg: CapFiltConfig, seed: int, input_uri: str, pending: list[int], pre: Preprocess):
+def build_dataset(cfg: CapFiltConfig, seed: int, source: DownloadSource, pending: list[int], pre: Preprocess):
     """The lazy Ray Data pipeline over the pending input shards (nothing runs until iterated)."""
     import ray
 
@@ -247,7 +263,12 @@ def build_dataset(cfg: CapFiltConfig, seed: int, input_uri: str, pending: list[i
     # shards into one task and decode them all before the first image moves on).
     ds = ds.map_batches(read_and_decode, batch_size=1, num_cpus=cfg.decode_num_cpus,
                         compute=ray.data.TaskPoolStrategy(size=cfg.decode_concurrency),
-                        fn_kwargs={"input_uri": input_uri, "chunk": cfg.batch_size, "pre": pre})
+                        fn_kwargs={"source": source, "chunk": cfg.batch_size, "pre": pre})
+    rankers = dict(num_cpus=cfg.rank_num_cpus, num_gpus=cfg.rank_num_gpus,
+                   compute=ray.data.ActorPoolStrategy(min_size=cfg.rank_concurrency[0],
+                                                      max_size=cfg.rank_concurrency[1]))
+    if cfg.precomputed:  # the list brings its captions: no captioner at all
+        return ds.map_batches(RankStage, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.rank_batch_size, **rankers)
     captioners = dict(num_cpus=cfg.caption_num_cpus, num_gpus=cfg.caption_num_gpus,
                       compute=ray.data.ActorPoolStrategy(min_size=cfg.caption_concurrency[0],
                                                          max_size=cfg.caption_concurrency[1]))
@@ -256,11 +277,7 @@ def build_dataset(cfg: CapFiltConfig, seed: int, input_uri: str, pending: list[i
                               batch_size=cfg.batch_size, **captioners)
     ds = ds.map_batches(CaptionStage, fn_constructor_kwargs={"cfg": cfg, "seed": seed}, batch_size=cfg.batch_size,
                         **captioners)
-    ds = ds.map_batches(RankStage, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.rank_batch_size,
-                        num_cpus=cfg.rank_num_cpus, num_gpus=cfg.rank_num_gpus,
-                        compute=ray.data.ActorPoolStrategy(min_size=cfg.rank_concurrency[0],
-                                                           max_size=cfg.rank_concurrency[1]))
-    return ds
+    return ds.map_batches(RankStage, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.rank_batch_size, **rankers)
 
 
 @contextlib.contextmanager
@@ -282,17 +299,18 @@ def small_blocks(max_bytes: int):
         ctx.target_max_block_size = saved
 
 
-def _write_complete_shards(ds, cfg: CapFiltConfig, pending: list[int], log) -> list[dict]:
+def _write_complete_shards(ds, cfg: CapFiltConfig, source: DownloadSource, pending: list[int], log) -> list[dict]:
     """Stream results, group rows by shard, and hand each complete shard to a writer task."""
     import ray
 
     write = ray.remote(num_cpus=cfg.write_num_cpus)(write_output_shard)
+    source_ref = ray.put(source)
     parts: dict[int, list[dict]] = {}
     got: dict[int, int] = {}
     refs = []
 
     def submit(index: int, results: dict | None) -> None:
-        refs.append(write.remote(cfg.input, cfg.output, index, results, cfg))
+        refs.append(write.remote(source_ref, cfg.output, index, results, cfg))
 
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for index in np.unique(batch["shard"]).tolist():
@@ -335,23 +353,25 @@ def read_set_stats(dst: ShardSet) -> list[dict]:
 
 
 def run_capfilt(cfg: CapFiltConfig, seed: int, log=print) -> dict:
-    """Run CapFilt from ``cfg.input`` (DOWNLOAD shard set) to ``cfg.output`` (CAPFILT shard set).
+    """Run CapFilt from ``cfg.input`` (a DOWNLOAD shard set, or an img2dataset / WebDataset folder
+    read through ``pipelines.adapters``) to ``cfg.output`` (CAPFILT shard set).
 
     Needs Ray initialised (``orchestration.ray_session.ensure_ray``). Raises SchemaError
     before any model loads when an input shard has the wrong schema. Returns the summary
     of this run, with the whole output set's totals under ``"set"``.
     """
-    src, dst = ShardSet(cfg.input), ShardSet(cfg.output)
+    src, dst = open_download_source(cfg.input, policy=cfg.input_policy), ShardSet(cfg.output)
     shards = check_input(src)
+    dst.check_writable()
     done = dst.committed_indices()
     pending = [i for i in shards if i not in done]
     log(f"capfilt: {len(shards)} input shards, {len(shards) - len(pending)} already done, {len(pending)} to run")
     started = time.time()
     stats = []
     if pending:
-        pre = Preprocess.from_models(cfg.captioner, cfg.ranker, cfg.max_pixels)
+        pre = Preprocess.from_models(None if cfg.precomputed else cfg.captioner, cfg.ranker, cfg.max_pixels)
         with small_blocks(pre.row_bytes * cfg.batch_size):
-            stats = _write_complete_shards(build_dataset(cfg, seed, src.uri, pending, pre), cfg, pending, log)
+            stats = _write_complete_shards(build_dataset(cfg, seed, src, pending, pre), cfg, src, pending, log)
     summary = {"keep": cfg.keep, "shards": len(shards), "shards_skipped": len(shards) - len(pending), "shards_written": len(pending),
                **summarize(stats, time.time() - started), "output": dst.uri}
     summary["set"] = summarize(read_set_stats(dst))

@@ -183,30 +183,36 @@ class Preprocess:
     """
 
     def __init__(self, caption_proc, rank_proc, max_pixels: int):
-        self.caption_tf = ImageTransform.from_processor(caption_proc) or HFTransform(caption_proc)
+        """``caption_proc`` None: no captioner runs (precomputed captions), only ranker pixels."""
+        self.caption_tf = None if caption_proc is None else (
+            ImageTransform.from_processor(caption_proc) or HFTransform(caption_proc))
         self.rank_tf = ImageTransform.from_processor(rank_proc) or HFTransform(rank_proc)
         self.max_pixels = max_pixels
-        self.caption_shape = _pixel_shape(self.caption_tf)
+        self.caption_shape = None if self.caption_tf is None else _pixel_shape(self.caption_tf)
         self.rank_shape = _pixel_shape(self.rank_tf)
-        self.row_bytes = 4 * (int(np.prod(self.caption_shape)) + int(np.prod(self.rank_shape)))  # float32 pixels
+        caption_values = 0 if self.caption_shape is None else int(np.prod(self.caption_shape))
+        self.row_bytes = 4 * (caption_values + int(np.prod(self.rank_shape)))  # float32 pixels
 
     @classmethod
-    def from_models(cls, captioner_uri: str, ranker_uri: str, max_pixels: int) -> "Preprocess":
-        return cls(load_image_processor(captioner_uri), load_image_processor(ranker_uri), max_pixels)
+    def from_models(cls, captioner_uri: str | None, ranker_uri: str, max_pixels: int) -> "Preprocess":
+        caption_proc = None if captioner_uri is None else load_image_processor(captioner_uri)
+        return cls(caption_proc, load_image_processor(ranker_uri), max_pixels)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["key"])
         outcomes = []
-        caption_px = np.zeros((n, *self.caption_shape), np.float32)
+        caption_px = None if self.caption_tf is None else np.zeros((n, *self.caption_shape), np.float32)
         rank_px = np.zeros((n, *self.rank_shape), np.float32)
         for i, data in enumerate(batch.pop("image")):
             img, outcome = decode_image(data, self.max_pixels)
             outcomes.append(outcome)
             if img is not None:
-                caption_px[i] = self.caption_tf(img)
+                if caption_px is not None:
+                    caption_px[i] = self.caption_tf(img)
                 rank_px[i] = self.rank_tf(img)
         batch["outcome"] = np.array(outcomes, dtype=object)
-        batch["caption_pixels"] = caption_px
+        if caption_px is not None:
+            batch["caption_pixels"] = caption_px
         batch["rank_pixels"] = rank_px
         return batch
 

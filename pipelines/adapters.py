@@ -128,6 +128,9 @@ class Img2DatasetFolder(DownloadSource):
         self.uri, self.kind = folder.uri, f"img2dataset {fmt} folder"
         self.source, self.policy = source, policy
 
+    def __getstate__(self):  # tasks read shards by number: the driver's listing does not travel with them
+        return {**self.__dict__, "numbers": []}
+
     def indices(self) -> list[int]:
         return list(self.numbers)
 

@@ -53,6 +53,14 @@ def http_server(corpus):
 
 
 @pytest.fixture(scope="session")
+def img2dataset_folders(tmp_path_factory, http_server, corpus):
+    """({format: folder}, {url: caption}): the real img2dataset CLI's output in each of its formats."""
+    from tests.helpers.img2dataset import img2dataset_folders as build
+
+    return build(tmp_path_factory.mktemp("img2dataset"), http_server.base_url, corpus[1])
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """A real moto S3 server on 127.0.0.1; the AWS env vars point every client at it."""
     from moto.server import ThreadedMotoServer

@@ -10,7 +10,8 @@ HELP = ("CapFilt: BLIP writes N nucleus-sampled captions per downloaded image, C
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--input", help="download shard set (local folder or s3://); default capfilt.input")
+    parser.add_argument("--input", help="download shard set, img2dataset output folder (webdataset, parquet or files "
+                        "format) or WebDataset folder; local or s3://; default capfilt.input")
     parser.add_argument("--output", help="CapFilt shard set to write (local folder or s3://); default capfilt.output")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON instead of the table")
 

@@ -1,11 +1,11 @@
-"""`blip2 shards inspect PATH`: statistics, consistency and a visual report of a shard set."""
+"""`blip2 shards inspect|search|export`: look at, search and convert shard sets."""
 from __future__ import annotations
 
 import json
 import sys
 
-HELP = ("inspect a shard set (local or s3://): stats, --verify, --sample, --html; or search it by text or image "
-        "(faiss over its CLIP embeddings)")
+HELP = ("inspect a shard set (local or s3://; img2dataset and WebDataset folders too): stats, --verify, --sample, "
+        "--html; search it by text or image (faiss over its CLIP embeddings); export it as WebDataset tars")
 
 
 def add_arguments(parser) -> None:
@@ -34,10 +34,19 @@ def add_arguments(parser) -> None:
     q.add_argument("--html", metavar="OUT", help="write the hits as an HTML page with thumbnails")
     q.add_argument("--json", metavar="OUT", help="also write the hits as JSON")
 
+    e = sub.add_parser("export", help="write a CapFilt shard set as WebDataset .tar shards (open_clip, webdataset)",
+                       description="NNNNN.tar per shard with <key>.jpg, .txt (best caption) and .json (captions, "
+                                   "scores, source, url, meta), plus sizes.json; resumable (existing tars are kept).")
+    e.add_argument("path", help="CapFilt (or curated) shard set: local path, file:// or s3://")
+    e.add_argument("output", help="folder for the .tar shards: local path or s3://")
+    e.add_argument("--format", choices=["webdataset"], default="webdataset")
+
 
 def run(args, cfg) -> int:
     if args.shards_command == "search":
         return _search(args, cfg)
+    if args.shards_command == "export":
+        return _export(args, cfg)
     from pipelines.inspect import format_text, inspect_shards
 
     ins = inspect_shards(args.path, sample=args.sample, verify=args.verify,
@@ -75,4 +84,21 @@ def _search(args, cfg) -> int:
         hits = [{k: v for k, v in h.__dict__.items() if k != "image"} for h in result["hits"]]
         with open(args.json, "w") as f:
             json.dump({"query": result["query"], "index": result["index"], "hits": hits}, f, indent=1)
+    return 0
+
+
+def _export(args, cfg) -> int:
+    from orchestration.ray_session import ensure_ray
+    from pipelines.schema import SchemaError
+    from pipelines.webdataset_export import export_webdataset
+
+    try:
+        ensure_ray(cfg.ray)
+        summary = export_webdataset(args.path, args.output, log=lambda m: print(m, file=sys.stderr))
+    except (SchemaError, FileNotFoundError, ValueError) as e:
+        print(f"blip2 shards export: {e}", file=sys.stderr)
+        return 2
+    print(f"webdataset → {args.output}: {summary['tars']} tars, {summary['samples']} samples "
+          f"({summary['written']} written now)\n  open_clip: --train-data '{summary['pattern']}' "
+          f"--train-num-samples {summary['samples']} --dataset-type webdataset")
     return 0

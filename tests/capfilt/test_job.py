@@ -58,7 +58,7 @@ def test_every_usable_image_once_and_bad_input_counted(first_run):
     assert all(len(c) == 2 and len(s) == 2 for c, s in zip(table.column("captions").to_pylist(),
                                                            table.column("scores").to_pylist()))
     for row in table.select(["key", "url", "sha256", "image"]).to_pylist():  # carried from the download row
-        assert row["url"] == f"http://127.0.0.1/{row['key']}"
+        assert row["url"] == f"http://127.0.0.1:1/{row['key']}"
         assert row["sha256"] == hashlib.sha256(row["image"]).hexdigest()
 
 
@@ -236,3 +236,41 @@ def test_human_rows_pass_through_with_every_caption_and_web_rows_are_ranked(ray_
         paths = embedding_paths(index)
         emb = np.load(io.BytesIO(ShardSet(cfg.output).fs.cat(ShardSet(cfg.output).path(paths["img_emb"]))))
         assert emb.shape[0] == len(keys) and np.all(np.abs(emb).sum(axis=1) > 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["webdataset", "parquet", "files"])
+def test_capfilt_runs_on_img2dataset_folders_as_they_are(ray_local, tiny_models, img2dataset_folders, tmp_path, fmt):
+    folders, captions = img2dataset_folders
+    cfg = job_config(tiny_models, str(folders[fmt]), str(tmp_path / "out"), colocate_ranker=True)
+    summary = run_capfilt(cfg, seed=0, log=lambda m: None)
+    rows = read_set(cfg.output).to_pylist()
+    assert sorted(r["url"] for r in rows) == sorted(captions)  # every image img2dataset fetched, once
+    assert all(r["original_caption"] == captions[r["url"]] and len(r["captions"]) == 2 for r in rows)
+    assert summary["rows_in"] == 14 and summary["rows_not_ok"] == 2 and summary["images_out"] == 12
+    assert ShardSet(cfg.output).committed_indices() == {0, 1, 2}  # one output shard per img2dataset shard
+    again = run_capfilt(cfg, seed=0, log=lambda m: None)
+    assert again["shards_written"] == 0
+
+
+def test_precomputed_captions_are_ranked_by_the_lists_scores(ray_local, tiny_models, corpus, tmp_path):
+    from pipelines.schema import DOWNLOAD
+    from tests.helpers.shards import download_row, write_set
+
+    root, items = corpus
+    given = {"laion/0": (["a dog", "a brown dog", "a dog on grass", "a dog"], [0.30, 0.35, 0.32, 0.30]),
+             "laion/1": (["a cat", "a grey cat"], [0.20, 0.10])}
+    rows = [{**download_row(k, f"alt text {i}", (root / items[i].file).read_bytes(), source="laion"),
+             "meta": {"synthetic_captions": caps, "synthetic_scores": scores}}
+            for i, (k, (caps, scores)) in enumerate(given.items())]
+    rows.append(download_row("laion/2", "alt text 2", (root / items[2].file).read_bytes(), source="laion"))
+    src = write_set(str(tmp_path / "dl"), DOWNLOAD, [rows])
+    cfg = job_config(tiny_models, src.uri, str(tmp_path / "out"), precomputed=True, captioner="/no/captioner")
+    summary = run_capfilt(cfg, seed=0, log=lambda m: None)
+    out = {r["key"]: r for r in read_set(cfg.output).to_pylist()}
+    assert out["laion/0"]["captions"] == ["a brown dog", "a dog on grass"]
+    assert out["laion/0"]["scores"] == pytest.approx([0.35, 0.32])
+    assert out["laion/1"]["captions"] == ["a cat", "a grey cat"] and "laion/2" not in out  # none to rank
+    assert summary["captions_generated"] == 0 and summary["too_few_captions"] == 1
+    cands = out["laion/0"]["candidates"]
+    assert cands[0]["caption"] == "alt text 0" and not cands[0]["synthetic"] and all(c["synthetic"] for c in cands[1:])

@@ -58,3 +58,12 @@ def test_cli_on_s3_writes_html(corpus, s3_bucket, tmp_path):
     page = out_html.read_text()
     assert page.count("class='thumb' src='data:image/jpeg;base64,") == 6
     assert corpus[1][0].caption in page
+
+
+def test_export_command_prints_the_open_clip_recipe(corpus, tmp_path, capsys, ray_local):
+    write_capfilt_set(str(tmp_path / "cf"), corpus, shards=2, per_shard=4)
+    assert main(["shards", "export", str(tmp_path / "cf"), str(tmp_path / "wds")]) == 0
+    out = capsys.readouterr().out
+    assert f"--train-data '{tmp_path}/wds/{{00000..00001}}.tar' --train-num-samples 8" in out
+    assert sorted(p.name for p in (tmp_path / "wds").iterdir()) == ["00000.tar", "00001.tar", "sizes.json"]
+    assert main(["shards", "export", str(tmp_path / "nothing-here"), str(tmp_path / "wds2")]) == 2

@@ -4,49 +4,14 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from pipelines.adapters import img2dataset_status, open_download_source
 from pipelines.inspect import format_text, inspect_shards
 from pipelines.schema import DOWNLOAD, SchemaError
-
-FORMATS = ("webdataset", "parquet", "files")
-
-
-def run_img2dataset(url_list: Path, out: Path, fmt: str, per_shard: int = 5) -> None:
-    exe = str(Path(sys.executable).with_name("img2dataset"))
-    cmd = [exe, "--url_list", str(url_list), "--input_format", "parquet", "--url_col", "url", "--caption_col", "caption",
-           "--output_format", fmt, "--output_folder", str(out), "--processes_count", "1", "--thread_count", "4",
-           "--image_size", "64", "--number_sample_per_shard", str(per_shard), "--distributor", "multiprocessing",
-           "--save_additional_columns", "['punsafe', 'similarity']"]
-    proc = subprocess.run(cmd, env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-
-
-@pytest.fixture(scope="module")
-def img2dataset_folders(tmp_path_factory, http_server, corpus):
-    """{format: folder} from the real img2dataset CLI over 12 loopback images and 2 broken URLs."""
-    root = tmp_path_factory.mktemp("i2d")
-    items = corpus[1][:12]
-    urls = [f"{http_server.base_url}/{it.file}" for it in items] + [f"{http_server.base_url}/status/404",
-                                                                   "http://127.0.0.1:1/refused.jpg"]
-    pq.write_table(pa.table({"url": urls, "caption": [it.caption for it in items] + ["gone", "refused"],
-                             "punsafe": [i / 100 for i in range(len(urls))], "similarity": [0.3] * len(urls)}),
-                   root / "list.parquet")
-    out = {}
-    for fmt in FORMATS:
-        run_img2dataset(root / "list.parquet", root / fmt, fmt)
-        out[fmt] = root / fmt
-    return out, {u: it.caption for u, it in zip(urls, items)}
-
+from tests.helpers.img2dataset import FORMATS
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_every_img2dataset_sample_is_one_row_with_its_status(img2dataset_folders, corpus, fmt):
