@@ -133,8 +133,7 @@ class PartitionDownloader:
         self.spec = ImageSpec(cfg.image_size, cfg.resize_mode, cfg.resize_only_if_bigger, cfg.encode_quality,
                               cfg.max_pixels, cfg.min_image_size)
 
-    def _finish(self, row: dict, data: bytes) -> dict:
-        sha = hashlib.sha256(data).hexdigest()
+    def _finish(self, row: dict, data: bytes, sha: str) -> dict:
         try:
             s = store(data, self.spec)
         except Rejected as r:
@@ -190,7 +189,8 @@ class PartitionDownloader:
                     hosts.again(item, delay)
                     continue
                 hosts.done(item)
-                results.put((item, got))
+                # hashed here: hashlib releases the GIL, so it overlaps the main thread's image work
+                results.put((item, got, hashlib.sha256(got.data).hexdigest() if got.data is not None else None))
 
         threads = [threading.Thread(target=worker, name=f"fetch-{t}", daemon=True)
                    for t in range(min(self.cfg.threads, len(items)))]
@@ -199,14 +199,14 @@ class PartitionDownloader:
         pending = len(items)
         while pending:
             try:
-                item, got = results.get(timeout=max(0.01, min(1.0, deadline - time.monotonic())))
+                item, got, sha = results.get(timeout=max(0.01, min(1.0, deadline - time.monotonic())))
             except queue.Empty:
                 if time.monotonic() >= deadline:
                     break
                 continue
             try:
                 row = rows[item.index]
-                out[item.index] = (self._finish(row, got.data) if got.status == "ok"
+                out[item.index] = (self._finish(row, got.data, sha) if got.status == "ok"
                                    else empty_row(row, got.status, got.error))
                 if stats is not None:
                     stats.fetched(item.host, got)

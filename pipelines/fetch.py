@@ -36,7 +36,7 @@ USER_AGENT = ("Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 F
               "(compatible; {token}; +https://github.com/rom1504/img2dataset)")
 ROBOTS_TOKENS = ("img2dataset",)        # honoured besides our own token
 DISALLOWED_DIRECTIVES = {"noai", "noimageai", "noindex", "noimageindex"}  # img2dataset's defaults
-CHUNK_BYTES = 1 << 16
+CHUNK_BYTES = 1 << 20                  # reads of a body without Content-Length
 _URL_SAFE = string.punctuation         # keep reserved characters and existing %-escapes
 
 
@@ -142,11 +142,13 @@ class Watchdog:
     def watch(self, sock: socket.socket, deadline: float) -> _Watch:
         w = _Watch(deadline, sock.dup())
         with self._cond:
+            earliest = not self._heap or deadline < self._heap[0][0]
             heapq.heappush(self._heap, (deadline, next(self._seq), w))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="fetch-watchdog", daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            if earliest:  # the watchdog sleeps until the earliest deadline: wake it only to move that
+                self._cond.notify()
         return w
 
     def release(self, w: _Watch) -> None:
@@ -220,24 +222,29 @@ class Fetcher:
                 if opted_out(r.headers, self.tokens):
                     return Fetched("opted_out", error="X-Robots-Tag forbids this use")
                 length = r.headers.get("Content-Length")
-                if length and length.strip().isdigit() and int(length) > limits.max_bytes:
-                    return Fetched("too_large", error=f"Content-Length {int(length)} > max_bytes {limits.max_bytes}")
-                chunks, total = [], 0
-                while True:
-                    if time.monotonic() >= deadline:
-                        return _timeout(limits)
-                    chunk = r.read(CHUNK_BYTES)
-                    if not chunk:
-                        break
-                    total += len(chunk)
-                    if total > limits.max_bytes:
-                        return Fetched("too_large", error=f"body over max_bytes {limits.max_bytes}")
-                    chunks.append(chunk)
+                length = int(length) if length and length.strip().isdigit() else None
+                if length is not None and length > limits.max_bytes:
+                    return Fetched("too_large", error=f"Content-Length {length} > max_bytes {limits.max_bytes}")
+                if length is not None:  # one read of exactly that much; the watchdog bounds it in time
+                    data = r.read(length)
+                else:
+                    chunks, total = [], 0
+                    while True:
+                        if time.monotonic() >= deadline:
+                            return _timeout(limits)
+                        chunk = r.read(CHUNK_BYTES)
+                        if not chunk:
+                            break
+                        total += len(chunk)
+                        if total > limits.max_bytes:
+                            return Fetched("too_large", error=f"body over max_bytes {limits.max_bytes}")
+                        chunks.append(chunk)
+                    data = b"".join(chunks)
             if time.monotonic() >= deadline:  # the watchdog's shutdown reads as end of body
                 return _timeout(limits)
-            if length and length.strip().isdigit() and total < int(length):
-                return Fetched("network_error", error=f"body shorter than announced ({total} of {int(length)} bytes)")
-            return Fetched("ok", data=b"".join(chunks))
+            if length is not None and len(data) < length:
+                return Fetched("network_error", error=f"body shorter than announced ({len(data)} of {length} bytes)")
+            return Fetched("ok", data=data)
         except urllib.error.HTTPError as e:
             e.close()
             if e.code in (429, 503):

@@ -4,7 +4,7 @@ The header is read before any pixel is decoded, so decompression bombs (``max_pi
 tracking pixels (``min_image_size``) are refused for the price of a few bytes. JPEGs are
 decoded at the smallest DCT scale (1/2, 1/4, 1/8) that still covers the output size
 (libjpeg's own downscaling: a quarter of the pixels decoded per halving), the rest is
-resized with OpenCV's area filter as img2dataset does, and an RGB JPEG that already fits is
+resized (see :func:`resize`) to img2dataset's sizes, and an RGB JPEG that already fits is
 stored as it came. CMYK, palette, 16-bit and alpha images become 8-bit RGB (alpha composited
 on white); truncated files are refused instead of being decoded with grey fill.
 """
@@ -54,9 +54,8 @@ def scaled_size(width: int, height: int, spec: ImageSpec) -> tuple[int, int]:
     side = min(width, height) if by_short else max(width, height)
     if spec.resize_only_if_bigger and side <= spec.size:
         return width, height
-    if width == side:
-        return spec.size, max(1, int(height * spec.size / width))
-    return max(1, int(width * spec.size / height)), spec.size
+    scale = spec.size / side  # rounded as albumentations' Smallest/LongestMaxSize do (img2dataset's sizes)
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def to_rgb(img):
@@ -70,6 +69,8 @@ def to_rgb(img):
         img = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
     elif img.mode == "F":
         img = Image.fromarray(np.asarray(img).clip(0, 255).astype(np.uint8))
+    if img.mode == "RGB":
+        return img
     has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
         img.mode == "P" and "transparency" in img.info)
     if has_alpha:
@@ -118,14 +119,23 @@ def decode(img, target: tuple[int, int]):
     return to_rgb(img)
 
 
-def resize(rgb: np.ndarray, scaled: tuple[int, int], spec: ImageSpec) -> np.ndarray:
-    """Scale to ``scaled`` (w, h), then crop or pad as the mode asks."""
+def resize(img, scaled: tuple[int, int], spec: ImageSpec) -> np.ndarray:
+    """PIL RGB image → array scaled to ``scaled`` (w, h), then cropped or padded as the mode asks.
+
+    A downscale by k ≥ 2 first averages k×k blocks (PIL ``reduce``: the area filter at an integer
+    factor), then OpenCV's bilinear filter takes the rest (< 2×, where it does not alias): a third
+    of the CPU of one area resize, within a JPEG re-encode's noise of it (tested against img2dataset)."""
     import cv2
 
-    h, w = rgb.shape[:2]
+    w, h = img.size
     if (w, h) != scaled:
+        k = min(w // scaled[0], h // scaled[1])
+        if k >= 2:
+            img = img.reduce(k)
         down = scaled[0] < w or scaled[1] < h
-        rgb = cv2.resize(rgb, scaled, interpolation=cv2.INTER_AREA if down else cv2.INTER_LANCZOS4)
+        rgb = cv2.resize(np.asarray(img), scaled, interpolation=cv2.INTER_LINEAR if down else cv2.INTER_LANCZOS4)
+    else:
+        rgb = np.asarray(img)
     h, w = rgb.shape[:2]
     if spec.resize_mode == "center_crop" and (w > spec.size or h > spec.size):
         top, left = max(0, (h - spec.size) // 2), max(0, (w - spec.size) // 2)
@@ -149,7 +159,7 @@ def store(data: bytes, spec: ImageSpec) -> Stored:
     unchanged = scaled == (width, height) and spec.resize_mode in ("no", "keep_ratio", "keep_ratio_largest")
     if unchanged and fmt == "JPEG" and mode == "RGB":
         return Stored(data, width, height, width, height)  # decoded once to prove it is whole; kept as sent
-    out = resize(np.asarray(rgb), scaled, spec)
+    out = resize(rgb, scaled, spec)
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(out, cv2.COLOR_RGB2BGR), [int(cv2.IMWRITE_JPEG_QUALITY), spec.quality])
     if not ok:
         raise Rejected("decode_error", "could not encode the resized image")
