@@ -122,33 +122,30 @@ class ShardSet:
         self.put(name, data)
         return info
 
-    def put_file(self, name: str, local_path: str) -> None:
-        """Copy a local file in as member ``name``, all or nothing (streamed: never whole in memory)."""
-        path = self.path(name)
-        if self._local:
-            folder, _, base = path.rpartition("/")
-            self.fs.makedirs(folder, exist_ok=True)
-            tmp = f"{folder}/.{base}.tmp-{uuid.uuid4().hex}"
-            self.fs.put_file(local_path, tmp)
-            self.fs.mv(tmp, path)
-        else:
-            self.fs.put_file(local_path, path)
-
     @property
     def is_local(self) -> bool:
         return self._local
 
-    def put(self, name: str, data: bytes) -> None:
-        """Write member file ``name`` all or nothing: a temporary name renamed locally, one PUT on S3."""
+    def _write_member(self, name: str, write) -> None:
+        """``write(path)`` all or nothing: to a temporary name renamed into place locally (a rename
+        is atomic), straight to the name on object stores (a single PUT is)."""
         path = self.path(name)
         if self._local:
             folder, _, base = path.rpartition("/")
             self.fs.makedirs(folder, exist_ok=True)
             tmp = f"{folder}/.{base}.tmp-{uuid.uuid4().hex}"
-            self.fs.pipe(tmp, data)
+            write(tmp)
             self.fs.mv(tmp, path)
         else:
-            self.fs.pipe(path, data)
+            write(path)
+
+    def put(self, name: str, data: bytes) -> None:
+        """Write member file ``name`` all or nothing."""
+        self._write_member(name, lambda p: self.fs.pipe(p, data))
+
+    def put_file(self, name: str, local_path: str) -> None:
+        """Copy a local file in as member ``name``, all or nothing (streamed: never whole in memory)."""
+        self._write_member(name, lambda p: self.fs.put_file(local_path, p))
 
     def write_manifest(self, contract: Contract, config: dict | None = None,
                        summary: dict | None = None) -> dict:

@@ -225,17 +225,25 @@ def _no_duplicate_keys(pairs):
     return out
 
 
-def _json_array(fs, path: str) -> list:
-    """A json array, or a json object holding one (``{"images": [...]}``/``{"annotations": [...]}``)."""
-    with fs.open(path, "rb", compression=_compression(path)) as f:
-        raw = f.read()
-    # surrogateescape keeps invalid UTF-8 bytes visible (as lone surrogates) instead of failing the file
+def _loads(raw: bytes):
+    """JSON from bytes; surrogateescape keeps invalid UTF-8 visible (as lone surrogates) instead of
+    failing the file. Raises SchemaError on a duplicate key, ValueError on bad JSON."""
+    return json.loads(raw.decode("utf-8", errors="surrogateescape"), object_pairs_hook=_no_duplicate_keys)
+
+
+def _file_json(raw: bytes, path: str, what: str):
     try:
-        data = json.loads(raw.decode("utf-8", errors="surrogateescape"), object_pairs_hook=_no_duplicate_keys)
+        return _loads(raw)
     except SchemaError as e:
         raise SchemaError(f"{path}: {e}") from None
     except ValueError as e:
-        raise SchemaError(f"{path}: not valid json ({e})") from None
+        raise SchemaError(f"{path}: {what} is not valid json ({e})") from None
+
+
+def _json_array(fs, path: str) -> list:
+    """A json array, or a json object holding one (``{"images": [...]}``/``{"annotations": [...]}``)."""
+    with fs.open(path, "rb", compression=_compression(path)) as f:
+        data = _file_json(f.read(), path, "the file")
     if isinstance(data, dict):
         for k in ("annotations", "images", "data"):
             if isinstance(data.get(k), list):
@@ -256,7 +264,7 @@ def _json_records(fs, path: str, counts: dict) -> Iterator[tuple[dict | None, st
             counts["blank_lines"] += 1
             continue
         try:
-            record = json.loads(line.decode("utf-8", errors="surrogateescape"), object_pairs_hook=_no_duplicate_keys)
+            record = _loads(line)
         except (ValueError, SchemaError) as e:
             yield None, f"line {number}: {e}"
             continue
@@ -276,14 +284,7 @@ def file_columns(source: Source, fs, path: str) -> list[str]:
         return []
     if ext == "jsonl":
         first = next((line for _, line in _lines(fs, path) if line.strip()), None)
-        if first is None:
-            return []
-        try:
-            record = json.loads(first.decode("utf-8", errors="surrogateescape"), object_pairs_hook=_no_duplicate_keys)
-        except SchemaError as e:
-            raise SchemaError(f"{path}: {e}") from None
-        except ValueError as e:
-            raise SchemaError(f"{path}: the first line is not valid json ({e})") from None
+        record = None if first is None else _file_json(first, path, "the first line")
         return list(record) if isinstance(record, dict) else []
     if source.header:
         return _header(source, fs, path)

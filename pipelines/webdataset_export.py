@@ -9,8 +9,8 @@ CapFilt shard ``part-NNNNN.parquet`` becomes ``NNNNN.tar``; each sample holds
 and ``sizes.json`` (shard name → samples, what open_clip reads for the dataset size) is written
 last. Sample keys are the row keys with ``/`` and ``.`` replaced by ``_`` (WebDataset splits
 member names at them); the json keeps the original key. Tars are written with the webdataset
-package's ``TarWriter``, one Ray task per shard, to a temporary name and then renamed (a single
-PUT on object stores), so a rerun skips the tars already there. Ray Data's
+package's ``TarWriter``, one Ray task per shard, all or nothing (``ShardSet.put``), so a rerun
+skips the tars already there. Ray Data's
 ``write_webdataset`` names its files by block, which neither a ``{00000..N}.tar`` pattern nor
 a resume can rely on.
 """
@@ -19,7 +19,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import uuid
 
 from pipelines.schema import CAPFILT
 from pipelines.shardio import ShardSet, shard_index, shard_name
@@ -59,13 +58,7 @@ def export_shard(src_uri: str, dst_uri: str, index: int) -> int:
                                         "meta")}
             sink.write({"__key__": sample_key(row["key"]), image_ext(row["image"]): row["image"],
                         "txt": row["captions"][0].encode("utf-8"), "json": json.dumps(info).encode("utf-8")})
-    data = buf.getvalue()
-    if dst._local:
-        tmp = dst.path(f".{tar_name(index)}.tmp-{uuid.uuid4().hex}")
-        dst.fs.pipe(tmp, data)
-        dst.fs.mv(tmp, dst.path(tar_name(index)))
-    else:
-        dst.fs.pipe(dst.path(tar_name(index)), data)
+    dst.put(tar_name(index), buf.getvalue())
     return table.num_rows
 
 

@@ -11,7 +11,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tests.helpers.servers import RayHead, free_port, start_http_server  # noqa: E402
+from tests.helpers.servers import RayHead, free_port, start_http_server, start_recording_server  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -47,6 +47,16 @@ def corpus(tmp_path_factory):
 def http_server(corpus):
     """The corpus (and hostile routes, see tests.helpers.servers) on http://127.0.0.1:<port>."""
     server = start_http_server(corpus[0])
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="session")
+def recorder():
+    """A request recorder on 127.0.0.2, which no test's allow-list includes: a broken address guard
+    would show up in its ``seen`` list (and still only reach this machine)."""
+    server = start_recording_server("127.0.0.2")
     yield server
     server.shutdown()
     server.server_close()

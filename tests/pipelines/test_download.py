@@ -21,7 +21,7 @@ from pipelines.download import format_summary, run_download
 from pipelines.schema import DOWNLOAD, SchemaError
 from pipelines.shardio import ShardSet
 from tests.helpers.images import encoded, png_header_only
-from tests.helpers.servers import pids_running, start_http_server, start_recording_server
+from tests.helpers.servers import pids_running, start_http_server
 
 
 def hostile_images(good_jpeg: bytes) -> dict[str, bytes]:
@@ -54,13 +54,6 @@ def hostile_server(tmp_path_factory, corpus):
     server.shutdown()
     server.server_close()
 
-
-@pytest.fixture(scope="module")
-def recorder():
-    server = start_recording_server("127.0.0.2")
-    yield server
-    server.shutdown()
-    server.server_close()
 
 
 def write_tsv(path, rows: list[tuple[str, bytes | str]]):

@@ -10,7 +10,6 @@ import pytest
 
 from pipelines.fetch import Fetcher, FetchLimits, host_of, normalize_url, opted_out, retry_after_seconds
 from pipelines.netguard import Guard, Policy
-from tests.helpers.servers import start_http_server, start_recording_server
 
 LIMITS = FetchLimits(timeout=1.0, deadline=1.5, max_bytes=1 << 20)
 
@@ -19,13 +18,6 @@ LIMITS = FetchLimits(timeout=1.0, deadline=1.5, max_bytes=1 << 20)
 def fetcher():
     return Fetcher(Policy(("127.0.0.1",)), LIMITS)
 
-
-@pytest.fixture(scope="module")
-def recorder():
-    server = start_recording_server("127.0.0.2")
-    yield server
-    server.shutdown()
-    server.server_close()
 
 
 def timed(fetcher, url):
@@ -151,10 +143,3 @@ def test_retry_after_seconds():
     now = time.time()
     assert 59 <= retry_after_seconds(email.utils.formatdate(now + 60, usegmt=True), now) <= 61
 
-
-@pytest.fixture(scope="module")
-def http_server(corpus):
-    server = start_http_server(corpus[0])
-    yield server
-    server.shutdown()
-    server.server_close()

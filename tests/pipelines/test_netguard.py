@@ -13,7 +13,6 @@ from pipelines.netguard import (
     classify,
     guarded_opener,
 )
-from tests.helpers.servers import start_recording_server
 
 
 @pytest.mark.parametrize("ip,reason", [
@@ -87,12 +86,6 @@ def test_connection_checks_resolved_addresses_before_connecting():
         Guard(Policy()).create_connection(("localhost", 9), timeout=1)
 
 
-@pytest.fixture
-def recorder_on_127_0_0_2():
-    server = start_recording_server("127.0.0.2")
-    yield server
-    server.shutdown()
-    server.server_close()
 
 
 def test_guarded_opener_fetches_allowed_host(http_server, corpus):
@@ -101,18 +94,19 @@ def test_guarded_opener_fetches_allowed_host(http_server, corpus):
         assert r.read() == (corpus[0] / corpus[1][0].file).read_bytes()
 
 
-def test_redirect_to_refused_address_is_not_fetched(http_server, recorder_on_127_0_0_2):
-    target = f"http://127.0.0.2:{recorder_on_127_0_0_2.server_address[1]}/latest/meta-data"
+def test_redirect_to_refused_address_is_not_fetched(http_server, recorder):
+    target = f"http://127.0.0.2:{recorder.server_address[1]}/latest/meta-data"
     opener = guarded_opener(Policy(("127.0.0.1",)))
     with pytest.raises(urllib.error.URLError, match="blocked: redirect to"):
         opener.open(f"{http_server.base_url}/redirect?to={target}", timeout=5)
     with pytest.raises(urllib.error.URLError, match="blocked"):
         opener.open(target, timeout=5)  # the direct URL too
-    assert recorder_on_127_0_0_2.seen == []
+    assert recorder.seen == []
     # The recorder is reachable when allowed, so an empty record above means the guard stopped it.
     with guarded_opener(Policy(("127.0.0.0/8",))).open(target, timeout=5) as r:
         assert r.read() == b"secret"
-    assert recorder_on_127_0_0_2.seen == ["/latest/meta-data"]
+    assert recorder.seen == ["/latest/meta-data"]
+    recorder.seen.clear()  # the recorder is shared: other tests assert it stays empty
 
 
 def test_redirect_to_other_schemes_and_loops(http_server):
