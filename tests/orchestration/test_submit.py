@@ -60,4 +60,4 @@ def test_capfilt_through_ray_job_submit(ray_head, tiny_models, hostile_input, tm
     # A failing command's exit status comes back as the submit's exit status.
     assert main(["submit", "--address", ray_head.dashboard_url, "--python", sys.executable, "capfilt",
                  "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "never")]) == 2
-    assert "holds no committed shards" in capsys.readouterr().out
+    assert "missing does not exist" in capsys.readouterr().out
