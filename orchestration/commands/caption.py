@@ -25,11 +25,17 @@ def emit(args, image: str, key: str, value: str) -> None:
     print(json.dumps({"image": image, key: value}) if args.json else f"{image}\t{value}", flush=True)
 
 
-def over_images(args, command: str, key: str, infer) -> int:
-    """``infer(image)[key]`` for every image; an unreadable image is reported and counted, the rest
-    still run. Exit status 1 if any failed."""
+def over_images(args, command: str, key: str, infer, load) -> int:
+    """``load()`` the model, then ``infer(image)[key]`` for every image. A model that cannot be
+    loaded is one line and exit status 2; an unreadable image is reported and counted, the rest
+    still run (exit status 1 if any failed)."""
     import sys
 
+    try:
+        load()
+    except (OSError, ValueError, KeyError) as e:  # missing dir/file, not a model, wrong format
+        print(f"blip2 {command}: cannot load --model {args.model}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     failed = 0
     for image in args.images:
         try:
@@ -50,4 +56,5 @@ def run(args, cfg) -> int:
     gen = {"num_beams": args.num_beams or cfg.eval.num_beams, "max_new_tokens": args.max_new_tokens or cfg.eval.max_new_tokens}
     prompt = cfg.eval.caption_prompt if args.prompt is None else args.prompt
     return over_images(args, "caption", "pred_caption", lambda image: api.caption(
-        image, model=args.model, prompt=prompt, device=args.device, config=cfg.model, **gen))
+        image, model=args.model, prompt=prompt, device=args.device, config=cfg.model, **gen),
+        lambda: api.load_model(args.model, args.device, config=cfg.model))

@@ -24,4 +24,5 @@ def run(args, cfg) -> int:
     if args.max_new_tokens:
         gen["max_new_tokens"] = args.max_new_tokens
     return over_images(args, "vqa", "pred_answer", lambda image: api.vqa(
-        image, args.question, model=args.model, prompt=args.prompt, device=args.device, config=cfg.model, **gen))
+        image, args.question, model=args.model, prompt=args.prompt, device=args.device, config=cfg.model, **gen),
+        lambda: api.load_model(args.model, args.device, config=cfg.model))

@@ -132,6 +132,21 @@ def test_cli_caption_and_vqa(exported, images, tmp_path):
     assert answer == api.vqa(str(images[1]), "what shape is it?", model=exported["t5"])["pred_answer"]
 
 
+@pytest.mark.parametrize("command", [("caption",), ("vqa", "--question", "what shape is it?")])
+def test_cli_wrong_model_is_one_clear_line(command, images, tmp_path, capsys):
+    from orchestration.cli import main
+
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    (not_a_model / "notes.txt").write_text("no config here")
+    for model in (tmp_path / "missing", not_a_model):
+        assert main([*command, str(images[0]), "--model", str(model)]) == 2
+        out, err = capsys.readouterr()
+        lines = err.strip().splitlines()
+        assert out == "" and len(lines) == 1, err
+        assert lines[0].startswith(f"blip2 {command[0]}: cannot load --model {model}"), err
+
+
 def test_model_directory_on_s3(exported, images, s3_bucket):
     import fsspec
 
