@@ -8,21 +8,16 @@
 directory (local or s3://), or a LAVIS stage-2 state dict file (``.pth``/``.safetensors``; it holds
 only the trained weights, so pass ``config=ModelConfig(vision_path=..., llm_path=...)``).
 ``image`` is a path, a PIL image or an ``HxWx3`` uint8 array, or a list of them (then a list of
-results comes back). Paper §4 settings are the defaults: prompt "a photo of" for captions;
-"Question: {} Answer:" (OPT) / "Question: {} Short answer:" (FlanT5), beam 5 and length
-penalty -1 for VQA. Every generation keyword of ``transformers`` can override them.
+results comes back). The defaults are ``blip2 eval``'s (``EvalConfig``, paper §4 / LAVIS): prompt
+"a photo of", beam 5 and 8..30 new tokens for captions; "Question: {} Answer:" (OPT) /
+"Question: {} Short answer:" (FlanT5), beam 5, length penalty -1 and 1..10 new tokens for VQA.
+``settings=EvalConfig(...)`` changes them; every generation keyword of ``transformers`` overrides them.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 from pathlib import Path
-
-CAPTION_PROMPT = "a photo of"
-VQA_PROMPTS = {"opt": "Question: {} Answer:", "t5": "Question: {} Short answer:"}
-CAPTION_DEFAULTS = {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 1}
-VQA_DEFAULTS = {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1, "length_penalty": -1.0}
-
 
 def default_device() -> str:
     import torch
@@ -59,6 +54,12 @@ def load_model(model: str | Path, device: str | None = None, config=None, **over
     return _load(str(model), device or default_device(), tuple(sorted(items.items())))
 
 
+def _settings(settings):
+    from training.config import EvalConfig
+
+    return settings if settings is not None else EvalConfig()
+
+
 def load_images(image) -> list:
     """Path / PIL image / uint8 array (or a list of them) → RGB PIL images; a clear error otherwise."""
     import numpy as np
@@ -85,31 +86,42 @@ def load_images(image) -> list:
 def _run(model, images, prompts, defaults, generate_kwargs):
     import torch
 
+    kwargs = {**defaults, **generate_kwargs}
+    if "min_new_tokens" not in generate_kwargs and "max_new_tokens" in kwargs:  # a shorter max given alone
+        kwargs["min_new_tokens"] = min(kwargs.get("min_new_tokens", 0), kwargs["max_new_tokens"])
     pixel_values = model.preprocess(images).to(model.query_tokens.device)
     with torch.no_grad():
-        return model.generate(pixel_values, prompts, **{**defaults, **generate_kwargs})
+        return model.generate(pixel_values, prompts, **kwargs)
 
 
-def caption(image, model: str | Path, prompt: str = CAPTION_PROMPT, device: str | None = None, config=None,
-            **generate_kwargs) -> dict | list[dict]:
-    """``{"pred_caption": str}`` per image: the model's continuation of ``prompt``."""
+def caption(image, model: str | Path, prompt: str | None = None, device: str | None = None, config=None,
+            settings=None, **generate_kwargs) -> dict | list[dict]:
+    """``{"pred_caption": str}`` per image: the model's continuation of ``prompt``. ``settings`` (an
+    ``EvalConfig``) gives the prompt and generation defaults, as ``blip2 eval`` uses them."""
+    from training.evaluate.generation import caption_settings
+
+    default_prompt, defaults = caption_settings(_settings(settings))
+    prompt = default_prompt if prompt is None else prompt
     images = load_images(image)
     blip2 = load_model(model, device, config)
-    texts = _run(blip2, images, [prompt] * len(images), CAPTION_DEFAULTS, generate_kwargs)
+    texts = _run(blip2, images, [prompt] * len(images), defaults, generate_kwargs)
     results = [{"pred_caption": t} for t in texts]
     return results if isinstance(image, (list, tuple)) else results[0]
 
 
 def vqa(image, question: str | list[str], model: str | Path, prompt: str | None = None, device: str | None = None,
-        config=None, **generate_kwargs) -> dict | list[dict]:
+        config=None, settings=None, **generate_kwargs) -> dict | list[dict]:
     """``{"pred_answer": str}`` per image; ``prompt`` is a template with one ``{}`` for the question
-    (default: the paper's, by LLM family)."""
+    (default: ``settings.vqa_prompt``, else the paper's, by LLM family)."""
+    from training.evaluate.generation import vqa_settings
+
     images = load_images(image)
     questions = [question] * len(images) if isinstance(question, str) else list(question)
     if len(questions) != len(images):
         raise ValueError(f"{len(questions)} questions for {len(images)} images")
     blip2 = load_model(model, device, config)
-    template = prompt or VQA_PROMPTS[blip2.cfg.llm_family]
-    answers = _run(blip2, images, [template.format(q) for q in questions], VQA_DEFAULTS, generate_kwargs)
+    template, defaults = vqa_settings(_settings(settings), blip2.cfg.llm_family)
+    template = prompt or template
+    answers = _run(blip2, images, [template.format(q) for q in questions], defaults, generate_kwargs)
     results = [{"pred_answer": a} for a in answers]
     return results if isinstance(image, (list, tuple)) else results[0]

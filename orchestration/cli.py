@@ -12,7 +12,7 @@ import os
 import re
 import sys
 
-from orchestration.config import ConfigError, available_presets, load_config
+from orchestration.config import ConfigError, available_presets, deep_merge, load_config, nest, parse_overrides
 
 # command name -> module under orchestration.commands
 COMMANDS = {
@@ -62,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def flag_overrides(args) -> dict:
+    """A command's convenience flags as config overrides (its ``FLAGS``: flag dest → config key), so
+    flags and ``key=value`` reach the config through one merge; a flag given wins over ``key=value``."""
+    flags = getattr(args._module, "FLAGS", {})
+    return nest({key: getattr(args, dest) for dest, key in flags.items() if getattr(args, dest, None) is not None})
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset's albumentations phones home
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -70,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(rest)
     args.overrides = overrides
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, deep_merge(parse_overrides(overrides), flag_overrides(args)))
     except ConfigError as e:
         print(f"blip2 {args.command}: config error: {e}", file=sys.stderr)
         return 2

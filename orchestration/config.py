@@ -152,20 +152,27 @@ def deep_merge(base: dict, update: dict) -> dict:
     return out
 
 
-def parse_overrides(items: list[str]) -> dict:
-    """``["train.lr=1e-4", "capfilt.concurrency=[1,2]"]`` → nested dict (values parsed as YAML)."""
+def nest(pairs: dict) -> dict:
+    """``{"train.lr": 1e-4}`` → ``{"train": {"lr": 1e-4}}``."""
     out: dict = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not key=value")
-        value = yaml.safe_load(raw) if raw != "" else ""
+    for key, value in pairs.items():
         node = out
         parts = key.strip().split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
         node[parts[-1]] = value
     return out
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["train.lr=1e-4", "capfilt.concurrency=[1,2]"]`` → nested dict (values parsed as YAML)."""
+    pairs = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value")
+        pairs[key] = yaml.safe_load(raw) if raw != "" else ""
+    return nest(pairs)
 
 
 def available_presets() -> list[str]:

@@ -130,6 +130,7 @@ class EvalConfig:
     vqa_num_beams: int = 5
     vqa_max_new_tokens: int = 10
     vqa_length_penalty: float = -1.0
+    vqa_min_new_tokens: int = 1
     vqa_image_name: str = "COCO_val2014_{image_id:012d}.jpg"  # when a question names no image file
     limit: int = 0                     # evaluate only the first N images / questions (0: all)
 

@@ -1,12 +1,12 @@
 """`blip2 capfilt`: caption, rank and filter a downloaded shard set (a Ray Data job)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 
 HELP = ("CapFilt: BLIP writes N nucleus-sampled captions per downloaded image, CLIP ranks them with the "
         "original caption, the best two are kept (resumable Ray Data job)")
+FLAGS = {"input": "capfilt.input", "output": "capfilt.output"}
 
 
 def add_arguments(parser) -> None:
@@ -21,11 +21,9 @@ def run(args, cfg) -> int:
     from orchestration.ray_session import ensure_ray
     from pipelines.schema import SchemaError
 
-    section = dataclasses.replace(cfg.capfilt, input=args.input or cfg.capfilt.input,
-                                  output=args.output or cfg.capfilt.output)
     ensure_ray(cfg.ray)
     try:
-        summary = run_capfilt(section, cfg.seed, log=lambda m: print(m, file=sys.stderr, flush=True))
+        summary = run_capfilt(cfg.capfilt, cfg.seed, log=lambda m: print(m, file=sys.stderr, flush=True))
     except (SchemaError, FileNotFoundError) as e:
         print(f"blip2 capfilt: {e}", file=sys.stderr)
         return 2

@@ -1,12 +1,12 @@
 """`blip2 curate`: CLIP-score filter, exact + semantic dedup, NSFW/aesthetic heads over a CapFilt shard set."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 
 HELP = ("curate a CapFilt shard set with its CLIP embeddings: CLIP-score filter, sha256 and semantic (SemDeDup) "
         "dedup, NSFW/aesthetic/watermark filters; every removed row is kept in <output>/_removed (resumable Ray job)")
+FLAGS = {"input": "curate.input", "output": "curate.output"}
 
 
 def add_arguments(parser) -> None:
@@ -20,11 +20,9 @@ def run(args, cfg) -> int:
     from orchestration.ray_session import ensure_ray
     from pipelines.schema import SchemaError
 
-    section = dataclasses.replace(cfg.curate, input=args.input or cfg.curate.input,
-                                  output=args.output or cfg.curate.output)
     ensure_ray(cfg.ray)
     try:
-        summary = run_curate(section, cfg.seed, log=lambda m: print(m, file=sys.stderr, flush=True))
+        summary = run_curate(cfg.curate, cfg.seed, log=lambda m: print(m, file=sys.stderr, flush=True))
     except (SchemaError, FileNotFoundError) as e:
         print(f"blip2 curate: {e}", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ import sys
 
 HELP = "download image-text URL lists (COCO/VG/CC3M/CC12M/SBU/LAION) into Parquet shards; resumable"
 DEFAULT_PRESET = None
+FLAGS = {"input": "download.input", "source": "download.source", "output": "download.output", "policy": "download.policy"}
 
 
 def add_arguments(parser) -> None:
@@ -19,7 +20,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--policy", help="captions: auto (the source's), web or human; sets download.policy")
     parser.add_argument("--plan-only", action="store_true",
                         help="read the lists and write the plan (partitions, duplicates, merged captions), download nothing")
-    parser.add_argument("--no-progress", action="store_true", help="hide Ray Data progress bars")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress line")
 
 
 def run(args, cfg) -> int:
@@ -29,10 +30,6 @@ def run(args, cfg) -> int:
     from pipelines.sources import open_url_lists
 
     d = cfg.download
-    for name in ("input", "source", "output", "policy"):
-        value = getattr(args, name)
-        if value:
-            setattr(d, name, value)
     if not d.input:
         print("blip2 download: no URL list; pass --input LIST (or download.input=...)", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ import sys
 
 HELP = ("inspect a shard set (local or s3://; img2dataset and WebDataset folders too): stats, --verify, --sample, "
         "--html; search it by text or image (faiss over its CLIP embeddings); export it as WebDataset tars")
+FLAGS = {"index": "search.index"}  # shards search --index
 
 
 def add_arguments(parser) -> None:
@@ -66,13 +67,10 @@ def run(args, cfg) -> int:
 
 
 def _search(args, cfg) -> int:
-    import dataclasses
-
     from capfilt.search import format_hits, run_search, write_search_page
 
-    section = dataclasses.replace(cfg.search, index=args.index or cfg.search.index)
     try:
-        result = run_search(args.path, section, cfg.capfilt.ranker, text=args.text, image_path=args.image, k=args.k,
+        result = run_search(args.path, cfg.search, cfg.capfilt.ranker, text=args.text, image_path=args.image, k=args.k,
                             log=lambda m: print(m, file=sys.stderr, flush=True))
     except (FileNotFoundError, ValueError) as e:
         print(f"blip2 shards search: {e}", file=sys.stderr)

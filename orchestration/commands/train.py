@@ -1,8 +1,11 @@
 """`blip2 train --stage 1|2`: Q-Former pre-training on Ray Train (resumes a run with the same output/name)."""
 from __future__ import annotations
 
+import sys
+
 HELP = "pre-train the Q-Former (stage 1 or 2) on Ray Train; re-running with the same output/name resumes"
 DEFAULT_PRESET = "tiny"
+FLAGS = {"stage": "train.stage"}
 
 
 def add_arguments(parser) -> None:
@@ -26,11 +29,9 @@ def run(args, cfg) -> int:
     from training.loop import run_training, run_uri
     from training.metrics import plot_loss_curve, read_metrics, summary
 
-    if args.stage is not None:
-        cfg.train.stage = args.stage
     if cfg.train.stage == 2 and not cfg.model.stage1_checkpoint:
         print("blip2 train: stage 2 needs model.stage1_checkpoint=<stage-1 run>/final "
-              "(the Q-Former is initialised from it)")
+              "(the Q-Former is initialised from it)", file=sys.stderr)
         return 2
     ensure_ray(cfg.ray)
     uri = run_uri(cfg.train)
@@ -41,10 +42,10 @@ def run(args, cfg) -> int:
     try:
         result = run_training(cfg.model, cfg.train, seed=cfg.seed)
     except (SchemaError, ValueError) as e:  # bad input: a clear message, no traceback
-        print(f"blip2 train: {e}")
+        print(f"blip2 train: {e}", file=sys.stderr)
         return 2
     if result.error is not None:
-        print(f"blip2 train: failed: {result.error}")
+        print(f"blip2 train: failed: {result.error}", file=sys.stderr)
         return 1
     rows = read_metrics(uri)
     if rows:

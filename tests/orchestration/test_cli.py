@@ -25,3 +25,19 @@ def test_config_command_prints_resolved_yaml(capsys):
 def test_bad_override_exits_2_with_message(capsys):
     assert main(["config", "nope.key=1"]) == 2
     assert "unknown config key 'nope'" in capsys.readouterr().err
+
+
+def test_command_flags_are_config_overrides():
+    """A command's flags reach the config through the same merge as key=value (one path), and
+    caption / vqa flags land on their own eval keys."""
+    from orchestration.cli import build_parser, flag_overrides
+
+    parse = build_parser().parse_args
+    args = parse(["vqa", "x.jpg", "--question", "q", "--model", "m", "--num-beams", "3", "--prompt", "Q: {} A:"])
+    assert flag_overrides(args) == {"eval": {"vqa_num_beams": 3, "vqa_prompt": "Q: {} A:"}}
+    args = parse(["caption", "x.jpg", "--model", "m", "--max-new-tokens", "12", "--prompt", ""])
+    assert flag_overrides(args) == {"eval": {"max_new_tokens": 12, "caption_prompt": ""}}
+    assert flag_overrides(parse(["download", "--input", "l.csv", "--policy", "human"])) == {
+        "download": {"input": "l.csv", "policy": "human"}}
+    assert flag_overrides(parse(["train", "--stage", "2"])) == {"train": {"stage": 2}}
+    assert flag_overrides(parse(["capfilt"])) == {}

@@ -28,15 +28,15 @@ def test_every_preset_loads_with_valid_keys_and_types(preset):
 
 def test_stage2_without_stage1_checkpoint_is_refused(capsys):
     assert main(["train", "--stage", "2", "--config", "tiny", "model.stage1_checkpoint="]) == 2
-    assert "stage1_checkpoint" in capsys.readouterr().out
+    assert "stage1_checkpoint" in capsys.readouterr().err
 
 
 def test_bad_input_is_a_clear_error(ray_local, tmp_path, corpus, capsys):
     assert main(["train", "--config", "tiny", f"train.input={tmp_path / 'missing'}"]) == 2
-    assert "no committed shards" in capsys.readouterr().out
+    assert "no committed shards" in capsys.readouterr().err
     write_capfilt(str(tmp_path / "small"), (corpus[0], corpus[1][:6]), rows_per_shard=6)
     assert main(["train", "--config", "tiny", f"train.input={tmp_path / 'small'}", "train.batch_size=4"]) == 2
-    assert "cannot give one batch of 4 to each of 2 workers" in capsys.readouterr().out
+    assert "cannot give one batch of 4 to each of 2 workers" in capsys.readouterr().err
 
 
 def _tiny_overrides(tiny_models, data: Path, out: Path) -> list[str]:

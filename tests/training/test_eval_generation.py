@@ -8,7 +8,8 @@ from training.config import EvalConfig, ModelConfig
 from training.evaluate.captioning import evaluate_captioning, strip_prompt
 from training.evaluate.data import ImageFolder, load_caption_annotations, load_vqa, preprocess
 from training.evaluate.metrics import caption_scores, vqa_scores
-from training.evaluate.vqa import PROMPTS, answer_questions, evaluate_vqa, vqa_prompt
+from training.evaluate.generation import VQA_PROMPTS as PROMPTS
+from training.evaluate.vqa import answer_questions, evaluate_vqa, vqa_prompt
 from tests.training.test_eval_data import write_coco_eval_set
 
 FAST = dict(batch_size=4, num_beams=2, max_new_tokens=6, caption_min_new_tokens=2, caption_metrics=[],
@@ -68,7 +69,7 @@ def test_vqa_uses_the_paper_prompt(stage2, coco, family):
     answers = answer_questions(model, questions, folder, cfg)
     px = preprocess([folder.load(q.file) for q in questions], 64)
     direct = model.generate(px, [PROMPTS[family].format(q.question) for q in questions], num_beams=2,
-                            max_new_tokens=4, length_penalty=-1.0)
+                            max_new_tokens=4, min_new_tokens=1, length_penalty=-1.0)
     assert [answers[q.question_id] for q in questions] == [a.strip() for a in direct]
 
 

@@ -8,6 +8,7 @@ import torch
 
 from training.config import EvalConfig
 from training.evaluate.data import CaptionImage, ImageFolder, model_device, preprocess
+from training.evaluate.generation import caption_settings
 from training.evaluate.metrics import caption_scores
 
 
@@ -22,15 +23,14 @@ def strip_prompt(text: str, prompt: str) -> str:
 @torch.no_grad()
 def generate_captions(model, images: list[CaptionImage], folder: ImageFolder, cfg: EvalConfig) -> dict[str, str]:
     """{image_id: caption}; beam ``cfg.num_beams``, ``caption_min_new_tokens``..``max_new_tokens`` new tokens."""
+    prompt, gen = caption_settings(cfg)
     size = model.cfg.image_size
     out = {}
     for s in range(0, len(images), cfg.batch_size):
         chunk = images[s:s + cfg.batch_size]
         pixels = preprocess([folder.load(i.file) for i in chunk], size).to(model_device(model))
-        texts = model.generate(pixels, cfg.caption_prompt, num_beams=cfg.num_beams,
-                               max_new_tokens=cfg.max_new_tokens,
-                               min_new_tokens=min(cfg.caption_min_new_tokens, cfg.max_new_tokens))
-        out.update({i.image_id: strip_prompt(t, cfg.caption_prompt) for i, t in zip(chunk, texts)})
+        texts = model.generate(pixels, prompt, **gen)
+        out.update({i.image_id: strip_prompt(t, prompt) for i, t in zip(chunk, texts)})
     return out
 
 

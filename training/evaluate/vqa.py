@@ -8,33 +8,25 @@ import torch
 
 from training.config import EvalConfig
 from training.evaluate.data import ImageFolder, VqaQuestion, model_device, preprocess
+from training.evaluate.generation import vqa_settings
 from training.evaluate.metrics import vqa_scores
-
-PROMPTS = {"opt": "Question: {} Answer:", "t5": "Question: {} Short answer:"}
 
 
 def vqa_prompt(model, cfg: EvalConfig) -> str:
     """``cfg.vqa_prompt`` when set, else the paper's prompt for the model's LLM family."""
-    if cfg.vqa_prompt:
-        return cfg.vqa_prompt
-    family = getattr(getattr(model, "cfg", None), "llm_family", "opt")
-    if family not in PROMPTS:
-        raise ValueError(f"no VQA prompt for LLM family {family!r}; set eval.vqa_prompt")
-    return PROMPTS[family]
+    return vqa_settings(cfg, model.cfg.llm_family)[0]
 
 
 @torch.no_grad()
 def answer_questions(model, questions: list[VqaQuestion], folder: ImageFolder, cfg: EvalConfig) -> dict[str, str]:
     """{question_id: answer}."""
-    template = vqa_prompt(model, cfg)
+    template, gen = vqa_settings(cfg, model.cfg.llm_family)
     size = model.cfg.image_size
     out = {}
     for s in range(0, len(questions), cfg.batch_size):
         chunk = questions[s:s + cfg.batch_size]
         pixels = preprocess([folder.load(q.file) for q in chunk], size).to(model_device(model))
-        answers = model.generate(pixels, [template.format(q.question) for q in chunk],
-                                 num_beams=cfg.vqa_num_beams, max_new_tokens=cfg.vqa_max_new_tokens,
-                                 length_penalty=cfg.vqa_length_penalty)
+        answers = model.generate(pixels, [template.format(q.question) for q in chunk], **gen)
         out.update({q.question_id: a.strip() for q, a in zip(chunk, answers)})
     return out
 
