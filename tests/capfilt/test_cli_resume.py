@@ -12,8 +12,9 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
+from pipelines.schema import DOWNLOAD
 from pipelines.shardio import ShardSet
-from tests.capfilt.conftest import download_row, write_download_set
+from tests.helpers.shards import download_row, write_set
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +40,7 @@ def test_kill_9_mid_run_then_resume(corpus, tiny_models, tmp_path):
     corpus_dir, items = corpus
     shards = [[download_row(f"syn/{it.index:04d}", it.caption, (Path(corpus_dir) / it.file).read_bytes())
                for it in items[i * 4:(i + 1) * 4]] for i in range(8)]
-    write_download_set(str(tmp_path / "in"), shards)
+    write_set(str(tmp_path / "in"), DOWNLOAD, shards)
     keys = sorted(r["key"] for s in shards for r in s)
     out = ShardSet(str(tmp_path / "out"))
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from orchestration import api
 from training.config import ModelConfig
-from tests.training.test_stage2 import build_eva_tower
+from tests.helpers.models import build_eva_tower
 from training.stage2 import Blip2Stage2
 
 REPO = Path(__file__).resolve().parents[2]

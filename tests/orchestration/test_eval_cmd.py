@@ -12,7 +12,7 @@ from training.config import ModelConfig
 from training.evaluate.data import ImageFolder, load_caption_annotations
 from training.evaluate.metrics import caption_scores
 from tests.training.stage1_helpers import build_model, eva_tower, model_config
-from tests.training.test_eval_data import write_coco_eval_set
+from tests.helpers.coco import write_coco_eval_set
 
 
 

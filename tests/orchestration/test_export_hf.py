@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 from orchestration.cli import main
 from training.config import ModelConfig
-from tests.training.test_stage2 import build_eva_tower
+from tests.helpers.models import build_eva_tower
 from tests.training.train_fixtures import write_trainer_checkpoint
 from training.stage2 import Blip2Stage2
 

@@ -33,11 +33,12 @@ def test_submit_without_an_address_is_a_clear_error(capsys, monkeypatch):
 
 @pytest.fixture(scope="module")
 def hostile_input(tmp_path_factory, corpus):
-    from tests.capfilt.conftest import hostile_shards, write_download_set
+    from pipelines.schema import DOWNLOAD
+    from tests.helpers.shards import hostile_shards, write_set
 
     shards, expected = hostile_shards(Path(corpus[0]), corpus[1])
     uri = str(tmp_path_factory.mktemp("download") / "set")
-    write_download_set(uri, shards)
+    write_set(uri, DOWNLOAD, shards)
     return uri, expected
 
 

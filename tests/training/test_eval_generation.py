@@ -10,7 +10,7 @@ from training.evaluate.data import ImageFolder, load_caption_annotations, load_v
 from training.evaluate.metrics import caption_scores, vqa_scores
 from training.evaluate.generation import VQA_PROMPTS as PROMPTS
 from training.evaluate.vqa import answer_questions, evaluate_vqa, vqa_prompt
-from tests.training.test_eval_data import write_coco_eval_set
+from tests.helpers.coco import write_coco_eval_set
 
 FAST = dict(batch_size=4, num_beams=2, max_new_tokens=6, caption_min_new_tokens=2, caption_metrics=[],
             tokenizer="simple", vqa_num_beams=2, vqa_max_new_tokens=4)

@@ -12,7 +12,7 @@ from training.evaluate.retrieval import (OUTSIDE_SHORTLIST, encode_images, encod
                                          evaluate_retrieval, flatten_captions, itc_similarity, itm_rerank,
                                          itm_rerank_ray)
 from tests.training.stage1_helpers import build_model, eva_tower, model_config
-from tests.training.test_eval_data import write_coco_eval_set
+from tests.helpers.coco import write_coco_eval_set
 
 
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from training.config import ModelConfig
-from tests.training.test_stage2 import build_eva_tower
+from tests.helpers.models import build_eva_tower
 from tests.training.train_fixtures import write_trainer_checkpoint
 from training.stage2 import Blip2Stage2
 
