@@ -196,7 +196,7 @@ def train_loop_per_worker(config: dict) -> None:
                "samples_per_s": global_batch / dt, "tokens_per_s": _count_tokens(raw, texts) * world / dt,
                "data_wait_s": wait, "step_time_s": dt, "samples_seen": state.data.samples_seen,
                "consumed_in_epoch": state.data.consumed, "global_batch": global_batch, "world_size": world,
-               "accum": accum, "replaced": replaced}
+               "accum": accum, "replaced": replaced, "time": time.time()}
         if train.grad_clip > 0:
             row["grad_norm"] = grad_norm
         if device.type == "cuda":

@@ -63,7 +63,7 @@ def test_blip2_train_stage1_then_submit_stage2(ray_local, ray_head, tiny_models,
     assert (run / "metrics.csv").read_text().splitlines()[0].startswith("step,epoch,lr,loss")
     assert (run / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ckpt = sorted(run.glob("checkpoint_0*"))[-1]
-    assert ckpt.name == "checkpoint_00000003" and {"rng_rank0.pt", "rng_rank1.pt"} <= {p.name for p in ckpt.iterdir()}
+    assert ckpt.name == "checkpoint_00000003" and {"rng_rank0.safetensors", "rng_rank1.safetensors"} <= {p.name for p in ckpt.iterdir()}
     from safetensors.torch import load_file
     assert not any(k.startswith("vision.") for k in load_file(str(ckpt / "trainable.safetensors")))
     assert (run / "final" / "blip2_config.json").exists()
