@@ -159,6 +159,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     raw.train()
     target = min(train.steps, train.stop_after or train.steps)
+    preempt_saved = False
     while state.step < target:
         t0 = time.perf_counter()
         losses, keys, texts, replaced = {}, [], [], 0
@@ -207,7 +208,13 @@ def train_loop_per_worker(config: dict) -> None:
             log.log(row)
 
         last = state.step == target
-        if state.step % train.checkpoint_every == 0 or last:
+        # a node about to be pre-empted (Ray Core drains it): checkpoint now, once. The call is a
+        # barrier over all ranks, hence only every log_every steps
+        notice = state.step % train.log_every == 0 and not preempt_saved and ray.train.get_preemption_info()
+        if notice:
+            preempt_saved = True
+            print(f"[blip2] rank {rank}: pre-emption notice ({notice}): checkpoint at step {state.step}", flush=True)
+        if state.step % train.checkpoint_every == 0 or last or notice:
             _report_checkpoint(wc, raw, optimizer, scheduler, scaler, state, rank, row, log)
         elif state.step % train.log_every == 0:
             ray.train.report({k: v for k, v in row.items() if k != "keys"})
