@@ -18,8 +18,10 @@ groups instead of whole shards:
 So a global batch mixes ~``window`` row groups of different shards, and a reader holds one
 window in memory and reads whole row groups (one ranged read each) — the read locality.
 Optimizer step k consumes positions ``[k·G, (k+1)·G)`` of the order (G: the global batch),
-split across ranks and accumulation rounds by :func:`step_split`; the ``N mod G`` samples at
-the end of each epoch's order (random ones, new each epoch) are dropped, like ``drop_last``.
+split into accumulation rounds and per-rank shares by :func:`step_split`; inside a round the
+ranks take its samples grouped by row group (:func:`rank_picks`), so each rank reads only about
+``window / world`` row groups of a window. The ``N mod G`` samples at the end of each epoch's
+order (random ones, new each epoch) are dropped, like ``drop_last``.
 
 Decode + random resized crop + flip + normalise + caption clean-up + caption draw run in CPU
 ``map_batches`` tasks, randomness seeded by (seed, epoch, key), so a resumed run replays
@@ -224,41 +226,50 @@ def steps_per_epoch(shards, global_batch: int) -> int:
     return sum(s.rows for s in shards) // global_batch
 
 
-def rank_positions(global_batch: int, batch_size: int, world: int, rank: int, start: int, stop: int):
-    """``(lo, hi)`` position ranges rank ``rank`` consumes, in order, for steps from ``start`` to ``stop``
-    (both multiples of the global batch)."""
+def rank_picks(order: EpochOrder, global_batch: int, batch_size: int, world: int, rank: int, start: int,
+               stop: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(positions, shard index, row) of what rank ``rank`` consumes in each accumulation round of
+    the steps from ``start`` to ``stop`` (multiples of the global batch), in order.
+
+    A round is the next contiguous run of positions (a random sample of the current window); its
+    samples are handed to the ranks grouped by row group (stable sort by chunk), so each rank
+    reads ~``window / world`` of a window's row groups rather than all of them. Which rank gets
+    which sample of a step does not change what the step trains on (the losses gather across
+    ranks), and every split covers the step's positions exactly once."""
     split = step_split(global_batch, batch_size, world)
-    offsets = []  # (offset of the rank's slice in the step, its size) per round
-    base = 0
-    for sizes in split:
-        offsets.append((base + sum(sizes[:rank]), sizes[rank]))
-        base += sum(sizes)
     for step0 in range(start, stop, global_batch):
-        for off, n in offsets:
-            yield step0 + off, step0 + off + n
+        lo = step0
+        for sizes in split:
+            hi = lo + sum(sizes)
+            shard, row = order.positions(lo, hi)
+            idx = np.argsort(shard * (1 << 40) + row // READ_CHUNK_ROWS, kind="stable")
+            mine = idx[sum(sizes[:rank]):sum(sizes[:rank + 1])]
+            yield lo + mine, shard[mine], row[mine]
+            lo = hi
 
 
-def rank_read_tasks(order: EpochOrder, ranges) -> list[dict]:
-    """One read task per window the ranges touch: the chunks it needs and which rows, in order."""
-    tasks, current = [], None
-    for lo, hi in ranges:
-        while lo < hi:
-            w = order.window_of(lo)
-            b = min(hi, int(order.window_ends[w]))
-            if current is None or current[0] != w:
-                current = (w, [])
-                tasks.append(current)
-            current[1].append((lo, b))
-            lo = b
+def rank_read_tasks(order: EpochOrder, picks) -> list[dict]:
+    """One read task per window (by the window of each round's first sample): the row groups the
+    rank needs from it and which rows, in consumption order."""
+    groups: list[tuple[int, list, list]] = []
+    for pos, shard, row in picks:
+        if not len(pos):
+            continue
+        w = order.window_of(int(pos.min()))
+        if not groups or groups[-1][0] != w:
+            groups.append((w, [], []))
+        groups[-1][1].append(shard)
+        groups[-1][2].append(row)
     out = []
-    for w, spans in tasks:
-        shard, row = (np.concatenate(x) for x in zip(*(order.positions(a, b) for a, b in spans)))
-        needed = sorted({(int(s), int(r) - int(r) % READ_CHUNK_ROWS) for s, r in zip(shard, row)})
+    for _, shards, rows in groups:
+        shard, row = np.concatenate(shards), np.concatenate(rows)
+        base = row - row % READ_CHUNK_ROWS
+        needed = sorted(set(zip(shard.tolist(), base.tolist())))
         index = {c: j for j, c in enumerate(needed)}
         out.append({"urls": [order.shards[s].url for s, _ in needed], "starts": [a for _, a in needed],
                     "stops": [min(a + READ_CHUNK_ROWS, order.shards[s].rows) for s, a in needed],
-                    "chunk": [index[(int(s), int(r) - int(r) % READ_CHUNK_ROWS)] for s, r in zip(shard, row)],
-                    "offset": [int(r) % READ_CHUNK_ROWS for r in row]})
+                    "chunk": [index[c] for c in zip(shard.tolist(), base.tolist())],
+                    "offset": (row % READ_CHUNK_ROWS).tolist()})
     return out
 
 
@@ -327,8 +338,8 @@ def build_epoch_dataset(spec: IngestSpec, epoch: int, rank: int, world: int, sta
     ctx.execution_options.preserve_order = True  # the consumption order is the resume contract
     ctx.enable_progress_bars = False
     stop = steps_per_epoch(spec.shards, spec.step_samples) * spec.step_samples
-    ranges = rank_positions(spec.step_samples, spec.batch_size, world, rank, start, stop)
-    tasks = rank_read_tasks(spec.order(epoch), ranges)
+    order = spec.order(epoch)
+    tasks = rank_read_tasks(order, rank_picks(order, spec.step_samples, spec.batch_size, world, rank, start, stop))
     if not tasks:
         return None
     augment = Augment(spec.seed, epoch, spec.image_size, spec.min_scale, spec.max_words, spec.hflip,

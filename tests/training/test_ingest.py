@@ -12,7 +12,7 @@ from PIL import Image
 from pipelines.schema import SchemaError
 from tests.training.train_fixtures import write_capfilt
 from training.ingest import (CLIP_MEAN, CLIP_STD, Augment, EpochOrder, IngestSpec, ShardRows, augment_image,
-                             clean_caption, iter_epoch, list_shards, rank_positions, rank_read_tasks, read_rows,
+                             clean_caption, iter_epoch, list_shards, rank_picks, rank_read_tasks, read_rows,
                              read_window, sample_rng, step_split, steps_per_epoch)
 
 
@@ -112,18 +112,31 @@ def test_resume_at_another_world_size_continues_with_the_next_unseen_sample():
     order = EpochOrder(SHARDS, seed=0, epoch=0, window=4)
 
     def consumed(world, start, end):
-        return sorted(p for r in range(world) for lo, hi in rank_positions(g, b, world, r, start, end)
-                      for p in range(lo, hi))
+        return sorted(p for r in range(world) for pos, _, _ in rank_picks(order, g, b, world, r, start, end)
+                      for p in pos.tolist())
 
     assert consumed(2, 0, stop) == consumed(3, 0, stop) == list(range(stop))
     assert consumed(2, 0, 5 * g) + consumed(1, 5 * g, stop) == list(range(stop))     # 2 -> 1 worker at step 5
-    # what the read tasks hand over is exactly the positions, in each rank's order
-    ranges = list(rank_positions(g, b, 2, 1, 5 * g, 8 * g))
-    want = [i for lo, hi in ranges for i in _ids(order, lo, hi)]
-    tasks = rank_read_tasks(order, ranges)
-    got = [(t["urls"][c], t["starts"][c] + o) for t in tasks for c, o in zip(t["chunk"], t["offset"])]
-    assert got == [(SHARDS[s].url, r) for s, r in want]
-    assert all(len(t["urls"]) <= 4 for t in tasks)                         # at most one window of row groups
+    # every round of a step is a contiguous run of the order, whatever the world size
+    for world in (1, 2, 3):
+        rounds = list(zip(*(list(rank_picks(order, g, b, world, r, 0, 2 * g)) for r in range(world))))
+        los = [sorted(p for pos, _, _ in rnd for p in pos.tolist()) for rnd in rounds]
+        assert [x for lo in los for x in lo] == list(range(2 * g))
+    # what the read tasks hand over is exactly the picked samples, in each rank's order
+    picks = list(rank_picks(order, g, b, 2, 1, 5 * g, 8 * g))
+    want = [(SHARDS[s].url, r) for _, shard, row in picks for s, r in zip(shard.tolist(), row.tolist())]
+    tasks = rank_read_tasks(order, picks)
+    assert [(t["urls"][c], t["starts"][c] + o) for t in tasks for c, o in zip(t["chunk"], t["offset"])] == want
+
+
+def test_each_rank_reads_only_its_share_of_a_windows_row_groups():
+    shards = [ShardRows(f"s{i}", 2560) for i in range(40)]                  # 400 row groups
+    order = EpochOrder(shards, seed=0, epoch=0, window=32)
+    g, b, world = 1024, 128, 8
+    stop = steps_per_epoch(shards, g) * g
+    reads = [sum(len(t["urls"]) for t in rank_read_tasks(order, rank_picks(order, g, b, world, r, 0, stop)))
+             for r in range(world)]
+    assert sum(reads) < 2 * 400                 # ~1.5 readers per row group (all 8 without the grouping)
 
 
 def test_read_rows_and_list_shards(tmp_path, corpus):
@@ -152,7 +165,8 @@ def test_ray_data_epoch_stream_fixed_batches_resume_and_s3(ray_local, corpus, s3
     step_keys = [per_rank[0][s]["key"] + per_rank[1][s]["key"] for s in range(6)]
     resumed = list(iter_epoch(spec, epoch=0, rank=0, world=1, start=16))   # 1 worker from step 2: 2 rounds
     assert [len(b["key"]) for b in resumed] == [4] * 8
-    assert [resumed[2 * i]["key"] + resumed[2 * i + 1]["key"] for i in range(4)] == step_keys[2:]
+    assert [sorted(resumed[2 * i]["key"] + resumed[2 * i + 1]["key"]) for i in range(4)] == \
+        [sorted(k) for k in step_keys[2:]]                                  # the same samples in each step
     by_key = {k: (t, px) for bs in per_rank.values() for b in bs
               for k, t, px in zip(b["key"], b["text"], b["pixel_values"])}
     for b in resumed:                                                      # same pixels and captions
