@@ -54,6 +54,18 @@ def timed_steps(model, batches, train_cfg) -> list[float]:
     return times[3:]
 
 
+def bare_in_ray_worker(model_cfg, batches, train_cfg, threads: int) -> list[float]:
+    """Control: the bare loop in a plain Ray worker process (Ray starts its workers niced, which
+    alone costs CPU share on a loaded machine; loop / control isolates what the loop adds)."""
+    import torch
+
+    from training.stage1 import Blip2Stage1
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    return timed_steps(Blip2Stage1.from_config(model_cfg), batches, train_cfg)
+
+
 def write_shards(uri: str, corpus: Path, items, rows_per_shard: int) -> None:
     """The synthetic corpus as a committed CapFilt shard set (the training input CapFilt writes)."""
     import hashlib
@@ -162,9 +174,11 @@ def main() -> int:
     wall = time.perf_counter() - t0
     assert result.error is None, result.error
     rows = read_metrics(str(work / "runs" / "bench"))[3:-1]  # warm-up and the checkpointing last step off
+    task = ray.get(ray.remote(num_cpus=args.threads)(bare_in_ray_worker).remote(mcfg, batches, tcfg, args.threads))
     torch.manual_seed(0)
     bare += timed_steps(Blip2Stage1.from_config(mcfg), batches, tcfg)
     ray.shutdown()
+    task_ms = statistics.median(task) * 1e3
     bare_ms = statistics.median(bare) * 1e3
     loop_ms = statistics.median(r["step_time_s"] for r in rows) * 1e3
     compute_ms = statistics.median(r["step_time_s"] - r["data_wait_s"] for r in rows) * 1e3
@@ -178,6 +192,8 @@ def main() -> int:
     print(f"(a) loop overhead        bare torch {bare_ms:.1f} ms/step   train_loop_per_worker {loop_ms:.1f} ms/step "
           f"(without data wait {compute_ms:.1f})   ratio {loop_ms / bare_ms:.3f} (target <= 1.05)   "
           f"[run_training wall incl. startup {wall:.1f} s for {args.steps} steps]")
+    print(f"    control: bare loop in a plain Ray worker process {task_ms:.1f} ms/step -> loop / control "
+          f"{loop_ms / task_ms:.3f} (what the loop adds over a Ray worker process)")
     print(f"(b) ingest headroom      Ray Data ingest {ingest:.0f} samples/s to one worker   train step consumes "
           f"{consume:.0f} samples/s   ratio {ingest / consume:.2f} (target >= 3)")
     print(f"(c) same-shard pairs in a global batch, ours vs uniform shuffle: here ({len(spec.shards)} shards of 64, "
