@@ -36,7 +36,7 @@ def test_bad_input_is_a_clear_error(ray_local, tmp_path, corpus, capsys):
     assert "no committed shards" in capsys.readouterr().out
     write_capfilt(str(tmp_path / "small"), (corpus[0], corpus[1][:6]), rows_per_shard=6)
     assert main(["train", "--config", "tiny", f"train.input={tmp_path / 'small'}", "train.batch_size=4"]) == 2
-    assert "cannot give one batch of 4 to each of 2 workers" in capsys.readouterr().out
+    assert "6 samples cannot fill one global batch of 8" in capsys.readouterr().out
 
 
 def _tiny_overrides(tiny_models, data: Path, out: Path) -> list[str]:
