@@ -1,13 +1,16 @@
 """Training benchmarks, side by side in one run (CPU by default; tiny BLIP-2 stage-1 model).
 
-(a) Ray Train overhead: the same stage-1 model, optimizer and pre-built batches, stepped by a
-    bare torch loop (before and after, to bracket load drift) and inside a 1-worker Ray Train
-    ``TorchTrainer``; median ms/step of both (timed where the steps run) and the ratio. Target ≤ 1.05.
-    Control: the bare loop in a plain Ray task. Ray starts its worker processes niced (ps shows
-    "N"), which on a busy shared machine alone costs CPU share; Ray Train / control isolates
-    what Ray Train itself adds.
-(b) Ingest headroom: samples/s the Ray Data ingest (training.ingest, decode + crop + flip +
-    normalise + captions) delivers to one worker vs samples/s one train step consumes. Target ≥ 3.
+(a) Loop overhead: the real ``training.loop.train_loop_per_worker`` (through ``run_training``:
+    1 Ray Train worker, Ray Data ingest, metrics, checkpoint at the end) vs a bare torch loop
+    stepping the same model and optimizer over the very batches ingest delivers (collected
+    beforehand). Median ms/step of both and the ratio; target <= 1.05. The loop's time per step
+    comes from its own metrics (``step_time_s``, which includes waiting for data, ``data_wait_s``).
+(b) Ingest headroom: samples/s the Ray Data ingest (row-group reads, shuffle windows, decode, crop,
+    flip, normalise, captions) delivers to one worker vs samples/s one train step consumes. Target >= 3.
+(c) Shuffle quality: the share of sample pairs inside a global batch that come from the same shard,
+    for the epoch order of ``training.ingest`` vs a uniform random permutation, on this benchmark's
+    shard set and on a paper-sized one (129M samples in 10k-row shards, global batch 1680; the
+    order is only computed, nothing is read).
 
     .venv/bin/python benchmarks/train.py [--steps 30] [--batch 16] [--images 512] [--image-size 64]
 
@@ -17,7 +20,6 @@ per H100) come from ``benchmarks/gpu.py stage1`` on a CUDA machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -29,20 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def make_batches(n: int, batch: int, size: int, seed: int = 0):
-    import torch
-
-    from pipelines.synthetic import SHAPES, COLORS
-
-    g = torch.Generator().manual_seed(seed)
-    colors, shapes = list(COLORS), list(SHAPES)
-    out = []
-    for i in range(n):
-        texts = [f"a {colors[(i + j) % len(colors)]} {shapes[(i * 7 + j) % len(shapes)]}" for j in range(batch)]
-        out.append((torch.randn(batch, 3, size, size, generator=g), texts))
-    return out
 
 
 def timed_steps(model, batches, train_cfg) -> list[float]:
@@ -66,22 +54,9 @@ def timed_steps(model, batches, train_cfg) -> list[float]:
     return times[3:]
 
 
-def ray_train_steps(config: dict) -> None:
-    import ray.train
-    import torch
-
-    from training.stage1 import Blip2Stage1
-
-    torch.set_num_threads(config["threads"])
-    torch.manual_seed(0)
-    model = Blip2Stage1.from_config(config["model"])
-    times = timed_steps(model, config["batches"], config["train"])
-    Path(config["out"]).write_text(json.dumps(times))  # local benchmark: the driver reads it back
-    ray.train.report({"steps": len(times)})
-
-
-def bare_in_worker_process(model_cfg, batches, train_cfg, threads: int) -> list[float]:
-    """Control: the bare loop in a plain Ray worker process (same process setup as a Train worker)."""
+def bare_in_ray_worker(model_cfg, batches, train_cfg, threads: int) -> list[float]:
+    """Control: the bare loop in a plain Ray worker process (Ray starts its workers niced, which
+    alone costs CPU share on a loaded machine; loop / control isolates what the loop adds)."""
     import torch
 
     from training.stage1 import Blip2Stage1
@@ -89,6 +64,54 @@ def bare_in_worker_process(model_cfg, batches, train_cfg, threads: int) -> list[
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     return timed_steps(Blip2Stage1.from_config(model_cfg), batches, train_cfg)
+
+
+def write_shards(uri: str, corpus: Path, items, rows_per_shard: int) -> None:
+    """The synthetic corpus as a committed CapFilt shard set (the training input CapFilt writes)."""
+    import hashlib
+
+    import pyarrow as pa
+
+    from pipelines.schema import CAPFILT
+    from pipelines.shardio import ShardSet
+
+    shards = ShardSet(uri)
+    for i, start in enumerate(range(0, len(items), rows_per_shard)):
+        rows = items[start:start + rows_per_shard]
+        images = [(corpus / it.file).read_bytes() for it in rows]
+        shards.write_shard(i, pa.Table.from_pydict({
+            "key": [f"{it.index:06d}" for it in rows], "source": ["synthetic"] * len(rows),
+            "policy": ["web"] * len(rows), "url": [f"http://127.0.0.1:1/{it.file}" for it in rows],
+            "sha256": [hashlib.sha256(b).hexdigest() for b in images], "meta": [None] * len(rows),
+            "image": images, "captions": [[it.caption, f"a picture of {it.caption}"] for it in rows],
+            "scores": [[0.3, 0.29] for _ in rows], "candidates": [None] * len(rows),
+            "original_caption": [it.caption for it in rows]}, schema=CAPFILT.schema), CAPFILT)
+    shards.write_manifest(CAPFILT)
+
+
+def same_shard_share(shard_ids, batch: int, batches: int) -> float:
+    """Share of same-shard pairs among all pairs inside each of the first ``batches`` global batches."""
+    import numpy as np
+
+    same = total = 0
+    for b in range(batches):
+        counts = np.unique(np.asarray(shard_ids[b * batch:(b + 1) * batch]), return_counts=True)[1]
+        same += int((counts * (counts - 1) // 2).sum())
+        total += int(counts.sum()) * (int(counts.sum()) - 1) // 2
+    return same / total
+
+
+def shuffle_quality(shards, batch: int, window: int, batches: int) -> tuple[float, float]:
+    """Same-shard pair shares of (our epoch order, a uniform permutation)."""
+    import numpy as np
+
+    from training.ingest import EpochOrder
+
+    ours = EpochOrder(tuple(shards), seed=0, epoch=0, window=window).positions(0, batch * batches)[0]
+    total = sum(s.rows for s in shards)
+    picked = np.random.default_rng(0).choice(total, batch * batches, replace=False)
+    uniform = np.searchsorted(np.cumsum([s.rows for s in shards]), picked, side="right")
+    return same_shard_share(ours, batch, batches), same_shard_share(uniform, batch, batches)
 
 
 def main() -> int:
@@ -103,16 +126,16 @@ def main() -> int:
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(args.threads)
 
+
     import ray
     import torch
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from orchestration.tiny_models import build_tiny_models
     from pipelines.synthetic import make_corpus
-    from tests.training.train_fixtures import write_capfilt
     from training.config import ModelConfig, TrainConfig
-    from training.ingest import IngestSpec, iter_epoch, list_shards
+    from training.ingest import IngestSpec, ShardRows, iter_epoch, list_shards
+    from training.loop import run_training
+    from training.metrics import read_metrics
     from training.stage1 import Blip2Stage1
 
     work = Path(tempfile.mkdtemp(prefix="blip2-bench-train-"))
@@ -120,50 +143,62 @@ def main() -> int:
     mcfg = ModelConfig(vision="clip_vit_l", vision_path=str(models["vision"]), qformer_init=str(models["bert"]),
                        num_query_tokens=8, image_size=args.image_size, frozen_dtype="float32", embed_dim=32,
                        max_text_len=24)
-    tcfg = TrainConfig(steps=args.steps, warmup_steps=2, lr=1e-4)
-    batches = make_batches(args.steps + 3, args.batch, args.image_size)
+    corpus = work / "corpus"
+    items = make_corpus(corpus, n=args.images, seed=0, size=max(96, args.image_size + 32))
+    write_shards(str(work / "capfilt"), corpus, items, rows_per_shard=64)
+    tcfg = TrainConfig(input=str(work / "capfilt"), output=str(work / "runs"), name="bench", steps=args.steps,
+                       warmup_steps=2, lr=1e-4, batch_size=args.batch, num_workers=1, image_size=args.image_size,
+                       map_batch_size=64, checkpoint_every=10**9, log_every=10, cpus_per_worker=args.threads)
+    tcfg.validate()
+    ray.init(address="local", num_cpus=max(2, args.threads + 1), include_dashboard=False, log_to_driver=False)
+    spec = IngestSpec(tuple(list_shards(tcfg.input)), seed=0, batch_size=args.batch, image_size=args.image_size,
+                      min_scale=0.5, max_words=50, map_batch_size=64, shuffle_window=tcfg.shuffle_window,
+                      global_batch=args.batch)
 
-    # (a) bare torch loop vs the same steps inside Ray Train
+    # (b) ingest throughput to one worker; epoch 0 is also what the loop reads, so the bare loop
+    # steps the same batches
+    list(iter_epoch(spec, epoch=1, rank=0, world=1))  # warm-up: worker processes and imports
+    t = time.perf_counter()
+    delivered = list(iter_epoch(spec, epoch=0, rank=0, world=1))
+    ingest = sum(len(b["key"]) for b in delivered) / (time.perf_counter() - t)
+    if len(delivered) < args.steps:
+        raise SystemExit(f"--images {args.images} gives {len(delivered)} steps per epoch: ask for <= that many --steps")
+    batches = [(b["pixel_values"], b["text"]) for b in delivered[:args.steps]]
+
+    # (a) the real loop vs the bare loop, bare before and after to bracket load drift
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     bare = timed_steps(Blip2Stage1.from_config(mcfg), batches, tcfg)
-    ray.init(address="local", num_cpus=max(2, args.threads + 1), include_dashboard=False, log_to_driver=False)
     t0 = time.perf_counter()
-    result = TorchTrainer(ray_train_steps,
-                          train_loop_config={"model": mcfg, "train": tcfg, "batches": batches, "threads": args.threads,
-                                             "out": str(work / "ray_steps.json")},
-                          scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": args.threads}),
-                          run_config=RunConfig(name="bench", storage_path=str(work / "ray"))).fit()
+    result = run_training(mcfg, tcfg, seed=0)
     wall = time.perf_counter() - t0
     assert result.error is None, result.error
-    in_ray = json.loads((work / "ray_steps.json").read_text())
-    # bare again after the Ray run: on a shared machine load drifts; the two passes bracket it
+    rows = read_metrics(str(work / "runs" / "bench"))[3:-1]  # warm-up and the checkpointing last step off
+    task = ray.get(ray.remote(num_cpus=args.threads)(bare_in_ray_worker).remote(mcfg, batches, tcfg, args.threads))
     torch.manual_seed(0)
     bare += timed_steps(Blip2Stage1.from_config(mcfg), batches, tcfg)
-    bare_ms, ray_ms = statistics.median(bare) * 1e3, statistics.median(in_ray) * 1e3
-    task = ray.get(ray.remote(num_cpus=args.threads)(bare_in_worker_process).remote(mcfg, batches, tcfg, args.threads))
+    ray.shutdown()
     task_ms = statistics.median(task) * 1e3
+    bare_ms = statistics.median(bare) * 1e3
+    loop_ms = statistics.median(r["step_time_s"] for r in rows) * 1e3
+    compute_ms = statistics.median(r["step_time_s"] - r["data_wait_s"] for r in rows) * 1e3
     consume = args.batch / statistics.median(bare)
 
-    # (b) ingest throughput to one worker vs train-step consumption
-    corpus = work / "corpus"
-    items = make_corpus(corpus, n=args.images, seed=0, size=max(96, args.image_size + 32))
-    write_capfilt(str(work / "capfilt"), (corpus, items), rows_per_shard=64)
-    spec = IngestSpec(tuple(list_shards(str(work / "capfilt"))), seed=0, batch_size=args.batch,
-                      image_size=args.image_size, min_scale=0.5, max_words=50, map_batch_size=64)
-    list(iter_epoch(spec, epoch=0, rank=0, world=1))  # warm-up: worker processes and imports
-    t = time.perf_counter()
-    n = sum(len(b["key"]) for b in iter_epoch(spec, epoch=1, rank=0, world=1))
-    ingest = n / (time.perf_counter() - t)
-    ray.shutdown()
+    # (c) shuffle quality
+    here = shuffle_quality(spec.shards, batch=args.batch, window=tcfg.shuffle_window, batches=len(delivered))
+    paper = shuffle_quality([ShardRows(f"s{i}", 10_000) for i in range(12_900)], batch=1680,
+                            window=tcfg.shuffle_window, batches=20)
 
-    print(f"(a) Ray Train overhead   bare torch {bare_ms:.1f} ms/step   Ray Train worker {ray_ms:.1f} ms/step   "
-          f"ratio {ray_ms / bare_ms:.3f} (target <= 1.05)   [trainer.fit wall incl. startup {wall:.1f} s "
-          f"for {args.steps} steps]")
-    print(f"    control: bare loop in a plain Ray worker process {task_ms:.1f} ms/step -> Ray Train / same-process-kind "
-          f"ratio {ray_ms / task_ms:.3f} (Ray workers run niced: on a loaded machine they get less CPU)")
+    print(f"(a) loop overhead        bare torch {bare_ms:.1f} ms/step   train_loop_per_worker {loop_ms:.1f} ms/step "
+          f"(without data wait {compute_ms:.1f})   ratio {loop_ms / bare_ms:.3f} (target <= 1.05)   "
+          f"[run_training wall incl. startup {wall:.1f} s for {args.steps} steps]")
+    print(f"    control: bare loop in a plain Ray worker process {task_ms:.1f} ms/step -> loop / control "
+          f"{loop_ms / task_ms:.3f} (what the loop adds over a Ray worker process)")
     print(f"(b) ingest headroom      Ray Data ingest {ingest:.0f} samples/s to one worker   train step consumes "
           f"{consume:.0f} samples/s   ratio {ingest / consume:.2f} (target >= 3)")
+    print(f"(c) same-shard pairs in a global batch, ours vs uniform shuffle: here ({len(spec.shards)} shards of 64, "
+          f"batch {args.batch}) {here[0]:.4f} vs {here[1]:.4f};  paper-sized (12.9k shards of 10k rows, batch 1680) "
+          f"{paper[0]:.5f} vs {paper[1]:.5f}  [shuffle_window {tcfg.shuffle_window} row groups of 256]")
     print(f"    model: tiny BLIP-2 stage 1 (CLIP-style vision, 8 queries), batch {args.batch}, "
           f"{args.image_size}px, {args.threads} torch thread(s), CPU, {os.cpu_count()} cores")
     return 0

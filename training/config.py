@@ -43,7 +43,8 @@ class TrainConfig:
     name: str = ""                     # run name (default: stage<k>)
     steps: int = 250_000
     batch_size: int = 32               # per-worker micro-batch
-    global_batch: int = 0              # 0: batch_size * workers (no accumulation)
+    global_batch: int = 0              # samples per optimizer step, kept when the world resizes;
+                                       # 0: batch_size * workers (max workers when elastic)
     lr: float = 1e-4
     min_lr: float = 1e-5
     warmup_steps: int = 2000
@@ -51,13 +52,13 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float = 0.0             # 0: off
     precision: str = "fp32"            # fp32 | fp16 | bf16 (autocast for the trainable parts)
-    num_workers: int = 1
+    num_workers: int | tuple[int, int] = 1   # n, or [min, max]: elastic (Ray Train resizes the group)
     use_gpu: bool = False
     cpus_per_worker: int = 1
     checkpoint_every: int = 1000
     max_failures: int = 0
     log_every: int = 10
-    shuffle_buffer: int = 0            # local shuffle buffer rows (0: off)
+    shuffle_window: int = 32           # row groups (256 rows) mixed per shuffle window (1: chunk order only)
     ingest_cpus: float = 1.0           # CPU per decode/augment task
     image_size: int = 224
     min_scale: float = 0.5             # random resized crop scale range (min, 1)
@@ -68,10 +69,6 @@ class TrainConfig:
     keep_checkpoints: int = 3          # newest checkpoints kept in storage (0: all)
     stop_after: int = 0                # end this invocation after this step (0: at `steps`); the
                                        # schedule still spans `steps`, a re-run resumes (preemptible slots)
-    model_class: str = ""              # "module:Class" implementing the model interface; "" = Blip2Stage1/2
-    log_keys: bool = False             # log every step's sample keys (all ranks) in metrics.jsonl
-    crash_at_step: int = 0             # test hook: the last rank SIGKILLs itself once at this step ...
-    crash_marker: str = ""             # ... unless this (local) marker file exists; it creates it first
     # experiment tracking (training/trackers.py, rank 0, every logged step); all off by default
     tensorboard: bool = False          # TensorBoard event files in <run>/tensorboard (pip install tensorboard)
     mlflow_tracking_uri: str = ""      # e.g. http://mlflow:5000 or file:///abs/mlruns (pip install mlflow-skinny)
@@ -79,16 +76,26 @@ class TrainConfig:
     wandb_project: str = ""            # Weights & Biases project (pip install wandb); files in <run>/wandb
     wandb_mode: str = "online"         # online | offline (`wandb sync <run>/wandb/offline-run-*` later)
 
+    def worker_range(self) -> tuple[int, int]:
+        n = self.num_workers
+        return (n, n) if isinstance(n, int) else (int(n[0]), int(n[1]))
+
+    def resolved_global_batch(self) -> int:
+        """Samples per optimizer step at every world size (see ``training.ingest.step_split``)."""
+        return self.global_batch or self.batch_size * self.worker_range()[1]
+
     def validate(self) -> None:
         if self.stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {self.stage}")
         if self.precision not in ("fp32", "fp16", "bf16"):
             raise ValueError(f"precision must be fp32, fp16 or bf16, got {self.precision!r}")
-        if self.steps < 0 or self.batch_size < 1 or self.num_workers < 1:
-            raise ValueError("steps must be >= 0, batch_size and num_workers >= 1")
-        if self.global_batch and self.global_batch % (self.batch_size * self.num_workers):
-            raise ValueError(f"global_batch {self.global_batch} must be a multiple of "
-                             f"batch_size*num_workers = {self.batch_size * self.num_workers}")
+        lo, hi = self.worker_range()
+        if self.steps < 0 or self.batch_size < 1 or lo < 1 or hi < lo:
+            raise ValueError("steps must be >= 0, batch_size >= 1, num_workers n >= 1 or [min, max] with 1 <= min <= max")
+        if self.resolved_global_batch() < hi:
+            raise ValueError(f"global_batch {self.resolved_global_batch()} cannot give one sample to each of {hi} workers")
+        if self.shuffle_window < 1:
+            raise ValueError(f"shuffle_window must be >= 1, got {self.shuffle_window}")
         if not 0 < self.min_scale <= 1:
             raise ValueError(f"min_scale must be in (0, 1], got {self.min_scale}")
         if self.caption_pick not in ("random", "first"):

@@ -1,19 +1,31 @@
-"""Training ingest: CapFilt shards → augmented, fixed-size per-worker batches (Ray Data).
+"""Training ingest: CapFilt shards → augmented per-worker micro-batches (Ray Data).
 
-Why each worker builds its own pipeline per epoch instead of one ``streaming_split``:
-exact mid-epoch resume needs to know *which* samples a rank has consumed. Ray Data's
-streaming split hands blocks to whichever worker asks first, so the rank ↔ sample mapping
-changes from run to run. Here the mapping is a pure function of (seed, epoch, world size):
+The data position is a count of samples in one **global** order of the epoch, so a run
+resumed at any world size continues with exactly the next unseen sample. Why each worker
+builds its own pipeline instead of one ``streaming_split``: Ray Data's split hands blocks to
+whichever worker asks first, so which rank consumed which sample would not be reproducible.
 
-  1. the epoch's shard order is a permutation of the committed shards seeded by seed+epoch;
-  2. the concatenated rows form the epoch stream; it is cut into ``world`` contiguous,
-     equal slices of whole micro-batches (the tail that does not fill one batch per rank
-     is dropped, like ``drop_last``);
-  3. rank r reads only its slice, from ``skip`` rows on (the resume position), as Ray Data
-     read tasks over row ranges of the Parquet files (streaming, order preserved);
-  4. decode + random resized crop + flip + normalise + caption clean-up + caption draw run
-     in CPU ``map_batches`` tasks, randomness seeded by (seed, epoch, key) so a resumed run
-     replays exactly the same pixels and captions.
+The epoch order (:class:`EpochOrder`) is a pure function of (seed, epoch, shard set), a
+two-level shuffle in the spirit of MosaicML Streaming's py1b/py1br, but over Parquet row
+groups instead of whole shards:
+
+  1. every shard is cut into chunks of ``READ_CHUNK_ROWS`` rows (one row group each);
+  2. all chunks of the shard set are permuted (seed, epoch): a chunk's neighbours come
+     from anywhere in the corpus;
+  3. consecutive runs of ``window`` permuted chunks form a window; the samples inside a
+     window are permuted (seed, epoch, window). The epoch order is the windows in turn.
+
+So a global batch mixes ~``window`` row groups of different shards, and a reader holds one
+window in memory and reads whole row groups (one ranged read each) — the read locality.
+Optimizer step k consumes positions ``[k·G, (k+1)·G)`` of the order (G: the global batch),
+split into accumulation rounds and per-rank shares by :func:`step_split`; inside a round the
+ranks take its samples grouped by row group (:func:`rank_picks`), so each rank reads only about
+``window / world`` row groups of a window. The ``N mod G`` samples at the end of each epoch's
+order (random ones, new each epoch) are dropped, like ``drop_last``.
+
+Decode + random resized crop + flip + normalise + caption clean-up + caption draw run in CPU
+``map_batches`` tasks, randomness seeded by (seed, epoch, key), so a resumed run replays
+exactly the same pixels and captions whatever the world size.
 
 A sample whose image does not decode is replaced by another valid sample of the same map
 batch (and counted in ``replaced``), so batches never shrink and collectives never hang.
@@ -128,7 +140,7 @@ class Augment:
                 "key": np.array(keys, dtype=object), "replaced": np.array(replaced)}
 
 
-# -- the epoch plan: which rows each rank reads -------------------------------------------------
+# -- the epoch plan: the global sample order and who reads what --------------------------------
 @dataclass(frozen=True)
 class ShardRows:
     url: str
@@ -142,29 +154,130 @@ def list_shards(uri: str) -> list[ShardRows]:
     return [ShardRows(shards.url(n), shards.shard_info(n).rows) for n in shards.committed()]
 
 
-def epoch_shard_order(shards: list[ShardRows], seed: int, epoch: int) -> list[ShardRows]:
-    order = list(shards)
-    random.Random(f"shards/{seed}/{epoch}").shuffle(order)
-    return order
+def _rng(seed: int, *words: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([abs(int(seed)), *words]))
 
 
-def batches_per_epoch(shards: list[ShardRows], world: int, batch_size: int) -> int:
-    """Micro-batches every rank gets per epoch (equal on all ranks, drop_last)."""
-    return sum(s.rows for s in shards) // (world * batch_size)
+class EpochOrder:
+    """The seeded global sample order of one epoch (see the module doc).
+
+    Positions map to (shard index, row); windows are materialised lazily, one at a time."""
+
+    def __init__(self, shards: tuple[ShardRows, ...] | list[ShardRows], seed: int, epoch: int, window: int,
+                 chunk: int = READ_CHUNK_ROWS):
+        self.shards, self.seed, self.epoch, self.window = tuple(shards), seed, epoch, max(1, window)
+        chunks = [(i, a, min(a + chunk, s.rows)) for i, s in enumerate(self.shards) for a in range(0, s.rows, chunk)]
+        perm = _rng(seed, epoch, 1).permutation(len(chunks)) if chunks else []
+        self.chunks = [chunks[j] for j in perm]
+        sizes = np.array([b - a for _, a, b in self.chunks], dtype=np.int64)
+        ends = np.cumsum(sizes)
+        n_win = -(-len(self.chunks) // self.window)
+        self.window_ends = np.array([ends[min(len(ends), (w + 1) * self.window) - 1] for w in range(n_win)],
+                                    dtype=np.int64)
+        self.total = int(ends[-1]) if len(ends) else 0
+        self._cache: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def window_start(self, w: int) -> int:
+        return int(self.window_ends[w - 1]) if w else 0
+
+    def window_of(self, pos: int) -> int:
+        return int(np.searchsorted(self.window_ends, pos, side="right"))
+
+    def window_rows(self, w: int) -> tuple[np.ndarray, np.ndarray]:
+        """(shard index, row) of every position of window ``w``, in epoch order."""
+        if self._cache is None or self._cache[0] != w:
+            chunks = self.chunks[w * self.window:(w + 1) * self.window]
+            shard = np.concatenate([np.full(b - a, i, np.int64) for i, a, b in chunks])
+            row = np.concatenate([np.arange(a, b, dtype=np.int64) for _, a, b in chunks])
+            perm = _rng(self.seed, self.epoch, 2, w).permutation(len(row))
+            self._cache = (w, shard[perm], row[perm])
+        return self._cache[1], self._cache[2]
+
+    def positions(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """(shard index, row) of positions ``[lo, hi)``."""
+        shard, row = [], []
+        while lo < hi:
+            w = self.window_of(lo)
+            s, r = self.window_rows(w)
+            a, b = lo - self.window_start(w), min(hi, int(self.window_ends[w])) - self.window_start(w)
+            shard.append(s[a:b])
+            row.append(r[a:b])
+            lo += b - a
+        return (np.concatenate(shard), np.concatenate(row)) if shard else (np.zeros(0, np.int64),) * 2
 
 
-def rank_read_tasks(order: list[ShardRows], rank: int, world: int, batch_size: int, skip: int,
-                    chunk: int = READ_CHUNK_ROWS) -> list[dict]:
-    """Row ranges ``{url, start, stop}`` of rank ``rank``'s slice of the epoch stream, from ``skip`` on."""
-    per_rank = batches_per_epoch(order, world, batch_size) * batch_size
-    lo, hi = rank * per_rank + skip, (rank + 1) * per_rank
-    tasks, offset = [], 0
-    for shard in order:
-        a, b = max(lo, offset), min(hi, offset + shard.rows)
-        for start in range(a - offset, b - offset, chunk):  # empty when the shard is outside
-            tasks.append({"url": shard.url, "start": start, "stop": min(start + chunk, b - offset)})
-        offset += shard.rows
-    return tasks
+def step_split(global_batch: int, batch_size: int, world: int) -> list[list[int]]:
+    """Samples of each rank in each accumulation round of one optimizer step.
+
+    The rule for any world size: ``accum = ceil(G / (batch_size × world))`` rounds; the G samples
+    are spread over the rounds as evenly as possible (earlier rounds take the remainder), and each
+    round's samples over the ranks likewise (lower ranks take the remainder). So no micro-batch
+    exceeds ``batch_size`` and the step always holds exactly G samples; when ``batch_size × world
+    × accum == G`` every micro-batch is exactly ``batch_size``."""
+    if world > global_batch:
+        raise ValueError(f"a global batch of {global_batch} cannot give one sample to each of {world} workers")
+    accum = -(-global_batch // (batch_size * world))
+    rounds = [global_batch // accum + (i < global_batch % accum) for i in range(accum)]
+    return [[n // world + (r < n % world) for r in range(world)] for n in rounds]
+
+
+def steps_per_epoch(shards, global_batch: int) -> int:
+    """Optimizer steps per epoch (the ``N mod G`` tail of the epoch order is dropped)."""
+    return sum(s.rows for s in shards) // global_batch
+
+
+def rank_picks(order: EpochOrder, global_batch: int, batch_size: int, world: int, rank: int, start: int,
+               stop: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(positions, shard index, row) of what rank ``rank`` consumes in each accumulation round of
+    the steps from ``start`` to ``stop`` (multiples of the global batch), in order.
+
+    A round is the next contiguous run of positions (a random sample of the current window); its
+    samples are handed to the ranks grouped by row group (stable sort by chunk), so each rank
+    reads ~``window / world`` of a window's row groups rather than all of them. Which rank gets
+    which sample of a step does not change what the step trains on (the losses gather across
+    ranks), and every split covers the step's positions exactly once."""
+    split = step_split(global_batch, batch_size, world)
+    for step0 in range(start, stop, global_batch):
+        lo = step0
+        for sizes in split:
+            hi = lo + sum(sizes)
+            shard, row = order.positions(lo, hi)
+            idx = np.argsort(shard * (1 << 40) + row // READ_CHUNK_ROWS, kind="stable")
+            mine = idx[sum(sizes[:rank]):sum(sizes[:rank + 1])]
+            yield lo + mine, shard[mine], row[mine]
+            lo = hi
+
+
+def rank_read_tasks(order: EpochOrder, picks) -> list[dict]:
+    """One read task per window (by the window of each round's first sample): the row groups the
+    rank needs from it and which rows, in consumption order."""
+    groups: list[tuple[int, list, list]] = []
+    for pos, shard, row in picks:
+        if not len(pos):
+            continue
+        w = order.window_of(int(pos.min()))
+        if not groups or groups[-1][0] != w:
+            groups.append((w, [], []))
+        groups[-1][1].append(shard)
+        groups[-1][2].append(row)
+    out = []
+    for _, shards, rows in groups:
+        shard, row = np.concatenate(shards), np.concatenate(rows)
+        base = row - row % READ_CHUNK_ROWS
+        needed = sorted(set(zip(shard.tolist(), base.tolist())))
+        index = {c: j for j, c in enumerate(needed)}
+        out.append({"urls": [order.shards[s].url for s, _ in needed], "starts": [a for _, a in needed],
+                    "stops": [min(a + READ_CHUNK_ROWS, order.shards[s].rows) for s, a in needed],
+                    "chunk": [index[c] for c in zip(shard.tolist(), base.tolist())],
+                    "offset": (row % READ_CHUNK_ROWS).tolist()})
+    return out
+
+
+def read_window(task: dict) -> dict:
+    """One read task: whole row-group reads of the needed chunks, then the picked rows in order."""
+    chunks = [read_rows({"url": u, "start": a, "stop": b})
+              for u, a, b in zip(task["urls"], task["starts"], task["stops"])]
+    return {c: [chunks[j][c][o] for j, o in zip(task["chunk"], task["offset"])] for c in ("key", "image", "captions")}
 
 
 def read_rows(task: dict) -> dict:
@@ -198,7 +311,7 @@ class IngestSpec:
     """Everything a worker needs to build its epoch pipeline (picklable)."""
     shards: tuple[ShardRows, ...]
     seed: int
-    batch_size: int
+    batch_size: int                # largest per-rank micro-batch
     image_size: int
     min_scale: float
     max_words: int
@@ -206,24 +319,33 @@ class IngestSpec:
     caption_pick: str = "random"
     map_batch_size: int = 32
     ingest_cpus: float = 1.0
-    shuffle_buffer: int = 0
+    shuffle_window: int = 32       # chunks (row groups) per shuffle window
+    global_batch: int = 0          # samples per optimizer step; 0: batch_size (one rank, no accumulation)
+
+    @property
+    def step_samples(self) -> int:
+        return self.global_batch or self.batch_size
+
+    def order(self, epoch: int) -> EpochOrder:
+        return EpochOrder(self.shards, self.seed, epoch, self.shuffle_window)
 
 
-def build_epoch_dataset(spec: IngestSpec, epoch: int, rank: int, world: int, skip: int = 0):
-    """Rank ``rank``'s Ray Dataset for ``epoch`` starting ``skip`` rows into its slice."""
+def build_epoch_dataset(spec: IngestSpec, epoch: int, rank: int, world: int, start: int = 0):
+    """Rank ``rank``'s Ray Dataset for ``epoch`` from global position ``start`` to the epoch's end."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # the slice order is the resume contract
+    ctx.execution_options.preserve_order = True  # the consumption order is the resume contract
     ctx.enable_progress_bars = False
-    order = epoch_shard_order(list(spec.shards), spec.seed, epoch)
-    tasks = rank_read_tasks(order, rank, world, spec.batch_size, skip)
+    stop = steps_per_epoch(spec.shards, spec.step_samples) * spec.step_samples
+    order = spec.order(epoch)
+    tasks = rank_read_tasks(order, rank_picks(order, spec.step_samples, spec.batch_size, world, rank, start, stop))
     if not tasks:
         return None
     augment = Augment(spec.seed, epoch, spec.image_size, spec.min_scale, spec.max_words, spec.hflip,
                       spec.caption_pick)
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
-    ds = ds.flat_map(lambda t: _rows(read_rows(t)), num_cpus=spec.ingest_cpus)
+    ds = ds.flat_map(lambda t: _rows(read_window(t)), num_cpus=spec.ingest_cpus)
     return ds.map_batches(augment, batch_size=spec.map_batch_size, batch_format="numpy",
                           num_cpus=spec.ingest_cpus)
 
@@ -241,24 +363,31 @@ def collate(batch: dict) -> dict:
             "replaced": int(np.asarray(batch["replaced"]).sum())}
 
 
-def _collate_fn():
-    from ray.data.collate_fn import NumpyBatchCollateFn
+def _cut(rows: Iterator[dict], sizes: Iterator[int]) -> Iterator[dict]:
+    """Re-chunk a stream of numpy batches into batches of the given sizes, in order."""
+    buf: dict[str, list] = {}
+    have = 0
+    for n in sizes:
+        while have < n:
+            try:
+                block = next(rows)
+            except StopIteration:
+                return
+            for k, v in block.items():
+                buf.setdefault(k, []).extend(list(v))
+            have += len(block["key"])
+        yield collate({k: v[:n] for k, v in buf.items()})
+        buf = {k: v[n:] for k, v in buf.items()}
+        have -= n
 
-    class Collate(NumpyBatchCollateFn):
-        def __call__(self, batch):
-            return collate(batch)
 
-    return Collate()
-
-
-def iter_epoch(spec: IngestSpec, epoch: int, rank: int, world: int, skip: int = 0) -> Iterator[dict]:
-    """Fixed-size batches of ``spec.batch_size`` (drop_last) for one rank and epoch."""
-    ds = build_epoch_dataset(spec, epoch, rank, world, skip)
+def iter_epoch(spec: IngestSpec, epoch: int, rank: int, world: int, start: int = 0) -> Iterator[dict]:
+    """Rank ``rank``'s micro-batches of ``epoch`` from global position ``start`` (a step boundary):
+    per step, one batch per accumulation round, sized by :func:`step_split`."""
+    ds = build_epoch_dataset(spec, epoch, rank, world, start)
     if ds is None:
         return iter(())
-    shuffle = {}
-    if spec.shuffle_buffer:  # seeded, so a fresh run replays it (see the resume note in loop.py)
-        shuffle = {"local_shuffle_buffer_size": spec.shuffle_buffer,
-                   "local_shuffle_seed": spec.seed * 1000003 + epoch * 7919 + rank}
-    return iter(ds.iter_torch_batches(batch_size=spec.batch_size, drop_last=True, collate_fn=_collate_fn(),
-                                      **shuffle))
+    split = step_split(spec.step_samples, spec.batch_size, world)
+    steps = steps_per_epoch(spec.shards, spec.step_samples) - start // spec.step_samples
+    sizes = (split[i][rank] for _ in range(steps) for i in range(len(split)))
+    return _cut(iter(ds.iter_batches(batch_size=spec.map_batch_size, batch_format="numpy")), sizes)

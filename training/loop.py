@@ -1,18 +1,20 @@
 """Pre-training on Ray Train: ``run_training`` (driver) and ``train_loop_per_worker`` (each rank).
 
-One optimizer step = ``accum`` micro-batches of ``batch_size`` per rank, so the step's global
-batch is ``batch_size × world × accum`` (= ``train.global_batch``). The data position is
-counted in micro-batches per rank per epoch; with the deterministic rank slices of
-:mod:`training.ingest` that number fully determines which samples every rank has consumed.
+One optimizer step consumes exactly ``G = train.global_batch`` samples — the next G positions
+of the epoch's seeded global order (:mod:`training.ingest`) — whatever the world size: the
+step is split into accumulation rounds and per-rank micro-batches by
+:func:`training.ingest.step_split` (at most ``batch_size`` per micro-batch). A rank scales its
+micro-batch loss by ``n × world / G`` so the DDP-averaged gradient is the mean over the G
+samples even when ranks hold different counts. The LR schedule counts optimizer steps.
 
-Resume contract (tested in ``tests/training/test_resume_stage1.py``): a run restarted from the
-checkpoint of step k (``blip2 train`` again with the same output and name, or a worker
-failure under ``FailureConfig``) sees exactly the samples an uninterrupted run sees after
-step k, with the same augmentation, and the same RNG states, so its losses match the
-uninterrupted run's up to float non-associativity. Caveats:
-* with ``train.shuffle_buffer > 0`` the local shuffle buffer restarts empty, so samples
-  within ±``shuffle_buffer`` of the resume point may be reordered, repeated or skipped;
-* resuming with a different number of workers restarts at the next epoch boundary.
+Resume contract (tested in ``tests/training/test_resume_stage1.py`` and ``test_elastic.py``):
+the checkpoint of step k stores how many samples of the epoch's order are consumed; a run
+restarted from it (``blip2 train`` again with the same output and name, a worker failure under
+``FailureConfig``, or an elastic resize) continues with exactly the next unseen sample, at any
+world size, with the same augmentation. At the same world size the per-rank RNG states are
+restored too, so losses match the uninterrupted run's; after a resize the ranks that had no
+saved RNG (or whose stream is now another shard of the batch) draw dropout/hard negatives
+from their restored-or-fresh stream: same samples, different dropout.
 """
 from __future__ import annotations
 
@@ -20,10 +22,9 @@ import contextlib
 import importlib
 import os
 import random
-import signal
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -33,9 +34,10 @@ import torch
 from pipelines.shardio import redact
 from training.checkpoint import DataPosition, TrainState, load_into, save_rank_files, save_shared_files
 from training.config import ModelConfig, TrainConfig
-from training.ingest import IngestSpec, batches_per_epoch, epoch_shard_order, iter_epoch, list_shards
+from training.hooks import Hooks
+from training.ingest import IngestSpec, iter_epoch, list_shards, step_split, steps_per_epoch
 from training.metrics import MetricsLog
-from training.optim import accumulation_steps, autocast, build_optimizer, grad_scaler
+from training.optim import autocast, build_optimizer, grad_scaler
 from training.trackers import open_trackers
 
 DEFAULT_MODELS = {1: "training.stage1:Blip2Stage1", 2: "training.stage2:Blip2Stage2"}
@@ -49,11 +51,13 @@ class WorkerConfig:
     seed: int
     ingest: IngestSpec
     run_uri: str
+    model_class: str = ""          # "module:Class" with the model interface; "": the stage's BLIP-2 model
+    hooks: Hooks = field(default_factory=Hooks)
 
 
-def model_class(train: TrainConfig):
-    """The model class: ``train.model_class`` ("module:Class") or the stage's BLIP-2 model."""
-    spec = train.model_class or DEFAULT_MODELS[train.stage]
+def model_class(stage: int, spec: str = ""):
+    """The model class: ``spec`` ("module:Class") or the stage's BLIP-2 model."""
+    spec = spec or DEFAULT_MODELS[stage]
     module, _, name = spec.partition(":") if ":" in spec else spec.rpartition(".")
     return getattr(importlib.import_module(module), name)
 
@@ -64,19 +68,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def micro_batches(spec: IngestSpec, pos: DataPosition, rank: int, world: int) -> Iterator[dict]:
-    """Endless micro-batch stream across epochs, starting at ``pos``; updates ``pos`` as it goes."""
-    per_epoch = batches_per_epoch(list(spec.shards), world, spec.batch_size)
+def step_batches(spec: IngestSpec, pos: DataPosition, rank: int, world: int) -> Iterator[list[dict]]:
+    """Endless stream of this rank's micro-batches per optimizer step, starting at ``pos``;
+    ``pos`` is advanced when a step's batches are handed out."""
+    per_epoch = steps_per_epoch(spec.shards, spec.step_samples)
     if per_epoch == 0:
-        raise ValueError(f"{sum(s.rows for s in spec.shards)} samples cannot give one batch of "
-                         f"{spec.batch_size} to each of {world} workers")
+        raise ValueError(f"{sum(s.rows for s in spec.shards)} samples cannot fill one global batch of "
+                         f"{spec.step_samples}")
+    accum = len(step_split(spec.step_samples, spec.batch_size, world))
     while True:
-        pos.shard_order = [s.url.rsplit("/", 1)[-1] for s in epoch_shard_order(list(spec.shards), spec.seed, pos.epoch)]
-        for batch in iter_epoch(spec, pos.epoch, rank, world, skip=pos.batches_in_epoch * spec.batch_size):
-            pos.batches_in_epoch += 1
-            pos.samples_seen += spec.batch_size * world
-            yield batch
-        pos.epoch, pos.batches_in_epoch = pos.epoch + 1, 0
+        if pos.consumed >= per_epoch * spec.step_samples:
+            pos.epoch, pos.consumed = pos.epoch + 1, 0
+        stream = iter_epoch(spec, pos.epoch, rank, world, start=pos.consumed)
+        while pos.consumed < per_epoch * spec.step_samples:
+            batches = [next(stream) for _ in range(accum)]
+            pos.consumed += spec.step_samples
+            pos.samples_seen += spec.step_samples
+            yield batches
 
 
 def _mean_across_ranks(values: dict[str, float], device) -> dict[str, float]:
@@ -110,16 +118,6 @@ def _count_tokens(model, texts: list[str]) -> int:
     return sum(len(t.split()) for t in texts)
 
 
-def _maybe_crash(train: TrainConfig, step: int, rank: int, world: int) -> None:
-    """Test hook for the fault-tolerance test: die like a lost node (SIGKILL), once."""
-    if train.crash_at_step and step == train.crash_at_step and rank == world - 1 and train.crash_marker:
-        marker = Path(train.crash_marker)
-        if not marker.exists():
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(f"killed rank {rank} pid {os.getpid()} at step {step}\n")
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point of every rank. ``config["worker"]`` is a :class:`WorkerConfig`."""
     import ray.train
@@ -132,16 +130,17 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
 
     seed_everything(wc.seed)  # identical initial weights on every rank
-    model = model_class(train).from_config(wc.model).to(device)
+    model = model_class(train.stage, wc.model_class).from_config(wc.model).to(device)
     optimizer, scheduler = build_optimizer(model, train)
     scaler = grad_scaler(train.precision, device)
-    state = TrainState(world_size=world)
+    state = TrainState(world_size=world, global_batch=wc.ingest.step_samples)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = load_into(Path(d), rank, model, optimizer, scheduler, scaler)
-        if state.world_size != world and state.data.batches_in_epoch:
-            state.data = replace(state.data, epoch=state.data.epoch + 1, batches_in_epoch=0)
+        if state.world_size != world or state.global_batch not in (0, wc.ingest.step_samples):
+            print(f"[blip2] rank {rank}: resuming step {state.step} (epoch {state.data.epoch}, sample "
+                  f"{state.data.consumed}) with {world} workers (saved with {state.world_size})", flush=True)
         state.world_size = world
     else:
         seed_everything(wc.seed * 1000 + rank)  # per-rank stream for dropout etc.
@@ -149,22 +148,26 @@ def train_loop_per_worker(config: dict) -> None:
     ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True}) \
         if world > 1 else model
     raw = model
-    accum = accumulation_steps(train, world)
+    split = step_split(wc.ingest.step_samples, train.batch_size, world)
+    accum, global_batch = len(split), wc.ingest.step_samples
     log = MetricsLog(wc.run_uri, state.step, open_trackers(
         wc.run_uri, train, state.step, redact({"seed": wc.seed, "train": train.__dict__, "model": wc.model.__dict__}))
     ) if rank == 0 else None
-    stream = micro_batches(wc.ingest, state.data, rank, world)
+    state.global_batch = global_batch
+    stream = step_batches(wc.ingest, state.data, rank, world)
     trainable = [p for p in raw.parameters() if p.requires_grad]
 
     raw.train()
     target = min(train.steps, train.stop_after or train.steps)
+    preempt_saved = False
     while state.step < target:
         t0 = time.perf_counter()
-        wait, losses, keys, texts, replaced = 0.0, {}, [], [], 0
-        for i in range(accum):
-            tw = time.perf_counter()
-            batch = next(stream)
-            wait += time.perf_counter() - tw
+        losses, keys, texts, replaced = {}, [], [], 0
+        tw = time.perf_counter()
+        batches = next(stream)
+        wait = time.perf_counter() - tw
+        for i, batch in enumerate(batches):
+            weight = len(batch["key"]) * world / global_batch  # DDP averages over ranks: mean over G
             keys += batch["key"]
             texts += batch["text"]
             replaced += batch["replaced"]
@@ -172,10 +175,10 @@ def train_loop_per_worker(config: dict) -> None:
             with (contextlib.nullcontext() if sync else ddp.no_sync()):
                 with autocast(train.precision, device):
                     out = ddp(batch["pixel_values"].to(device, non_blocking=True), batch["text"])
-                scaler.scale(out["loss"].float() / accum).backward()
+                scaler.scale(out["loss"].float() * weight).backward()
             for k, v in out.items():
                 if k.startswith("loss"):
-                    losses[k] = losses.get(k, 0.0) + float(v.detach()) / accum
+                    losses[k] = losses.get(k, 0.0) + float(v.detach()) * weight
         if train.grad_clip > 0:
             scaler.unscale_(optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, train.grad_clip))
@@ -185,16 +188,16 @@ def train_loop_per_worker(config: dict) -> None:
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         state.step += 1
-        _maybe_crash(train, state.step, rank, world)
+        wc.hooks.maybe_kill(state.step, rank, world)
 
         losses = _mean_across_ranks(losses, device)
-        all_keys = _gather_keys(keys) if train.log_keys else None
+        all_keys = _gather_keys(keys) if wc.hooks.log_keys else None
         dt = time.perf_counter() - t0
-        n_samples = len(keys) * world
         row = {"step": state.step, "epoch": state.data.epoch, "lr": lr, **losses,
-               "samples_per_s": n_samples / dt, "tokens_per_s": _count_tokens(raw, texts) * world / dt,
+               "samples_per_s": global_batch / dt, "tokens_per_s": _count_tokens(raw, texts) * world / dt,
                "data_wait_s": wait, "step_time_s": dt, "samples_seen": state.data.samples_seen,
-               "replaced": replaced}
+               "consumed_in_epoch": state.data.consumed, "global_batch": global_batch, "world_size": world,
+               "accum": accum, "replaced": replaced, "time": time.time()}
         if train.grad_clip > 0:
             row["grad_norm"] = grad_norm
         if device.type == "cuda":
@@ -205,7 +208,13 @@ def train_loop_per_worker(config: dict) -> None:
             log.log(row)
 
         last = state.step == target
-        if state.step % train.checkpoint_every == 0 or last:
+        # a node about to be pre-empted (Ray Core drains it): checkpoint now, once. The call is a
+        # barrier over all ranks, hence only every log_every steps
+        notice = state.step % train.log_every == 0 and not preempt_saved and ray.train.get_preemption_info()
+        if notice:
+            preempt_saved = True
+            print(f"[blip2] rank {rank}: pre-emption notice ({notice}): checkpoint at step {state.step}", flush=True)
+        if state.step % train.checkpoint_every == 0 or last or notice:
             _report_checkpoint(wc, raw, optimizer, scheduler, scaler, state, rank, row, log)
         elif state.step % train.log_every == 0:
             ray.train.report({k: v for k, v in row.items() if k != "keys"})
@@ -267,27 +276,32 @@ def run_uri(train: TrainConfig) -> str:
     return f"{train.output.rstrip('/')}/{run_name(train)}" if fs is not None else f"{path}/{run_name(train)}"
 
 
-def run_training(model: ModelConfig, train: TrainConfig, seed: int = 0):
+def run_training(model: ModelConfig, train: TrainConfig, seed: int = 0, model_class_spec: str = ""):
     """Fit with a ``TorchTrainer``; returns Ray's ``Result``. Re-running with the same output and
-    name resumes from the newest checkpoint in storage (Ray Train restores the run's state)."""
+    name resumes from the newest checkpoint in storage (Ray Train restores the run's state).
+    ``train.num_workers`` = n or [min, max] (elastic: Ray Train starts with as many workers as
+    fit, restarts from the last checkpoint on failures and grows when resources appear)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     shards = list_shards(train.input)
-    if batches_per_epoch(shards, train.num_workers, train.batch_size) == 0:  # fail here, not in every retry
-        raise ValueError(f"{train.input}: {sum(s.rows for s in shards)} samples cannot give one batch of "
-                         f"{train.batch_size} to each of {train.num_workers} workers")
+    global_batch = train.resolved_global_batch()
+    if steps_per_epoch(shards, global_batch) == 0:  # fail here, not in every retry
+        raise ValueError(f"{train.input}: {sum(s.rows for s in shards)} samples cannot fill one global batch "
+                         f"of {global_batch}")
     spec = IngestSpec(tuple(shards), seed=seed, batch_size=train.batch_size, image_size=train.image_size,
                       min_scale=train.min_scale, max_words=train.max_words, hflip=train.hflip,
                       caption_pick=train.caption_pick,
                       map_batch_size=train.map_batch_size, ingest_cpus=train.ingest_cpus,
-                      shuffle_buffer=train.shuffle_buffer)
+                      shuffle_window=train.shuffle_window, global_batch=global_batch)
     path, fs = storage(train.output)
-    wc = WorkerConfig(model=model, train=train, seed=seed, ingest=spec, run_uri=run_uri(train))
+    wc = WorkerConfig(model=model, train=train, seed=seed, ingest=spec, run_uri=run_uri(train),
+                      model_class=model_class_spec, hooks=Hooks.from_env())
+    workers = train.num_workers if isinstance(train.num_workers, int) else tuple(train.num_workers)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"worker": wc},
-        scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=train.use_gpu,
                                      resources_per_worker={"CPU": train.cpus_per_worker,
                                                            **({"GPU": 1} if train.use_gpu else {})}),
         run_config=RunConfig(name=run_name(train), storage_path=path, storage_filesystem=fs,

@@ -48,17 +48,6 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Opt
     return opt, sched
 
 
-def accumulation_steps(cfg: TrainConfig, world: int) -> int:
-    """Micro-batches per optimizer step so that batch_size × world × accum = global_batch."""
-    per_step = cfg.batch_size * world
-    if not cfg.global_batch:
-        return 1
-    if cfg.global_batch % per_step:
-        raise ValueError(f"train.global_batch={cfg.global_batch} is not a multiple of "
-                         f"batch_size×workers={cfg.batch_size}×{world}")
-    return cfg.global_batch // per_step
-
-
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 

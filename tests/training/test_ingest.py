@@ -1,4 +1,5 @@
-"""Ingest: augmentation, caption handling, the deterministic rank slices, bad-sample replacement."""
+"""Ingest: augmentation, caption handling, the seeded global epoch order and its split over ranks,
+bad-sample replacement."""
 from __future__ import annotations
 
 import io
@@ -10,9 +11,9 @@ from PIL import Image
 
 from pipelines.schema import SchemaError
 from tests.training.train_fixtures import write_capfilt
-from training.ingest import (CLIP_MEAN, CLIP_STD, Augment, IngestSpec, ShardRows, augment_image,
-                             batches_per_epoch, clean_caption, epoch_shard_order, iter_epoch, list_shards,
-                             rank_read_tasks, read_rows, sample_rng)
+from training.ingest import (CLIP_MEAN, CLIP_STD, Augment, EpochOrder, IngestSpec, ShardRows, augment_image,
+                             clean_caption, iter_epoch, list_shards, rank_picks, rank_read_tasks, read_rows,
+                             read_window, sample_rng, step_split, steps_per_epoch)
 
 
 def test_clean_caption_lowercases_strips_punctuation_and_truncates():
@@ -71,18 +72,71 @@ def test_all_bad_batch_keeps_its_size():
     assert out["pixel_values"].shape == (2, 3, 16, 16) and out["replaced"].all()
 
 
-def test_rank_slices_partition_each_epoch_and_skip_is_exact():
-    shards = [ShardRows(f"s{i}", n) for i, n in enumerate([12, 7, 12, 9])]   # 40 rows
-    order = epoch_shard_order(shards, seed=0, epoch=0)
-    assert order != epoch_shard_order(shards, seed=0, epoch=1) or order != epoch_shard_order(shards, 0, 2)
-    assert batches_per_epoch(shards, world=2, batch_size=4) == 5            # 40 // 8
+SHARDS = [ShardRows(f"s{i}", n) for i, n in enumerate([600, 70, 512, 300, 256, 1000])]   # 2738 rows
 
-    def rows(tasks):
-        return [(t["url"], r) for t in tasks for r in range(t["start"], t["stop"])]
 
-    r0, r1 = (rows(rank_read_tasks(order, r, 2, 4, skip=0, chunk=5)) for r in (0, 1))
-    assert len(r0) == len(r1) == 20 and not set(r0) & set(r1)
-    assert rows(rank_read_tasks(order, 1, 2, 4, skip=8, chunk=5)) == r1[8:]
+def _ids(order: EpochOrder, lo: int, hi: int) -> list[tuple[int, int]]:
+    shard, row = order.positions(lo, hi)
+    return list(zip(shard.tolist(), row.tolist()))
+
+
+def test_epoch_order_is_a_seeded_permutation_of_every_sample():
+    order = EpochOrder(SHARDS, seed=3, epoch=0, window=4)
+    everything = _ids(order, 0, order.total)
+    assert order.total == 2738 and sorted(everything) == [(i, r) for i, s in enumerate(SHARDS) for r in range(s.rows)]
+    assert _ids(EpochOrder(SHARDS, seed=3, epoch=0, window=4), 0, order.total) == everything   # a pure function
+    assert _ids(order, 100, 900) == everything[100:900]                                    # any slice, any time
+    assert _ids(EpochOrder(SHARDS, seed=3, epoch=1, window=4), 0, order.total) != everything  # a new order per epoch
+    assert _ids(EpochOrder(SHARDS, seed=4, epoch=0, window=4), 0, order.total) != everything
+    # a sample-level shuffle: the first 64 samples come from several shards and are not in row order
+    first = everything[:64]
+    assert len({s for s, _ in first}) >= 3 and first != sorted(first)
+
+
+def test_step_split_keeps_the_global_batch_at_every_world_size():
+    assert step_split(8, 4, 2) == [[4, 4]]
+    assert step_split(8, 4, 1) == [[4], [4]]                 # one worker: two accumulation rounds
+    assert step_split(8, 4, 3) == [[3, 3, 2]]                # 8 is not a multiple of 3: lower ranks +1
+    assert step_split(2320, 29, 16) == [[29] * 16] * 5       # the paper's stage-1 ViT-L setting
+    for g, b, w in [(8, 4, 3), (100, 7, 5), (1680, 105, 13), (9, 4, 2)]:
+        split = step_split(g, b, w)
+        assert sum(map(sum, split)) == g and max(map(max, split)) <= b and min(map(min, split)) >= 1
+    with pytest.raises(ValueError, match="cannot give one sample"):
+        step_split(2, 4, 3)
+
+
+def test_resume_at_another_world_size_continues_with_the_next_unseen_sample():
+    g, b = 12, 4
+    stop = steps_per_epoch(SHARDS, g) * g
+    assert stop == 2736                                                    # a 2-sample drop-last tail
+    order = EpochOrder(SHARDS, seed=0, epoch=0, window=4)
+
+    def consumed(world, start, end):
+        return sorted(p for r in range(world) for pos, _, _ in rank_picks(order, g, b, world, r, start, end)
+                      for p in pos.tolist())
+
+    assert consumed(2, 0, stop) == consumed(3, 0, stop) == list(range(stop))
+    assert consumed(2, 0, 5 * g) + consumed(1, 5 * g, stop) == list(range(stop))     # 2 -> 1 worker at step 5
+    # every round of a step is a contiguous run of the order, whatever the world size
+    for world in (1, 2, 3):
+        rounds = list(zip(*(list(rank_picks(order, g, b, world, r, 0, 2 * g)) for r in range(world))))
+        los = [sorted(p for pos, _, _ in rnd for p in pos.tolist()) for rnd in rounds]
+        assert [x for lo in los for x in lo] == list(range(2 * g))
+    # what the read tasks hand over is exactly the picked samples, in each rank's order
+    picks = list(rank_picks(order, g, b, 2, 1, 5 * g, 8 * g))
+    want = [(SHARDS[s].url, r) for _, shard, row in picks for s, r in zip(shard.tolist(), row.tolist())]
+    tasks = rank_read_tasks(order, picks)
+    assert [(t["urls"][c], t["starts"][c] + o) for t in tasks for c, o in zip(t["chunk"], t["offset"])] == want
+
+
+def test_each_rank_reads_only_its_share_of_a_windows_row_groups():
+    shards = [ShardRows(f"s{i}", 2560) for i in range(40)]                  # 400 row groups
+    order = EpochOrder(shards, seed=0, epoch=0, window=32)
+    g, b, world = 1024, 128, 8
+    stop = steps_per_epoch(shards, g) * g
+    reads = [sum(len(t["urls"]) for t in rank_read_tasks(order, rank_picks(order, g, b, world, r, 0, stop)))
+             for r in range(world)]
+    assert sum(reads) < 2 * 400                 # ~1.5 readers per row group (all 8 without the grouping)
 
 
 def test_read_rows_and_list_shards(tmp_path, corpus):
@@ -96,23 +150,31 @@ def test_read_rows_and_list_shards(tmp_path, corpus):
 
 
 def test_ray_data_epoch_stream_fixed_batches_resume_and_s3(ray_local, corpus, s3_bucket):
-    """Two ranks through real Ray Data on S3 shards: disjoint, complete, fixed-size; skip resumes exactly."""
+    """Two ranks through real Ray Data on S3 shards: disjoint, complete, sized by step_split;
+    resuming at a step boundary with another world size continues exactly."""
     uri = f"{s3_bucket}/capfilt"
     write_capfilt(uri, corpus, rows_per_shard=12, bad={5})
     spec = IngestSpec(tuple(list_shards(uri)), seed=0, batch_size=4, image_size=32, min_scale=0.5,
-                      max_words=50, map_batch_size=8)
+                      max_words=50, map_batch_size=8, shuffle_window=2, global_batch=8)
     per_rank = {r: list(iter_epoch(spec, epoch=0, rank=r, world=2)) for r in (0, 1)}
-    assert all(len(b) == 6 for b in per_rank.values())                     # 48 // (2*4)
+    assert all(len(b) == 6 for b in per_rank.values())                     # 48 // 8 steps, one batch each
     assert all(b["pixel_values"].shape == (4, 3, 32, 32) for bs in per_rank.values() for b in bs)
     keys = [k for r in (0, 1) for b in per_rank[r] for k in b["key"]]
     assert sorted(keys) == [f"{i:06d}" for i in range(48)]                  # each sample once
     assert sum(b["replaced"] for bs in per_rank.values() for b in bs) == 1  # the bad JPEG, counted
-    resumed = list(iter_epoch(spec, epoch=0, rank=1, world=2, skip=8))
-    assert [b["key"] for b in resumed] == [b["key"] for b in per_rank[1][2:]]
-    for a, b in zip(resumed, per_rank[1][2:]):                             # same pixels and captions
-        assert a["text"] == b["text"] and (a["pixel_values"] == b["pixel_values"]).all()
+    step_keys = [per_rank[0][s]["key"] + per_rank[1][s]["key"] for s in range(6)]
+    resumed = list(iter_epoch(spec, epoch=0, rank=0, world=1, start=16))   # 1 worker from step 2: 2 rounds
+    assert [len(b["key"]) for b in resumed] == [4] * 8
+    assert [sorted(resumed[2 * i]["key"] + resumed[2 * i + 1]["key"]) for i in range(4)] == \
+        [sorted(k) for k in step_keys[2:]]                                  # the same samples in each step
+    by_key = {k: (t, px) for bs in per_rank.values() for b in bs
+              for k, t, px in zip(b["key"], b["text"], b["pixel_values"])}
+    for b in resumed:                                                      # same pixels and captions
+        for k, t, px in zip(b["key"], b["text"], b["pixel_values"]):
+            if k != "000005":
+                assert by_key[k][0] == t and (by_key[k][1] == px).all()
     next_epoch = [k for b in iter_epoch(spec, epoch=1, rank=1, world=2) for k in b["key"]]
-    assert next_epoch != [k for b in per_rank[1] for k in b["key"]]         # shard order reshuffled
+    assert next_epoch != [k for b in per_rank[1] for k in b["key"]]         # reshuffled
 
 
 def test_caption_pick_first_and_no_flip_keep_the_rest_of_the_draws(tmp_path):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from training.config import TrainConfig
-from training.optim import accumulation_steps, autocast, build_optimizer, grad_scaler, lr_at, param_groups
+from training.optim import autocast, build_optimizer, grad_scaler, lr_at, param_groups
 
 
 class Net(nn.Module):
@@ -62,13 +62,6 @@ def test_optimizer_and_scheduler_follow_config():
     expected = [lr_at(s, 1e-3, 1e-4, 4, 20) for s in range(20)]
     assert seen == pytest.approx(expected)
     assert net.frozen.weight.grad is None
-
-
-def test_accumulation_steps_reaches_global_batch():
-    assert accumulation_steps(TrainConfig(batch_size=16, global_batch=0), world=4) == 1
-    assert accumulation_steps(TrainConfig(batch_size=29, global_batch=2320), world=16) == 5
-    with pytest.raises(ValueError, match="multiple"):
-        accumulation_steps(TrainConfig(batch_size=30, global_batch=2320), world=16)
 
 
 def test_accumulated_grads_equal_full_batch_grads():

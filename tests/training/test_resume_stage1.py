@@ -6,7 +6,7 @@ captions (``caption_pick=random``), random-resized-crop + horizontal flip (``hfl
 ingest, dropout 0.1 in the Q-Former, and ITM hard negatives drawn with ``torch.multinomial``.
 Ingest randomness is a pure function of (seed, epoch, sample key) (``training.ingest.sample_rng``);
 dropout and hard negatives draw from each rank's global torch RNG, seeded from (seed, rank) at
-the start and saved per rank in every checkpoint (``rng_rank<r>.pt``), restored on resume.
+the start and saved per rank in every checkpoint (``rng_rank<r>.safetensors``), restored on resume.
 ``test_forward_draws_from_the_global_torch_rng`` shows these draws really move the losses by far
 more than the tolerance, so a resume that lost the RNG state would fail the comparison.
 
@@ -25,7 +25,7 @@ dominates: a tiny stage-1 step takes ~0.3 s).
 
 Tolerance: loss, loss_itc, loss_itm, loss_itg and lr agree to 1e-6 absolute. On this CPU
 build the resumed losses are bitwise equal (measured max deviation 0.0): weights are saved as
-fp32 safetensors and optimizer/scheduler/RNG with torch.save (exact), the ranks run with the
+fp32 safetensors and optimizer/scheduler with torch.save and RNG in safetensors (exact), the ranks run with the
 same thread settings in every run (Ray's 1-CPU workers), and a gloo all-reduce over two ranks
 (a + b) is order-independent. The slack only guards against float re-association should a future torch
 or thread setting reorder a reduction; it is ≥ 3 orders of magnitude below the RNG effect
@@ -44,9 +44,8 @@ import pytest
 import torch
 
 from tests.training.stage1_helpers import CAPTIONS, build_model, model_config, pixels
-from tests.training.train_fixtures import write_capfilt
+from tests.training.train_fixtures import run_training_with_hooks, write_capfilt
 from training.config import TrainConfig
-from training.loop import run_training
 from training.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -60,12 +59,12 @@ def _model(tiny_models):
 
 
 def _cfg(root: Path, data: str, name: str, **kw) -> TrainConfig:
-    # model_class "" = the stage's default Blip2Stage1; caption_pick=random and hflip=True (defaults)
+    # the stage's default model Blip2Stage1; caption_pick=random and hflip=True (defaults)
     base = dict(stage=1, input=data, output=str(root / "runs"), name=name, steps=STEPS, batch_size=4,
                 num_workers=2, checkpoint_every=2, warmup_steps=2, lr=1e-3, min_lr=1e-4, image_size=64,
-                map_batch_size=8, log_keys=True)
+                map_batch_size=8)
     cfg = TrainConfig(**{**base, **kw})
-    assert cfg.model_class == "" and cfg.caption_pick == "random" and cfg.hflip
+    assert cfg.caption_pick == "random" and cfg.hflip
     return cfg
 
 
@@ -95,7 +94,7 @@ def data(tmp_path_factory, corpus):
 
 @pytest.fixture(scope="module")
 def reference(ray_local, data, tiny_models):
-    result = run_training(_model(tiny_models), _cfg(data, str(data / "capfilt"), "reference"), seed=0)
+    result = run_training_with_hooks(_model(tiny_models), _cfg(data, str(data / "capfilt"), "reference"))
     assert result.error is None
     return read_metrics(str(data / "runs" / "reference"))
 
@@ -134,20 +133,19 @@ def test_stop_rerun_and_worker_kill_replay_the_uninterrupted_stage1_run(referenc
 
     write_capfilt(f"{s3_bucket}/capfilt", corpus, rows_per_shard=12)
     marker = data / "crash.marker"
-    cfg = _cfg(data, f"{s3_bucket}/capfilt", "resumed", output=f"{s3_bucket}/runs", crash_at_step=5,
-               crash_marker=str(marker), max_failures=1)
+    cfg = _cfg(data, f"{s3_bucket}/capfilt", "resumed", output=f"{s3_bucket}/runs", max_failures=1)
     run, fs = f"{s3_bucket}/runs/resumed", fsspec.filesystem("s3")
     model = _model(tiny_models)
-    first = run_training(model, TrainConfig(**{**cfg.__dict__, "stop_after": 3}), seed=0)
+    first = run_training_with_hooks(model, TrainConfig(**{**cfg.__dict__, "stop_after": 3}))
     assert first.error is None and first.checkpoint.path.endswith("resumed/checkpoint_00000003")
     files = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{run}/checkpoint_00000003")}
     assert {"trainable.safetensors", "optimizer.pt", "scheduler.pt", "scaler.pt", "state.json",
-            "rng_rank0.pt", "rng_rank1.pt"} <= files
+            "rng_rank0.safetensors", "rng_rank1.safetensors"} <= files
     state = json.loads(fs.cat(f"{run}/checkpoint_00000003/state.json"))
-    assert state["step"] == 3 and (state["data"]["epoch"], state["data"]["batches_in_epoch"]) == (0, 3)
+    assert state["step"] == 3 and (state["data"]["epoch"], state["data"]["consumed"]) == (0, 24)
     assert not fs.exists(f"{run}/final") and not marker.exists()
 
-    second = run_training(model, cfg, seed=0)  # same output + name: resumes from step 3
+    second = run_training_with_hooks(model, cfg, kill=f"step=5,marker={marker}")  # same output + name: resumes
     assert marker.exists() and "at step 5" in marker.read_text()      # a worker really died ...
     assert second.error is None                                         # ... and the run finished anyway
     assert second.checkpoint.path.endswith("resumed/checkpoint_00000008")

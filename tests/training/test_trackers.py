@@ -27,19 +27,20 @@ LOSSES = ("loss", "loss_itc", "loss_aux")
 
 @pytest.fixture(scope="module")
 def tracked_run(tmp_path_factory, corpus, ray_local):
-    from training.loop import run_training
+    from tests.training.train_fixtures import run_training_with_hooks
 
     root = tmp_path_factory.mktemp("trackers")
     write_capfilt(str(root / "capfilt"), corpus, rows_per_shard=12)
     cfg = TrainConfig(input=str(root / "capfilt"), output=str(root / "runs"), name="tracked", steps=STEPS,
                       batch_size=4, num_workers=2, checkpoint_every=2, log_every=1, warmup_steps=1, lr=1e-3,
-                      min_lr=1e-4, image_size=32, map_batch_size=8, model_class="tests.training.toy_model:ToyModel",
+                      min_lr=1e-4, image_size=32, map_batch_size=8,
                       tensorboard=True, mlflow_tracking_uri=(root / "mlruns").as_uri(),
                       mlflow_experiment="blip2-test", wandb_project="blip2-test", wandb_mode="offline")
     cfg.validate()
-    first = run_training(ModelConfig(), TrainConfig(**{**cfg.__dict__, "stop_after": 2}), seed=0)
+    toy = "tests.training.toy_model:ToyModel"
+    first = run_training_with_hooks(ModelConfig(), TrainConfig(**{**cfg.__dict__, "stop_after": 2}), model_class=toy)
     assert first.error is None, first.error
-    second = run_training(ModelConfig(), cfg, seed=0)
+    second = run_training_with_hooks(ModelConfig(), cfg, model_class=toy)
     assert second.error is None, second.error
     run = root / "runs" / "tracked"
     rows = read_metrics(str(run))

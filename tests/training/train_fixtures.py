@@ -55,3 +55,21 @@ def write_trainer_checkpoint(ckpt: Path, model, step: int, stage: int) -> Path:
                       TrainState(step=step), config={"seed": 0, "train": {"stage": stage},
                                                      "model": dataclasses.asdict(model.cfg)})
     return ckpt
+
+
+def run_training_with_hooks(model, cfg, seed: int = 0, *, log_keys: bool = True, kill: str = "",
+                            model_class: str = ""):
+    """``run_training`` with the test-only hooks of :mod:`training.hooks` set in the environment
+    (the driver reads them once): per-step sample keys in the metrics, and a worker SIGKILL
+    (``kill="step=5,marker=/path"``)."""
+    import pytest
+
+    from training.loop import run_training
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BLIP2_LOG_KEYS", "1" if log_keys else "0")
+        if kill:
+            mp.setenv("BLIP2_FAULT_INJECT", kill)
+        else:
+            mp.delenv("BLIP2_FAULT_INJECT", raising=False)
+        return run_training(model, cfg, seed=seed, model_class_spec=model_class)
