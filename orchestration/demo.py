@@ -180,6 +180,12 @@ def run_demo(workdir: Path, images: int, heldout: int, stage1_steps: int, stage2
             "heldout": heldout}
 
 
+def _recall_line(name: str, key: str, m: dict, chance: dict, heldout: int) -> str:
+    itc = m.get("itc", {})
+    cells = "   ".join(f"R@{k} {m.get(f'{key}_r{k}', 0):5.1f} /{itc.get(f'{key}_r{k}', 0):5.1f}" for k in (1, 5, 10))
+    return f"  {name} {cells}   (chance R@1 {chance.get(f'{key}_r1', 100 / heldout):.1f})"
+
+
 def format_summary(r: dict) -> str:
     m = r["metrics"]
     c = r["curation"]["set"]
@@ -189,11 +195,9 @@ def format_summary(r: dict) -> str:
         "=" * 74,
         f"blip2 demo finished in {r['total_s']:.0f}s  ({', '.join(f'{k} {v:.0f}s' for k, v in r['timings_s'].items())})",
         "",
-        f"held-out retrieval ({r['heldout']} images, stage 1):",
-        f"  image->text R@1 {m.get('txt_r1', 0):5.1f}%   (chance {chance.get('txt_r1', 100 / r['heldout']):.1f}%)"
-        f"   R@5 {m.get('txt_r5', 0):5.1f}%   R@10 {m.get('txt_r10', 0):5.1f}%",
-        f"  text->image R@1 {m.get('img_r1', 0):5.1f}%   (chance {chance.get('img_r1', 100 / r['heldout']):.1f}%)"
-        f"   R@5 {m.get('img_r5', 0):5.1f}%   R@10 {m.get('img_r10', 0):5.1f}%",
+        f"held-out retrieval ({r['heldout']} images, stage 1), R@k in %, ITM re-ranked / ITC only:",
+        *(_recall_line(name, key, m, chance, r["heldout"]) for name, key in (("image->text", "txt"),
+                                                                           ("text->image", "img"))),
         f"curate: {c['rows_in']} rows in = {c['kept']} kept + {c['removed']} removed ("
         + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in c["by_reason"].items() if v) + ")",
         f"search {r['search']['query']!r} over {r['search']['vectors']} curated images, top 3:",

@@ -102,7 +102,10 @@ def build_bert(out: Path) -> Path:
     from transformers import BertConfig, BertForMaskedLM
 
     tok = bert_tokenizer(dec_token=False)
-    cfg = BertConfig(vocab_size=len(tok), max_position_embeddings=64, **_qformer_width())
+    # BERT's 0.02 at width 64 leaves every attention uniform (queries read the mean image, ITM sees
+    # no pair-specific signal); a pretrained BERT's attention is not uniform. The Q-Former's fresh
+    # cross-attention and queries take this range too (qformer_config copies it).
+    cfg = BertConfig(vocab_size=len(tok), max_position_embeddings=64, initializer_range=0.1, **_qformer_width())
     BertForMaskedLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out

@@ -85,14 +85,15 @@ def test_bert_init_copies_ffn_into_query_ffn_and_keeps_cross_attention_fresh(mod
     assert torch.equal(layer.intermediate.dense.weight, w) and torch.equal(layer.intermediate_query.dense.weight, w)
     assert torch.equal(layer.output_query.LayerNorm.weight, bert["bert.encoder.layer.1.output.LayerNorm.weight"])
     assert torch.equal(fresh.qformer.layernorm.bias, bert["bert.embeddings.LayerNorm.bias"])
+    std = fresh.qformer.config.initializer_range  # BERT's (the tiny one's 0.1; bert-base's 0.02)
     cross = fresh.qformer.encoder.layer[0].crossattention.attention.key.weight
-    assert cross.shape == (64, fresh.vision.width) and 0.01 < cross.std() < 0.03  # N(0, 0.02), not copied
+    assert cross.shape == (64, fresh.vision.width) and 0.5 * std < cross.std() < 1.5 * std  # fresh, not copied
     vocab = bert["bert.embeddings.word_embeddings.weight"]
     word = fresh.embeddings.word_embeddings.weight
     assert word.shape[0] == vocab.shape[0] + 1 and torch.equal(word[:-1], vocab)  # + [DEC]
     assert fresh.itg_head.predictions.decoder.weight is word
     assert torch.equal(fresh.itg_head.predictions.bias[:-1], bert["cls.predictions.bias"])
-    assert fresh.query_tokens.shape == (1, 8, 64) and 0.01 < fresh.query_tokens.std() < 0.03
+    assert fresh.query_tokens.shape == (1, 8, 64) and 0.5 * std < fresh.query_tokens.std() < 1.5 * std
 
 
 def test_masks_match_their_definitions():
