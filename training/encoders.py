@@ -1,8 +1,9 @@
 """Frozen image encoders: patch features ``[B, N, D]`` for the Q-Former to cross-attend to.
 
 * ``eva_vit_g`` — EVA ViT-g/14 as stored in HF BLIP-2 checkpoints (``Blip2VisionModel``, 39 layers,
-  width 1408). Its ``post_layernorm`` is the paper's trainable ``ln_vision``, so it is taken out
-  of the frozen tower here (``ln_init`` hands its weights to the trainable LayerNorm).
+  width 1408). Its ``post_layernorm`` is BLIP-2's *trained* ``ln_vision``, so it is taken out of
+  the frozen tower here; a new stage 1 starts ``ln_vision`` fresh as LAVIS does, and only
+  ``model.ln_vision_init=copy`` (continuing from a BLIP-2 checkpoint) takes it (``ln_init``).
 * ``clip_vit_l`` — CLIP ViT-L/14 (``CLIPVisionModel``) with the last layer removed (paper §3.1:
   second-to-last layer's features), all 257 tokens, no post-LayerNorm.
 
@@ -16,6 +17,20 @@ from torch import nn
 from pipelines.remote import local_dir
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+LAVIS_LN_EPS = 1e-5  # LAVIS' ln_vision: nn.LayerNorm's default
+
+
+def make_ln_vision(vision: "FrozenImageEncoder", init: str) -> nn.LayerNorm:
+    """The trainable ``ln_vision``: ``fresh`` (weight 1, bias 0, LAVIS' eps) or ``copy`` of the
+    tower's own final LayerNorm (weights and eps; EVA towers of BLIP-2 checkpoints only)."""
+    if init == "fresh":
+        return nn.LayerNorm(vision.width, eps=LAVIS_LN_EPS)
+    ln = vision.ln_init[0]
+    if init != "copy" or ln is None:
+        raise ValueError(f"ln_vision_init={init!r}: fresh, or copy for an eva_vit_g tower (got {vision.kind})")
+    out = nn.LayerNorm(vision.width, eps=ln.eps)
+    out.load_state_dict(ln.float().state_dict())
+    return out
 
 
 class FrozenImageEncoder(nn.Module):

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipelines.remote import local_dir
-from training.config import ModelConfig
-from training.encoders import DTYPES, FrozenImageEncoder
+from training.config import ModelConfig, saved_ln_vision_init
+from training.encoders import DTYPES, FrozenImageEncoder, make_ln_vision
 
 IGNORE = -100              # label value that carries no loss
 IMAGE_TOKEN = "<image>"    # HF placeholder the query outputs replace (Blip2Processor's token)
@@ -199,15 +199,13 @@ class Blip2Stage2(nn.Module):
         stage1 = read_stage1_checkpoint(cfg.stage1_checkpoint) if cfg.stage1_checkpoint else None
         if stage1 is not None and not cfg.qformer_init:
             cfg.qformer_init = stage1["config"].get("qformer_init", "")
+        if stage1 is not None:  # stage 1's trained ln_vision is loaded below; its eps must be stage 1's too
+            cfg.ln_vision_init = saved_ln_vision_init(stage1["config"], cfg.vision)
         # an unfrozen encoder keeps fp32 master weights (autocast does the rest)
         vision = FrozenImageEncoder.from_pretrained(cfg.vision, cfg.vision_path,
                                                     cfg.frozen_dtype if cfg.freeze_vision else "float32",
                                                     trainable=not cfg.freeze_vision)
-        # EVA: HF's post_layernorm eps, so that the exported Blip2ForConditionalGeneration is exact
-        ln_vision = nn.LayerNorm(vision.width, eps=getattr(vision.model.config, "layer_norm_eps", 1e-5)
-                                 if cfg.vision == "eva_vit_g" else 1e-5)
-        if vision.ln_init[0] is not None:
-            ln_vision.load_state_dict(vision.ln_init[0].float().state_dict())
+        ln_vision = make_ln_vision(vision, cfg.ln_vision_init)
         qcfg = stage2_qformer_config(cfg, vision.width, cfg.stage1_checkpoint)
         qformer = Blip2QFormerModel(qcfg)
         query_tokens = torch.randn(1, cfg.num_query_tokens, qcfg.hidden_size) * qcfg.initializer_range  # N(0, 0.02)
