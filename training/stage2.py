@@ -45,9 +45,10 @@ def causal_lm_batch(tokenizer, texts: list[str], max_len: int, prompt: str = "")
     """OPT targets: ``[BOS] prompt caption \\n``, right-padded, truncated to ``max_len`` tokens.
 
     Returns ``input_ids``, ``attention_mask`` and ``labels`` (all ``[B, T]`` long); ``labels``
-    equals ``input_ids`` on caption tokens (and the newline) and ``IGNORE`` on BOS, prompt, padding.
+    equals ``input_ids`` except on padding and, with a prompt, on BOS + prompt (``IGNORE``). As
+    LAVIS' ``blip2_opt``: without a prompt the BOS stays a target (the last query predicts it).
     """
-    n_prompt = 1 + (len(tokenizer(prompt, add_special_tokens=False).input_ids) if prompt else 0)
+    n_prompt = 1 + len(tokenizer(prompt, add_special_tokens=False).input_ids) if prompt else 0
     ids, labels = [], []
     for text in texts:
         full = f"{prompt} {text}" if prompt else text
@@ -115,11 +116,15 @@ def stage2_qformer_config(cfg: ModelConfig, vision_width: int, stage1_dir: str =
 
 def load_llm(cfg: ModelConfig, dtype: torch.dtype):
     """The frozen LLM and its tokenizer from ``cfg.llm_path`` (OPT: BOS is always prepended)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     path = local_dir(cfg.llm_path)
-    auto = AutoModelForCausalLM if cfg.llm_family == "opt" else AutoModelForSeq2SeqLM
-    model = auto.from_pretrained(path, dtype=dtype)
+    if cfg.llm_family == "opt":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    else:  # FlanT5 runs with exact GELU (not the checkpoint's gelu_new), as LAVIS and HF's BLIP-2 conversion
+        config = AutoConfig.from_pretrained(path)
+        config.dense_act_fn = "gelu"
+        model = AutoModelForSeq2SeqLM.from_pretrained(path, config=config, dtype=dtype)
     kwargs = {"add_bos_token": True} if cfg.llm_family == "opt" else {}  # LAVIS/HF OPT inputs start with BOS
     return model, AutoTokenizer.from_pretrained(path, **kwargs)
 
