@@ -164,7 +164,7 @@ def load_stage2(cls, path: str, overrides: dict):
     """Our checkpoint (EVA or CLIP layout) or a plain HF ``Blip2ForConditionalGeneration`` dir."""
     from transformers import Blip2Config, Blip2Processor
 
-    from training.encoders import DTYPES, LAVIS_LN_EPS, FrozenImageEncoder
+    from training.encoders import DTYPES, LAVIS_LN_EPS, FrozenImageEncoder, cast_tower
     from training.stage2 import add_image_token, resolve_llm_dtype
 
     root = Path(path)
@@ -193,8 +193,8 @@ def load_stage2(cls, path: str, overrides: dict):
     if cfg.ln_vision_init == "fresh":  # trained from a fresh ln_vision: LAVIS' eps, not HF's
         parts["ln_vision"].eps = LAVIS_LN_EPS
     trainable_vision = not cfg.freeze_vision
-    vision = FrozenImageEncoder(cfg.vision, parts["vision"].to(DTYPES["float32" if trainable_vision else cfg.frozen_dtype]),
-                                None, trainable=trainable_vision)
+    tower = cast_tower(parts["vision"], DTYPES["float32" if trainable_vision else cfg.frozen_dtype], cfg.frozen_weights)
+    vision = FrozenImageEncoder(cfg.vision, tower, None, trainable=trainable_vision)
     llm = parts["language_model"].to(resolve_llm_dtype(cfg, torch.cuda.is_available()))
     tokenizer = processor.tokenizer
     image_id = hf_cfg.image_token_index if hf_cfg.image_token_index is not None else add_image_token(tokenizer, llm)

@@ -209,7 +209,7 @@ class Blip2Stage2(nn.Module):
         # an unfrozen encoder keeps fp32 master weights (autocast does the rest)
         vision = FrozenImageEncoder.from_pretrained(cfg.vision, cfg.vision_path,
                                                     cfg.frozen_dtype if cfg.freeze_vision else "float32",
-                                                    trainable=not cfg.freeze_vision)
+                                                    trainable=not cfg.freeze_vision, weights=cfg.frozen_weights)
         ln_vision = make_ln_vision(vision, cfg.ln_vision_init)
         qcfg = stage2_qformer_config(cfg, vision.width, cfg.stage1_checkpoint)
         qformer = Blip2QFormerModel(qcfg)
