@@ -23,6 +23,7 @@ from pipelines.remote import local_dir
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 MATMUL_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)  # the layers LAVIS casts to fp16
+LAVIS_LN_EPS = 1e-5  # LAVIS' ln_vision: nn.LayerNorm's default
 
 
 def _input_to_weight_dtype(module: nn.Module, args: tuple) -> tuple:
@@ -54,7 +55,6 @@ def cast_tower(model: nn.Module, dtype: torch.dtype, weights: str = "linear") ->
             module.register_forward_hook(_output_to_fp32)
     model._cast_hooks = True
     return model
-LAVIS_LN_EPS = 1e-5  # LAVIS' ln_vision: nn.LayerNorm's default
 
 
 def make_ln_vision(vision: "FrozenImageEncoder", init: str) -> nn.LayerNorm:
