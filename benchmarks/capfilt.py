@@ -2,7 +2,8 @@
 
 Both sides use the same random "tiny but not trivial" BLIP captioner and CLIP ranker (built
 here from configs, several times the test models' size), the same images, the same batch size
-and the same generation settings (10 nucleus captions per image, top-p 0.9, fixed length).
+and the same generation settings: 10 captions per image sampled as BLIP does (top-k 50, top-p
+0.9, repetition penalty 1.1), ``--length`` generated tokens each.
 
     .venv/bin/python benchmarks/capfilt.py --images 96 --batch-size 8          # a quick look
     .venv/bin/python benchmarks/capfilt.py --images 2048 --per-shard 64 --batch-size 8 --length 10 \
@@ -131,7 +132,8 @@ def plain_loop(input_uri: str, models: dict, batch_size: int, length: int) -> tu
         with torch.inference_mode():
             px = blip_proc(images=images, return_tensors="pt")["pixel_values"]
             out = blip.generate(pixel_values=px, input_ids=prompt.repeat(len(batch), 1), do_sample=True, top_p=0.9,
-                                top_k=0, num_return_sequences=10, min_new_tokens=length, max_new_tokens=length)
+                                top_k=50, repetition_penalty=1.1, num_return_sequences=10, min_new_tokens=length,
+                                max_new_tokens=length)
             caps = blip_proc.tokenizer.batch_decode(out[:, prompt.shape[1] - 1:], skip_special_tokens=True)
             texts = [t for b, r in enumerate(batch) for t in [r["caption"], *caps[b * 10:(b + 1) * 10]]]
             enc = clip_proc(text=texts, images=images, return_tensors="pt", padding=True, truncation=True,
@@ -160,8 +162,13 @@ def ray_job(input_uri: str, output_uri: str, models: dict, batch_size: int, leng
     # Start the clock on a running Ray, as a job submitted to a cluster finds it: its
     # prestarted worker processes booted (they would otherwise boot inside the timed window).
     ray.get([ray.remote(num_cpus=1)(_worker_ready).remote() for _ in range(int(ray.cluster_resources()["CPU"]))])
+    from transformers import AutoTokenizer
+
+    # The config's lengths count the prompt's decoder ids ([DEC] + prompt, without [SEP]).
+    prompt_ids = len(AutoTokenizer.from_pretrained(models["captioner"])(CapFiltConfig.prompt).input_ids) - 1
     cfg = CapFiltConfig(input=input_uri, output=output_uri, captioner=str(models["captioner"]),
-                        ranker=str(models["ranker"]), min_length=length, max_length=length, batch_size=batch_size,
+                        ranker=str(models["ranker"]), min_length=length + prompt_ids, max_length=length + prompt_ids,
+                        top_p=0.9, top_k=50, repetition_penalty=1.1, batch_size=batch_size,
                         rank_batch_size=batch_size, caption_num_cpus=args.caption_cpus, rank_num_cpus=args.rank_cpus,
                         caption_concurrency=(args.captioners, args.captioners),
                         decode_concurrency=args.decode_tasks,

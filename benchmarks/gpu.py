@@ -14,12 +14,13 @@ capfilt  The CapFilt job's own model stages (``capfilt.captioner.Captioner``: BL
          the CPU decode + preprocess rate per core (how many CPUs one GPU needs).
 
     python benchmarks/gpu.py stage1 --batch 105 210        # on a CUDA machine
-    python benchmarks/gpu.py capfilt --batch 64 --length 12 30
+    python benchmarks/gpu.py capfilt --batch 64 --length 12 26
     python benchmarks/gpu.py stage1 capfilt --tiny          # CPU smoke run of the script itself
 
 Random weights: generation never stops early (EOS is as likely as any token), so every caption
-has exactly ``--length`` tokens: 30 is the config's max_length (worst case), ~12 is typical of
-real BLIP captions.
+has exactly ``--length`` generated tokens: 26 is the most the config's max_length (30 ids, the
+4 prompt ids included) allows (worst case), ~12 is typical of real BLIP captions. Both sides
+sample as BLIP does (top-k 50, top-p 0.9, repetition penalty 1.1).
 """
 from __future__ import annotations
 
@@ -226,21 +227,24 @@ def capfilt(args, work: Path) -> list[dict]:
     ranker = Ranker(str(rank_dir))
     rows = []
     for length in args.length:
-        captioner = Captioner(str(cap_dir), prompt="a picture of ", num_captions=10, top_p=0.9, min_length=length,
-                              max_length=length, seed=0)
+        prompt_ids = 4  # [DEC] a picture of: the captioner's lengths count them
+        captioner = Captioner(str(cap_dir), prompt="a picture of ", num_captions=10, top_p=0.9, top_k=50,
+                              repetition_penalty=1.1, min_length=length + prompt_ids,
+                              max_length=length + prompt_ids, seed=0)
         hf = captioner.model
         for batch in args.batch:
             def ours(s):
                 caps = captioner(pixels["caption_pixels"][s:s + batch], keys[s:s + batch])
                 return caps
 
-            def plain_hf(s):  # HF's own top-p sampling (global RNG): the baseline our seeded sampler adds to
+            def plain_hf(s):  # HF's own BLIP sampling (global RNG): the baseline our seeded sampler adds to
                 px = torch.as_tensor(pixels["caption_pixels"][s:s + batch]).to(captioner.device, captioner.dtype)
                 ids = captioner.processor.tokenizer("a picture of ", return_tensors="pt").input_ids
                 ids = ids.repeat(len(px), 1).to(captioner.device)  # generate swaps in [DEC] and drops [SEP] itself
                 with torch.inference_mode():
-                    out = hf.generate(pixel_values=px, input_ids=ids, do_sample=True, top_p=0.9, top_k=0,
-                                      num_return_sequences=10, min_new_tokens=length, max_new_tokens=length)
+                    out = hf.generate(pixel_values=px, input_ids=ids, do_sample=True, top_p=0.9, top_k=50,
+                                      repetition_penalty=1.1, num_return_sequences=10, min_new_tokens=length,
+                                      max_new_tokens=length)
                 return captioner.processor.tokenizer.batch_decode(out, skip_special_tokens=True)
 
             def rank(s, caps):

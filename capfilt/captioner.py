@@ -1,5 +1,8 @@
 """The captioner: BLIP (``BlipForConditionalGeneration``) writes N nucleus-sampled captions per image.
 
+The sampler is BLIP's ``generate(sample=True)``: repetition penalty, minimum length, then
+top-k and top-p, in the order HF ``generate`` applies them; lengths count the prompt ids.
+
 Sampling is made reproducible per image, not per batch: every generated row (image ``key``,
 sample ``j``) draws its random numbers from its own generator seeded by ``(seed, key, j)``.
 So the captions of an image do not depend on which batch, actor or machine it landed on,
@@ -11,7 +14,8 @@ import hashlib
 
 import numpy as np
 import torch
-from transformers import LogitsProcessor, MinNewTokensLengthLogitsProcessor, TopPLogitsWarper
+from transformers import (LogitsProcessor, MinLengthLogitsProcessor, RepetitionPenaltyLogitsProcessor,
+                          TopKLogitsWarper, TopPLogitsWarper)
 
 from capfilt.blip_decoding import BlipSampleDecoder
 
@@ -39,12 +43,12 @@ def resolve_device_dtype(dtype: str) -> tuple[torch.device, torch.dtype]:
 class SeededSampler(LogitsProcessor):
     """The last logits processor: draws the token itself.
 
-    It must come after the warpers (top-p here), which have already masked the scores; it
+    It must come after the warpers (top-k, top-p), which have already masked the scores; it
     samples one token per row by inverse CDF with that row's pre-drawn uniform
     ``u[row, step]`` and returns scores that are -inf everywhere else, so picking the best
     token (or a multinomial draw) can only pick that one. (HF ``generate`` puts a custom
-    processor *before* its own warpers: to use it there, pass ``top_p=1.0`` and put a
-    ``TopPLogitsWarper`` ahead of it in ``logits_processor``.)
+    processor *before* its own warpers: to use it there, pass ``top_k=0, top_p=1.0`` and put
+    ``TopKLogitsWarper``, ``TopPLogitsWarper`` ahead of it in ``logits_processor``.)
     """
 
     def __init__(self, uniforms: torch.Tensor, prompt_len: int):
@@ -71,8 +75,8 @@ class Captioner:
     samples (``capfilt.blip_decoding``); the samples are those of HF ``generate``.
     """
 
-    def __init__(self, model_dir: str, *, prompt: str, num_captions: int, top_p: float,
-                 min_length: int, max_length: int, seed: int, dtype: str = "auto"):
+    def __init__(self, model_dir: str, *, prompt: str, num_captions: int, top_p: float, top_k: int,
+                 repetition_penalty: float, min_length: int, max_length: int, seed: int, dtype: str = "auto"):
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
         self.device, self.dtype = resolve_device_dtype(dtype)
@@ -84,8 +88,27 @@ class Captioner:
         prompt_ids = self.processor.tokenizer(prompt, return_tensors="pt").input_ids
         prompt_ids[:, 0] = self.model.config.text_config.bos_token_id
         self.prompt_ids = prompt_ids[:, :-1]
-        self.num_captions, self.top_p, self.seed = num_captions, top_p, seed
+        self.num_captions, self.seed = num_captions, seed
+        self.top_p, self.top_k, self.repetition_penalty = top_p, top_k, repetition_penalty
+        # min_length / max_length count the prompt ids, as BLIP passes them to HF generate.
         self.min_length, self.max_length = min_length, max_length
+        self.max_new_tokens = max_length - self.prompt_ids.shape[1]
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_length={max_length} leaves no token after the {self.prompt_ids.shape[1]} prompt ids")
+
+    def logits_processors(self, uniforms: torch.Tensor) -> list:
+        """HF generate's order: penalty, min length, then the warpers; the seeded draw last."""
+        eos = self.model.config.text_config.sep_token_id
+        out = []
+        if self.repetition_penalty != 1.0:
+            out.append(RepetitionPenaltyLogitsProcessor(float(self.repetition_penalty)))
+        if self.min_length > 0:
+            out.append(MinLengthLogitsProcessor(self.min_length, eos))
+        if self.top_k:
+            out.append(TopKLogitsWarper(self.top_k))
+        if self.top_p < 1.0:
+            out.append(TopPLogitsWarper(self.top_p))
+        return out + [SeededSampler(uniforms, self.prompt_ids.shape[1])]
 
     def __call__(self, pixel_values: np.ndarray | torch.Tensor, keys: list[str]) -> list[list[str]]:
         if not keys:
@@ -101,11 +124,9 @@ class Captioner:
         """[B * N, prompt + new] ids (prompt included); row b * N + j is sample j of image b."""
         pixels = torch.as_tensor(pixel_values).to(self.device, self.dtype)
         image_embeds = self.model.vision_model(pixel_values=pixels)[0]
-        uniforms = row_uniforms(self.seed, keys, self.num_captions, self.max_length + 1)
-        prompt_len = self.prompt_ids.shape[1]
+        uniforms = row_uniforms(self.seed, keys, self.num_captions, self.max_new_tokens)
         cfg = self.model.config.text_config
         return self.decoder.generate(
-            image_embeds, self.prompt_ids, num_samples=self.num_captions, max_new_tokens=self.max_length,
+            image_embeds, self.prompt_ids, num_samples=self.num_captions, max_new_tokens=self.max_new_tokens,
             eos_token_id=cfg.sep_token_id, pad_token_id=cfg.pad_token_id,
-            logits_processors=[MinNewTokensLengthLogitsProcessor(prompt_len, self.min_length, cfg.sep_token_id),
-                               TopPLogitsWarper(self.top_p), SeededSampler(uniforms, prompt_len)]).cpu()
+            logits_processors=self.logits_processors(uniforms)).cpu()

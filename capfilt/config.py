@@ -19,9 +19,14 @@ class CapFiltConfig:
     ranker: str = "openai/clip-vit-large-patch14"
     prompt: str = "a picture of "
     num_captions: int = 10
+    # BLIP's generate(sample=True): top-p 0.9, HF generate's default top-k 50, penalty 1.1.
     top_p: float = 0.9
-    min_length: int = 5                 # generated tokens, prompt excluded
-    max_length: int = 30                # generated tokens, prompt excluded
+    top_k: int = 50                     # 0: no top-k
+    repetition_penalty: float = 1.1     # 1.0: none; the prompt ids are penalised too, as in BLIP
+    # Lengths as BLIP / HF generate count them: total decoder ids, the prompt's included
+    # ([DEC] a picture of = 4 ids: at least 6, at most 26 generated tokens, [SEP] included).
+    min_length: int = 10
+    max_length: int = 30
     keep: int = 2
     batch_size: int = 16                # images per captioner call
     # Demo switch: tiny random captioners write noise, so the learning check keeps the
@@ -63,8 +68,10 @@ class CapFiltConfig:
             raise ValueError(f"keep={self.keep} exceeds the {self.num_captions + 1} candidates")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0 or not self.repetition_penalty > 0:
+            raise ValueError(f"need top_k >= 0 and repetition_penalty > 0, got {self.top_k}, {self.repetition_penalty}")
         if not 0 <= self.min_length <= self.max_length:
-            raise ValueError("need 0 <= min_length <= max_length")
+            raise ValueError("need 0 <= min_length <= max_length (both count the prompt ids)")
         for name in ("caption_concurrency", "rank_concurrency"):
             lo, hi = getattr(self, name)
             if not 1 <= lo <= hi:

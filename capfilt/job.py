@@ -90,7 +90,8 @@ class CaptionStage:
         from capfilt.captioner import Captioner
 
         self.captioner = Captioner(local_dir(cfg.captioner), prompt=cfg.prompt, num_captions=cfg.num_captions,
-                                   top_p=cfg.top_p, min_length=cfg.min_length, max_length=cfg.max_length,
+                                   top_p=cfg.top_p, top_k=cfg.top_k, repetition_penalty=cfg.repetition_penalty,
+                                   min_length=cfg.min_length, max_length=cfg.max_length,
                                    seed=seed, dtype=cfg.dtype)
         self.num_captions = cfg.num_captions
 

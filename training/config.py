@@ -10,7 +10,11 @@ class ModelConfig:
     vision: str = "eva_vit_g"          # eva_vit_g (Blip2VisionModel) | clip_vit_l (CLIPVisionModel)
     vision_path: str = ""              # save_pretrained directory (local or s3://)
     frozen_dtype: str = "float16"      # float16 | bfloat16 | float32 (fp32 on CPU)
+    frozen_weights: str = "linear"     # linear: only Linear/Conv weights in frozen_dtype (LAVIS) | all
     image_size: int = 224
+    # fresh: ln_vision starts at weight 1, bias 0 (LAVIS); copy: from the EVA tower's post_layernorm,
+    # which in a BLIP-2 checkpoint is BLIP-2's trained ln_vision (to continue from that checkpoint)
+    ln_vision_init: str = "fresh"
     # Q-Former
     qformer_init: str = ""             # bert-base-uncased layout directory (weights + tokenizer)
     num_query_tokens: int = 32
@@ -30,9 +34,23 @@ class ModelConfig:
             raise ValueError(f"vision must be eva_vit_g or clip_vit_l, got {self.vision!r}")
         if self.llm_family not in ("opt", "t5"):
             raise ValueError(f"llm_family must be opt or t5, got {self.llm_family!r}")
+        if self.frozen_weights not in ("linear", "all"):
+            raise ValueError(f"frozen_weights must be linear or all, got {self.frozen_weights!r}")
+        if self.ln_vision_init not in ("fresh", "copy"):
+            raise ValueError(f"ln_vision_init must be fresh or copy, got {self.ln_vision_init!r}")
+        if self.ln_vision_init == "copy" and self.vision != "eva_vit_g":
+            raise ValueError("ln_vision_init=copy needs vision=eva_vit_g (a CLIP tower has no ln_vision to copy)")
         for name in ("frozen_dtype",):
             if getattr(self, name) not in ("float16", "bfloat16", "float32"):
                 raise ValueError(f"{name} must be float16, bfloat16 or float32")
+
+
+def saved_ln_vision_init(saved: dict, vision: str = "eva_vit_g") -> str:
+    """The ``ln_vision_init`` a saved model config was built with: configs written before the
+    key existed copied an EVA tower's LayerNorm (and its eps)."""
+    if saved.get("ln_vision_init"):
+        return saved["ln_vision_init"]
+    return "copy" if saved.get("vision", vision) == "eva_vit_g" else "fresh"
 
 
 @dataclass

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipelines.remote import local_dir
-from training.config import ModelConfig
+from training.config import ModelConfig, saved_ln_vision_init
 
 EXTRA_FILE = "blip2_extra.safetensors"
 OUR_CONFIG = "blip2_config.json"
@@ -145,6 +145,7 @@ def _model_config(root: Path, overrides: dict, hf_cfg) -> ModelConfig:
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     saved = json.loads((root / OUR_CONFIG).read_text()) if (root / OUR_CONFIG).exists() else {}
     cfg = ModelConfig(**{k: v for k, v in saved.items() if k in known})
+    cfg.ln_vision_init = saved_ln_vision_init(saved)  # a plain HF directory: its post_layernorm, HF's eps
     if not saved:  # a plain HF directory: describe it in our terms
         cfg.vision = "eva_vit_g"
         cfg.image_size = hf_cfg.vision_config.image_size
@@ -163,7 +164,7 @@ def load_stage2(cls, path: str, overrides: dict):
     """Our checkpoint (EVA or CLIP layout) or a plain HF ``Blip2ForConditionalGeneration`` dir."""
     from transformers import Blip2Config, Blip2Processor
 
-    from training.encoders import DTYPES, FrozenImageEncoder
+    from training.encoders import DTYPES, LAVIS_LN_EPS, FrozenImageEncoder, cast_tower
     from training.stage2 import add_image_token, resolve_llm_dtype
 
     root = Path(path)
@@ -189,9 +190,11 @@ def load_stage2(cls, path: str, overrides: dict):
         parts = {"vision": hf.vision_model, "ln_vision": ln, "query_tokens": hf.query_tokens.data.float(),
                  "qformer": hf.qformer.float(), "language_projection": hf.language_projection.float(),
                  "language_model": hf.language_model}
+    if cfg.ln_vision_init == "fresh":  # trained from a fresh ln_vision: LAVIS' eps, not HF's
+        parts["ln_vision"].eps = LAVIS_LN_EPS
     trainable_vision = not cfg.freeze_vision
-    vision = FrozenImageEncoder(cfg.vision, parts["vision"].to(DTYPES["float32" if trainable_vision else cfg.frozen_dtype]),
-                                None, trainable=trainable_vision)
+    tower = cast_tower(parts["vision"], DTYPES["float32" if trainable_vision else cfg.frozen_dtype], cfg.frozen_weights)
+    vision = FrozenImageEncoder(cfg.vision, tower, None, trainable=trainable_vision)
     llm = parts["language_model"].to(resolve_llm_dtype(cfg, torch.cuda.is_available()))
     tokenizer = processor.tokenizer
     image_id = hf_cfg.image_token_index if hf_cfg.image_token_index is not None else add_image_token(tokenizer, llm)

@@ -2,7 +2,9 @@
 
 Export (:func:`export_retrieval`) writes a ``save_pretrained`` directory that
 ``Blip2ForImageTextRetrieval.from_pretrained`` loads with no missing or unexpected keys and that
-gives the same ITM logits and ITC scores as :class:`training.stage1.Blip2Stage1`:
+gives the same ITM logits and ITC scores as :class:`training.stage1.Blip2Stage1` (exactly when
+``ln_vision`` has HF's eps, ``model.ln_vision_init=copy``; HF's ``post_layernorm`` takes the vision
+config's eps, so a fresh ``ln_vision``'s 1e-5 becomes 1e-6, as in transformers' LAVIS conversion):
 
     ours                          transformers Blip2ForImageTextRetrieval
     vision.model.*                vision_model.*            (EVA / Blip2VisionModel only)

@@ -35,8 +35,6 @@ from __future__ import annotations
 import hashlib
 import io
 import random
-import re
-import string
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -45,20 +43,14 @@ from PIL import Image
 
 from pipelines.schema import CAPFILT, validate
 from pipelines.shardio import ShardSet
+from training.text import pre_caption
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 READ_CHUNK_ROWS = 256          # rows per Ray Data read task (one Parquet row group)
-_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
 
 # -- pure per-sample transforms --------------------------------------------------------------
-def clean_caption(text: str, max_words: int) -> str:
-    """Lower-case, punctuation → space, collapse whitespace, keep at most ``max_words`` words."""
-    words = _PUNCT.sub(" ", text.lower()).split()
-    return " ".join(words[:max_words])
-
-
 def sample_rng(seed: int, epoch: int, key: str) -> random.Random:
     """The per-sample RNG: same (seed, epoch, key), same crop, flip and caption choice."""
     digest = hashlib.blake2b(f"{seed}/{epoch}/{key}".encode(), digest_size=8).digest()
@@ -117,7 +109,7 @@ class Augment:
             rng = sample_rng(self.seed, self.epoch, key)
             caps = [c for c in list(captions) if c] or [""]
             pick = rng.randrange(len(caps))  # drawn either way, so both modes replay the same pixels
-            texts.append(clean_caption(caps[pick if self.caption_pick == "random" else 0], self.max_words))
+            texts.append(pre_caption(caps[pick if self.caption_pick == "random" else 0], self.max_words))
             try:
                 pixels.append(augment_image(bytes(image), rng, self.image_size, self.min_scale, self.hflip))
                 ok.append(True)

@@ -24,9 +24,9 @@ Where this differs from LAVIS ``Blip2Qformer`` (and why):
 * Text is padded to the longest caption (to the longest across ranks only for the ITM gather),
   not to ``max_length``; padding is masked, so outputs are the same, compute is lower.
 * Gathers accept different per-rank batch sizes (LAVIS requires equal ones).
-* ``ln_vision`` takes the EVA encoder's LayerNorm eps (1e-6, HF ``post_layernorm``) where LAVIS
-  uses 1e-5, so exports to ``Blip2ForImageTextRetrieval`` are exact; CLIP uses 1e-5. Its output
-  stays fp32 (LAVIS casts back to the encoder's fp16); the Q-Former is fp32 as in HF.
+* ``ln_vision`` starts fresh with LAVIS' eps 1e-5 (``model.ln_vision_init=copy``: the EVA
+  tower's trained one, eps 1e-6 as HF's ``post_layernorm``). Its output stays fp32 (LAVIS casts
+  back to the encoder's fp16); the Q-Former is fp32 as in HF.
 * Keys follow HF (``qformer.*``, ``embeddings.*``) not ``Qformer.bert.*``;
   :func:`training.hf_io.load_lavis_state_dict` maps LAVIS checkpoints.
 * The component losses are returned as well as their sum (LAVIS returns them in its output).
@@ -44,9 +44,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipelines.remote import local_dir
-from training.config import ModelConfig
+from training.config import ModelConfig, saved_ln_vision_init
 from training.distributed import all_gather_no_grad, all_gather_with_grad, gather_sizes, global_max, rank
-from training.encoders import FrozenImageEncoder
+from training.encoders import FrozenImageEncoder, make_ln_vision
 from training.losses import IGNORE_INDEX, itc_loss, itg_loss, itm_loss, sample_hard_negatives
 from training.qformer import (ItgHead, bidirectional_mask, init_from_bert, multimodal_causal_mask, qformer_config,
                               run_qformer)
@@ -86,10 +86,7 @@ class Blip2Stage1(nn.Module):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.vision = vision
-        ln = vision.ln_init[0]  # EVA: HF's post_layernorm is the paper's ln_vision (same eps, so exports match)
-        self.ln_vision = nn.LayerNorm(vision.width, eps=ln.eps if ln is not None else 1e-5)
-        if ln is not None:
-            self.ln_vision.load_state_dict(ln.float().state_dict())
+        self.ln_vision = make_ln_vision(vision, cfg.ln_vision_init)
         H = qcfg.hidden_size
         self.query_tokens = nn.Parameter(torch.randn(1, cfg.num_query_tokens, H) * qcfg.initializer_range)
         self.embeddings = Blip2TextEmbeddings(qcfg)
@@ -109,7 +106,7 @@ class Blip2Stage1(nn.Module):
         from transformers import BertForMaskedLM
 
         vision = FrozenImageEncoder.from_pretrained(cfg.vision, cfg.vision_path, cfg.frozen_dtype,
-                                                    trainable=not cfg.freeze_vision)
+                                                    trainable=not cfg.freeze_vision, weights=cfg.frozen_weights)
         bert_dir = local_dir(cfg.qformer_init)
         tokenizer = load_tokenizer(bert_dir)
         bert = BertForMaskedLM.from_pretrained(bert_dir, dtype=torch.float32)
@@ -128,10 +125,11 @@ class Blip2Stage1(nn.Module):
 
         path = Path(local_dir(str(ckpt_dir)))
         saved = json.loads((path / CONFIG_FILE).read_text())
+        saved["ln_vision_init"] = saved_ln_vision_init(saved)  # its eps, as trained
         known = {f.name for f in fields(ModelConfig)}
         cfg = ModelConfig(**{k: v for k, v in {**saved, **overrides}.items() if k in known})
         vision = FrozenImageEncoder.from_pretrained(cfg.vision, cfg.vision_path, cfg.frozen_dtype,
-                                                    trainable=not cfg.freeze_vision)
+                                                    trainable=not cfg.freeze_vision, weights=cfg.frozen_weights)
         qcfg = Blip2QFormerConfig.from_json_file(str(path / QFORMER_CONFIG_FILE))
         model = cls(cfg, vision, load_tokenizer(str(path)), qcfg)
         model.load_trainable_state_dict(load_file(str(path / WEIGHTS_FILE)))

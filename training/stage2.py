@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipelines.remote import local_dir
-from training.config import ModelConfig
-from training.encoders import DTYPES, FrozenImageEncoder
+from training.config import ModelConfig, saved_ln_vision_init
+from training.encoders import DTYPES, FrozenImageEncoder, make_ln_vision
 
 IGNORE = -100              # label value that carries no loss
 IMAGE_TOKEN = "<image>"    # HF placeholder the query outputs replace (Blip2Processor's token)
@@ -45,9 +45,10 @@ def causal_lm_batch(tokenizer, texts: list[str], max_len: int, prompt: str = "")
     """OPT targets: ``[BOS] prompt caption \\n``, right-padded, truncated to ``max_len`` tokens.
 
     Returns ``input_ids``, ``attention_mask`` and ``labels`` (all ``[B, T]`` long); ``labels``
-    equals ``input_ids`` on caption tokens (and the newline) and ``IGNORE`` on BOS, prompt, padding.
+    equals ``input_ids`` except on padding and, with a prompt, on BOS + prompt (``IGNORE``). As
+    LAVIS' ``blip2_opt``: without a prompt the BOS stays a target (the last query predicts it).
     """
-    n_prompt = 1 + (len(tokenizer(prompt, add_special_tokens=False).input_ids) if prompt else 0)
+    n_prompt = 1 + len(tokenizer(prompt, add_special_tokens=False).input_ids) if prompt else 0
     ids, labels = [], []
     for text in texts:
         full = f"{prompt} {text}" if prompt else text
@@ -115,11 +116,15 @@ def stage2_qformer_config(cfg: ModelConfig, vision_width: int, stage1_dir: str =
 
 def load_llm(cfg: ModelConfig, dtype: torch.dtype):
     """The frozen LLM and its tokenizer from ``cfg.llm_path`` (OPT: BOS is always prepended)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     path = local_dir(cfg.llm_path)
-    auto = AutoModelForCausalLM if cfg.llm_family == "opt" else AutoModelForSeq2SeqLM
-    model = auto.from_pretrained(path, dtype=dtype)
+    if cfg.llm_family == "opt":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    else:  # FlanT5 runs with exact GELU (not the checkpoint's gelu_new), as LAVIS and HF's BLIP-2 conversion
+        config = AutoConfig.from_pretrained(path)
+        config.dense_act_fn = "gelu"
+        model = AutoModelForSeq2SeqLM.from_pretrained(path, config=config, dtype=dtype)
     kwargs = {"add_bos_token": True} if cfg.llm_family == "opt" else {}  # LAVIS/HF OPT inputs start with BOS
     return model, AutoTokenizer.from_pretrained(path, **kwargs)
 
@@ -199,15 +204,13 @@ class Blip2Stage2(nn.Module):
         stage1 = read_stage1_checkpoint(cfg.stage1_checkpoint) if cfg.stage1_checkpoint else None
         if stage1 is not None and not cfg.qformer_init:
             cfg.qformer_init = stage1["config"].get("qformer_init", "")
+        if stage1 is not None:  # stage 1's trained ln_vision is loaded below; its eps must be stage 1's too
+            cfg.ln_vision_init = saved_ln_vision_init(stage1["config"], cfg.vision)
         # an unfrozen encoder keeps fp32 master weights (autocast does the rest)
         vision = FrozenImageEncoder.from_pretrained(cfg.vision, cfg.vision_path,
                                                     cfg.frozen_dtype if cfg.freeze_vision else "float32",
-                                                    trainable=not cfg.freeze_vision)
-        # EVA: HF's post_layernorm eps, so that the exported Blip2ForConditionalGeneration is exact
-        ln_vision = nn.LayerNorm(vision.width, eps=getattr(vision.model.config, "layer_norm_eps", 1e-5)
-                                 if cfg.vision == "eva_vit_g" else 1e-5)
-        if vision.ln_init[0] is not None:
-            ln_vision.load_state_dict(vision.ln_init[0].float().state_dict())
+                                                    trainable=not cfg.freeze_vision, weights=cfg.frozen_weights)
+        ln_vision = make_ln_vision(vision, cfg.ln_vision_init)
         qcfg = stage2_qformer_config(cfg, vision.width, cfg.stage1_checkpoint)
         qformer = Blip2QFormerModel(qcfg)
         query_tokens = torch.randn(1, cfg.num_query_tokens, qcfg.hidden_size) * qcfg.initializer_range  # N(0, 0.02)

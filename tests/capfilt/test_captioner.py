@@ -1,4 +1,5 @@
-"""The BLIP captioner: nucleus sampling, seeded per image so batching never changes a caption."""
+"""The BLIP captioner: BLIP's sampler (penalty, min length, top-k, top-p), seeded per image so
+batching never changes a caption."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,12 +7,31 @@ import pytest
 import torch
 
 from capfilt.captioner import Captioner, SeededSampler, row_seed, row_uniforms
+from capfilt.config import CapFiltConfig
+
+BLIP = {"top_p": 0.9, "top_k": 50, "repetition_penalty": 1.1}  # BLIP's generate(sample=True)
+PROMPT_IDS = 4  # [DEC] a picture of
+
+
+def make_captioner(tiny_models, **kw) -> Captioner:
+    args = {"prompt": "a picture of ", "num_captions": 10, **BLIP, "min_length": 7, "max_length": 14, "seed": 0, **kw}
+    return Captioner(str(tiny_models["captioner"]), **args)
 
 
 @pytest.fixture(scope="module")
 def captioner(tiny_models):
-    return Captioner(str(tiny_models["captioner"]), prompt="a picture of ", num_captions=10, top_p=0.9,
-                     min_length=3, max_length=10, seed=0)
+    return make_captioner(tiny_models)
+
+
+def test_config_defaults_are_blips_sampler():
+    cfg = CapFiltConfig()
+    assert (cfg.top_p, cfg.top_k, cfg.repetition_penalty, cfg.min_length, cfg.max_length) == (0.9, 50, 1.1, 10, 30)
+
+
+def test_lengths_count_the_prompt_ids(tiny_models, captioner):
+    assert captioner.prompt_ids.shape[1] == PROMPT_IDS and captioner.max_new_tokens == 14 - PROMPT_IDS
+    with pytest.raises(ValueError, match="no token after"):
+        make_captioner(tiny_models, min_length=0, max_length=PROMPT_IDS)
 
 
 def test_ten_captions_per_image_without_the_prompt(captioner):
@@ -33,8 +53,7 @@ def test_captions_do_not_depend_on_batching(captioner):
 
 
 def test_seed_and_key_change_the_samples(tiny_models, captioner):
-    other = Captioner(str(tiny_models["captioner"]), prompt="a picture of ", num_captions=10, top_p=0.9,
-                      min_length=3, max_length=10, seed=1)
+    other = make_captioner(tiny_models, seed=1)
     pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2)).numpy()
     assert captioner(pixels, ["x"]) != other(pixels, ["x"])
     assert captioner(pixels, ["x"]) != captioner(pixels, ["y"])
@@ -66,41 +85,57 @@ def test_sampling_frequencies_follow_the_nucleus_distribution():
     np.testing.assert_allclose(freq, [0.6 / 0.95, 0.25 / 0.95, 0.1 / 0.95, 0.0], atol=0.03)
 
 
-def hf_generate_reference(captioner, pixels, keys, min_new, max_new):
-    """BLIP's own ``generate`` with the same seeded draws, the nucleus applied before the draw
-    (generate puts a custom processor ahead of its warpers, hence top_p=1 + our TopP first)."""
-    from transformers import TopPLogitsWarper
+def hf_generate_reference(captioner, pixels, keys, top_k, top_p, repetition_penalty, min_length, max_length):
+    """BLIP's own ``generate`` with the same seeded draws. generate applies its penalty and
+    min-length processors, then custom processors, then its own warpers: so its warpers are
+    off (top_k=0, top_p=1) and ours come ahead of the sampler, which keeps HF's order."""
+    from transformers import TopKLogitsWarper, TopPLogitsWarper
 
     prompt = captioner.processor.tokenizer("a picture of ", return_tensors="pt").input_ids.repeat(len(keys), 1)
-    uniforms = row_uniforms(0, keys, 10, max_new + 1)
+    uniforms = row_uniforms(0, keys, 10, max_length)
+    warpers = ([TopKLogitsWarper(top_k)] if top_k else []) + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
     with torch.inference_mode():
         out = captioner.model.generate(
             pixel_values=torch.as_tensor(pixels), input_ids=prompt, do_sample=True, top_p=1.0, top_k=0,
-            num_return_sequences=10, min_new_tokens=min_new, max_new_tokens=max_new,
-            logits_processor=[TopPLogitsWarper(0.9), SeededSampler(uniforms, prompt.shape[1] - 1)])
+            repetition_penalty=repetition_penalty, num_return_sequences=10, min_length=min_length,
+            max_length=max_length, logits_processor=[*warpers, SeededSampler(uniforms, prompt.shape[1] - 1)])
     return out[:, prompt.shape[1] - 1:]
 
 
-@pytest.mark.parametrize("min_new, max_new", [(3, 10), (6, 6), (0, 14)])
-def test_samples_are_blips_own_generate(tiny_models, min_new, max_new):
+@pytest.mark.parametrize("top_k, top_p, penalty, min_length, max_length", [
+    (50, 0.9, 1.1, 10, 30),    # BLIP's settings
+    (5, 0.9, 1.5, 7, 14),      # a top-k and a penalty that bite on the tiny vocabulary
+    (50, 0.9, 1.1, 10, 10),    # fixed length
+    (0, 1.0, 1.0, 0, 18),      # plain sampling
+])
+def test_samples_are_blips_own_generate(tiny_models, top_k, top_p, penalty, min_length, max_length):
     """The captioner runs the prompt and projects each image's features once for its 10
     samples; BLIP's ``generate`` does both 10 times. Same seeded draws: the same tokens."""
-    cap = Captioner(str(tiny_models["captioner"]), prompt="a picture of ", num_captions=10, top_p=0.9,
-                    min_length=min_new, max_length=max_new, seed=0)
+    cap = make_captioner(tiny_models, top_k=top_k, top_p=top_p, repetition_penalty=penalty,
+                         min_length=min_length, max_length=max_length)
     pixels = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(3)).numpy()
     keys = [f"k{i}" for i in range(4)]
-    ours = cap.token_ids(pixels, keys)[:, cap.prompt_ids.shape[1]:]
-    reference = hf_generate_reference(cap, pixels, keys, min_new, max_new)
+    ours = cap.token_ids(pixels, keys)[:, PROMPT_IDS:]
+    reference = hf_generate_reference(cap, pixels, keys, top_k, top_p, penalty, min_length, max_length)
     assert ours.shape == reference.shape and torch.equal(ours, reference)
-    assert (ours[:, :min_new] != cap.model.config.text_config.sep_token_id).all()  # no [SEP] before min_new
+    assert ours.shape[1] <= max_length - PROMPT_IDS
+    min_new = max(min_length - PROMPT_IDS, 0)
+    assert (ours[:, :min_new] != cap.model.config.text_config.sep_token_id).all()  # no [SEP] before min_length
     assert len({tuple(r) for r in ours.tolist()}) > 10
 
 
-def test_every_draw_stays_in_the_top_p_nucleus(captioner):
-    """400 first tokens of one image: all inside its top-p 0.9 nucleus. (HF generate with the
-    sampler as its custom processor draws before top-p is applied, and leaves it.)"""
-    from transformers import TopPLogitsWarper
+def test_penalty_and_top_k_change_the_samples(tiny_models):
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5)).numpy()
+    base = make_captioner(tiny_models, top_k=0, repetition_penalty=1.0).token_ids(pixels, ["a", "b"])
+    assert not torch.equal(make_captioner(tiny_models, top_k=0).token_ids(pixels, ["a", "b"]), base)
+    assert not torch.equal(make_captioner(tiny_models, top_k=3, repetition_penalty=1.0).token_ids(pixels, ["a", "b"]),
+                           base)
 
+
+def test_every_draw_stays_in_the_top_p_nucleus(captioner):
+    """400 first tokens of one image: all inside its top-k 50 / top-p 0.9 nucleus (after the
+    penalty). (HF generate with the sampler as its custom processor draws before its warpers
+    are applied, and leaves the nucleus.)"""
     pixels = np.repeat(torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(4)).numpy(), 40, axis=0)
     keys = [f"k{i}" for i in range(40)]
     prompt_len = captioner.prompt_ids.shape[1]
@@ -108,15 +143,17 @@ def test_every_draw_stays_in_the_top_p_nucleus(captioner):
     with torch.inference_mode():
         embeds = captioner.model.vision_model(pixel_values=torch.as_tensor(pixels[:1]))[0]
         logits = captioner.model.text_decoder(input_ids=captioner.prompt_ids, encoder_hidden_states=embeds).logits[:, -1]
-    nucleus = torch.isfinite(TopPLogitsWarper(0.9)(None, logits))[0]
+    for processor in captioner.logits_processors(torch.zeros(1, 1))[:-1]:
+        logits = processor(captioner.prompt_ids, logits)
+    nucleus = torch.isfinite(logits)[0]
     assert 0 < nucleus.sum() < nucleus.numel()
     assert nucleus[first].all()
     assert len(set(first.tolist())) > 20  # sampled, not greedy
 
     prompt = captioner.processor.tokenizer("a picture of ", return_tensors="pt").input_ids.repeat(40, 1)
-    uniforms = row_uniforms(0, keys, 10, captioner.max_length + 1)
+    uniforms = row_uniforms(0, keys, 10, captioner.max_new_tokens)
     with torch.inference_mode():
         leaky = captioner.model.generate(pixel_values=torch.as_tensor(pixels), input_ids=prompt, do_sample=True,
-                                         top_p=0.9, top_k=0, num_return_sequences=10, max_new_tokens=1,
+                                         **BLIP, num_return_sequences=10, max_new_tokens=1,
                                          logits_processor=[SeededSampler(uniforms, prompt.shape[1] - 1)])
     assert not nucleus[leaky[:, prompt.shape[1] - 1]].all()

@@ -23,7 +23,7 @@ def _cli(input_uri: str, output_uri: str, tiny_models) -> list[str]:
     return [sys.executable, "-m", "orchestration.cli", "capfilt", "--config", "tiny", "--input", input_uri,
             "--output", output_uri, "--json", f"capfilt.captioner={tiny_models['captioner']}",
             f"capfilt.ranker={tiny_models['ranker']}", "capfilt.batch_size=2", "capfilt.rank_batch_size=2",
-            "capfilt.min_length=8", "capfilt.max_length=8"]
+            "capfilt.min_length=12", "capfilt.max_length=12"]
 
 
 def _env() -> dict:

@@ -24,7 +24,7 @@ from pipelines.shardio import ShardSet
 
 def job_config(tiny_models, input_uri, output_uri, **kw) -> CapFiltConfig:
     base = dict(input=input_uri, output=output_uri, captioner=str(tiny_models["captioner"]),
-                ranker=str(tiny_models["ranker"]), min_length=2, max_length=8, batch_size=4, rank_batch_size=4)
+                ranker=str(tiny_models["ranker"]), min_length=6, max_length=12, batch_size=4, rank_batch_size=4)
     return CapFiltConfig(**{**base, **kw})
 
 

@@ -51,7 +51,7 @@ def test_capfilt_through_ray_job_submit(ray_head, tiny_models, hostile_input, tm
     rc = main(["submit", "--address", ray_head.dashboard_url, "--python", sys.executable, "--timeout", "500",
                "capfilt", "--input", input_uri, "--output", str(out), "--config", "tiny",
                f"capfilt.captioner={tiny_models['captioner']}", f"capfilt.ranker={tiny_models['ranker']}",
-               "capfilt.max_length=6", "capfilt.batch_size=4"])
+               "capfilt.max_length=10", "capfilt.batch_size=4"])
     logs = capsys.readouterr().out
     assert rc == 0, logs[-3000:]
     assert "CapFilt ->" in logs and "submitted" in logs  # the job's own summary, streamed back

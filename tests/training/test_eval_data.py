@@ -10,7 +10,7 @@ from PIL import Image
 
 from tests.helpers.coco import write_coco_eval_set
 from training.evaluate.data import (CLIP_MEAN, CLIP_STD, ImageFolder, load_caption_annotations, load_vqa,
-                                    pre_caption, preprocess)
+                                    preprocess)
 
 
 
@@ -72,9 +72,3 @@ def test_image_folder_on_s3_and_preprocess(corpus, s3_bucket):
     # the eval transform: bicubic resize then CLIP mean/std
     expected = (np.asarray(local.resize((64, 64), Image.BICUBIC), dtype=np.float32) / 255 - CLIP_MEAN) / CLIP_STD
     assert torch.allclose(px[1], torch.from_numpy(expected.transpose(2, 0, 1)), atol=1e-6)
-
-
-def test_pre_caption_as_lavis():
-    assert pre_caption("A man (left)  riding a horse!\n") == "a man left riding a horse"
-    assert pre_caption("one two three four", max_words=2) == "one two"
-    assert pre_caption("it's 3,5 ok.") == "it's 3,5 ok"

@@ -16,8 +16,10 @@ def eva(tiny_models, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained_like(tiny_models, eva):
-    """A model whose fresh parameters are not near zero, so every weight matters in the checks."""
-    m = build_model(model_config(tiny_models, eva), seed=11)
+    """A model whose fresh parameters are not near zero, so every weight matters in the checks.
+    ``ln_vision_init=copy``: HF's post_layernorm eps (1e-6), so the export is exact; a fresh
+    ln_vision (LAVIS' 1e-5) becomes 1e-6 there, as in transformers' own LAVIS conversion."""
+    m = build_model(model_config(tiny_models, eva, ln_vision_init="copy"), seed=11)
     with torch.no_grad():
         m.query_tokens.normal_(0, 1.0)
         m.itm_head.weight.normal_(0, 1.0)
@@ -111,7 +113,7 @@ def test_lavis_state_dict_imports_and_reproduces_outputs(trained_like, tiny_mode
     source = trained_like
     lavis = to_lavis_layout(source)
     other_eva = eva_tower(tiny_models["vision_eva"], tmp_path / "eva2", seed=9)
-    target = build_model(model_config(tiny_models, other_eva), seed=12)
+    target = build_model(model_config(tiny_models, other_eva, ln_vision_init="copy"), seed=12)  # the source's eps
     px = pixels(3, seed=6)
     assert (target.encode_image(px)[0] - source.encode_image(px)[0]).abs().max() > 1e-2  # different before
     taken = load_lavis_state_dict(target, lavis)

@@ -12,13 +12,8 @@ from PIL import Image
 from pipelines.schema import SchemaError
 from tests.training.train_fixtures import write_capfilt
 from training.ingest import (CLIP_MEAN, CLIP_STD, Augment, EpochOrder, IngestSpec, ShardRows, augment_image,
-                             clean_caption, iter_epoch, list_shards, rank_picks, rank_read_tasks, read_rows,
-                             read_window, sample_rng, step_split, steps_per_epoch)
-
-
-def test_clean_caption_lowercases_strips_punctuation_and_truncates():
-    assert clean_caption("A Red, CIRCLE!  above (a) blue-square.", 50) == "a red circle above a blue square"
-    assert clean_caption(" ".join(f"w{i}" for i in range(80)), 50).split() == [f"w{i}" for i in range(50)]
+                             iter_epoch, list_shards, rank_picks, rank_read_tasks, read_rows,
+                             sample_rng, step_split, steps_per_epoch)
 
 
 def _jpeg(color=(255, 0, 0), size=(96, 80)) -> bytes:
@@ -202,3 +197,10 @@ def test_caption_pick_first_and_no_flip_keep_the_rest_of_the_draws(tmp_path):
     assert left_red.all()  # never flipped
     flipped = ~np.isclose(paper["pixel_values"], first["pixel_values"]).all(axis=(1, 2, 3))
     assert 0 < flipped.sum() < 16  # the paper mode flipped some of the same crops
+
+
+def test_augment_cleans_captions_as_lavis():
+    batch = {"key": np.array(["k"], dtype=object), "image": np.array([_jpeg()], dtype=object),
+             "captions": np.array([["A man's dog, running on the beach!"]], dtype=object)}
+    out = Augment(seed=0, epoch=0, image_size=32, min_scale=0.5, max_words=4)(batch)
+    assert out["text"].tolist() == ["a man's dog, running"]

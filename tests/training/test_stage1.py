@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,11 +125,50 @@ def test_clip_encoder_and_half_precision_frozen_tower(tiny_models, cfg):
     assert all(torch.isfinite(v) for v in out.values())
 
     half = build_model(model_config(tiny_models, eva=cfg.vision_path, frozen_dtype="bfloat16"))
-    assert next(half.vision.parameters()).dtype == torch.bfloat16
-    assert half.ln_vision.eps == 1e-6 and half.ln_vision.weight.dtype == torch.float32
+    assert half.vision.dtype == torch.bfloat16
+    assert half.ln_vision.eps == 1e-5 and half.ln_vision.weight.dtype == torch.float32
     image_embeds, image_feat = half.encode_image(pixels(2))
     assert image_embeds.dtype == torch.float32 and image_feat.dtype == torch.float32
     full_embeds, _ = build_model(cfg).encode_image(pixels(2))
     assert (image_embeds - full_embeds).abs().max() < 0.1  # same tower, bf16 rounding only
     out = half(pixels(2), CAPTIONS[:2])
     assert all(torch.isfinite(v) and v.dtype == torch.float32 for v in out.values())
+
+
+def blip2_like_tower(eva: Path, out: Path) -> Path:
+    """The EVA tower with a trained-looking final LayerNorm, as in a BLIP-2 checkpoint."""
+    from transformers import Blip2VisionModel
+
+    model = Blip2VisionModel.from_pretrained(eva)
+    with torch.no_grad():
+        model.post_layernorm.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(0))
+        model.post_layernorm.bias.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    model.save_pretrained(out)
+    return out
+
+
+def test_ln_vision_starts_fresh_unless_asked_to_copy(tiny_models, eva, tmp_path):
+    """A new stage 1 starts ln_vision as LAVIS (1, 0, eps 1e-5), whatever the tower's own final
+    LayerNorm holds; ``ln_vision_init=copy`` takes that one (weights and eps) to continue from it."""
+    from safetensors.torch import load_file
+
+    from training.stage1 import Blip2Stage1
+
+    tower = blip2_like_tower(eva, tmp_path / "tower")
+    trained = load_file(str(tower / "model.safetensors"))
+    fresh = build_model(model_config(tiny_models, tower))
+    assert fresh.cfg.ln_vision_init == "fresh" and fresh.ln_vision.eps == 1e-5
+    assert torch.equal(fresh.ln_vision.weight, torch.ones(fresh.vision.width))
+    assert torch.equal(fresh.ln_vision.bias, torch.zeros(fresh.vision.width))
+    copy = build_model(model_config(tiny_models, tower, ln_vision_init="copy"))
+    assert copy.ln_vision.eps == copy.vision.model.config.layer_norm_eps
+    assert torch.equal(copy.ln_vision.weight, trained["post_layernorm.weight"])
+    assert torch.equal(copy.ln_vision.bias, trained["post_layernorm.bias"])
+    assert not isinstance(copy.vision.model.post_layernorm, torch.nn.LayerNorm)  # not applied twice
+    # each kind reloads with the eps it trained with
+    for model, name in ((fresh, "fresh"), (copy, "copy")):
+        model.save_pretrained(str(tmp_path / name))
+        assert Blip2Stage1.from_pretrained(str(tmp_path / name)).ln_vision.eps == model.ln_vision.eps
+    with pytest.raises(ValueError, match="eva_vit_g"):
+        model_config(tiny_models, vision="clip_vit_l", vision_path=str(tiny_models["vision"]),
+                     ln_vision_init="copy").validate()

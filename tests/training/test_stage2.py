@@ -24,7 +24,8 @@ def eva(tiny_models, tmp_path_factory):
 def make_cfg(tiny_models, family: str, eva: Path, **kw) -> ModelConfig:
     return ModelConfig(vision="eva_vit_g", vision_path=str(eva), frozen_dtype="float32",
                        image_size=64, qformer_init=str(tiny_models["bert"]), num_query_tokens=8,
-                       llm_family=family, llm_path=str(tiny_models[family]), **kw)
+                       llm_family=family, llm_path=str(tiny_models[family]),
+                       **{"ln_vision_init": "copy", **kw})  # the tower's non-trivial LN, HF's eps: exact HF checks
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +112,8 @@ def test_from_pretrained_loads_plain_hf_directory(models, exported):
 
 
 # -- which tokens carry loss ------------------------------------------------------------------
-def test_opt_labels_only_caption_and_newline(models):
+def test_opt_labels_bos_caption_and_newline(models):
+    """No prompt (pre-training): BOS, caption and newline are targets, as in LAVIS' blip2_opt."""
     tok, q = models["opt"].tokenizer, models["opt"].cfg.num_query_tokens
     assert len(tok("a", add_special_tokens=False).input_ids) == 1  # the 1-token caption
     texts = ["a", "a red circle", LONG]
@@ -119,17 +121,41 @@ def test_opt_labels_only_caption_and_newline(models):
     for i, text in enumerate(texts):
         caption = tok(text + "\n", add_special_tokens=False).input_ids
         n = min(len(caption), 31)  # BOS takes one of the 32 slots
-        expected = [IGNORE] + caption[:n]
+        expected = [tok.bos_token_id] + caption[:n]
         expected += [IGNORE] * (batch["labels"].shape[1] - len(expected))
         assert batch["labels"][i].tolist() == expected
         assert batch["input_ids"][i, 0] == tok.bos_token_id and batch["attention_mask"][i].sum() == 1 + n
-    assert batch["input_ids"].shape[1] == 32 and (batch["labels"][2] != IGNORE).sum() == 31  # truncated
-    assert batch["labels"][0].tolist()[:3] == [IGNORE, tok("a", add_special_tokens=False).input_ids[0],
+    assert batch["input_ids"].shape[1] == 32 and (batch["labels"][2] != IGNORE).sum() == 32  # truncated
+    assert batch["labels"][0].tolist()[:3] == [tok.bos_token_id, tok("a", add_special_tokens=False).input_ids[0],
                                                tok("\n", add_special_tokens=False).input_ids[0]]
-    # in the model: the query positions carry no loss either
+    # in the model: the query positions carry no loss; the last query's output predicts BOS
     out = models["opt"].lm_outputs(pixels(), texts)
     assert (out["labels"][:, :q] == IGNORE).all()
     assert torch.equal(out["labels"][:, q:], batch["labels"])
+    targets, logits = out["labels"][:, 1:], out["logits"][:, :-1].float()
+    assert (targets[:, q - 1] == tok.bos_token_id).all()
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+    torch.testing.assert_close(out["loss"], expected)
+
+
+def test_stage2_without_stage1_starts_ln_vision_fresh(tiny_models, eva):
+    model = Blip2Stage2.from_config(make_cfg(tiny_models, "opt", eva, ln_vision_init="fresh"))
+    assert model.ln_vision.eps == 1e-5 and torch.equal(model.ln_vision.weight, torch.ones(model.vision.width))
+    assert torch.equal(model.ln_vision.bias, torch.zeros(model.vision.width))
+
+
+def test_flan_t5_runs_with_exact_gelu(models, exported):
+    """LAVIS (and HF's BLIP-2 conversion) set FlanT5's ``dense_act_fn`` to ``gelu``; the
+    checkpoint's gated-gelu means ``gelu_new`` (tanh approximation) otherwise."""
+    from transformers import AutoConfig, Blip2Config
+
+    llm = models["t5"].language_model
+    assert AutoConfig.from_pretrained(models["t5"].cfg.llm_path).dense_act_fn == "gelu_new"  # the checkpoint's
+    assert llm.config.dense_act_fn == "gelu" and llm.config.is_gated_act
+    x = torch.linspace(-4, 4, 101)
+    for ff in (llm.encoder.block[0].layer[-1].DenseReluDense, llm.decoder.block[-1].layer[-1].DenseReluDense):
+        torch.testing.assert_close(ff.act(x), torch.nn.functional.gelu(x), atol=0, rtol=0)
+    assert Blip2Config.from_pretrained(exported["t5"]).text_config.dense_act_fn == "gelu"  # the export keeps it
 
 
 def test_opt_prompt_tokens_carry_no_loss(models):
@@ -231,7 +257,8 @@ def test_llm_dtype_auto():
 def test_clip_encoder_checkpoint_round_trip(tiny_models, eva, tmp_path):
     from training.hf_export_stage2 import export_hf
 
-    cfg = dataclasses.replace(make_cfg(tiny_models, "opt", eva), vision="clip_vit_l", vision_path=str(tiny_models["vision"]))
+    cfg = dataclasses.replace(make_cfg(tiny_models, "opt", eva, ln_vision_init="fresh"), vision="clip_vit_l",
+                              vision_path=str(tiny_models["vision"]))
     model = Blip2Stage2.from_config(cfg).eval()
     model.save_pretrained(tmp_path / "ckpt")
     assert not (tmp_path / "ckpt" / "config.json").exists()  # plain transformers must refuse it

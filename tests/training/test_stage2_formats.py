@@ -53,6 +53,8 @@ def test_stage1_checkpoint_into_stage2_and_out_to_hf(tiny_models, eva, stage1_di
                 "qformer.encoder.layer.0.crossattention.attention.key.weight",
                 "qformer.encoder.layer.3.output_query.dense.weight"):
         assert torch.equal(model.state_dict()[key], saved[key]), key
+    assert model.cfg.ln_vision_init == stage1.cfg.ln_vision_init == "fresh"
+    assert model.ln_vision.eps == stage1.ln_vision.eps == 1e-5  # stage 1's trained ln_vision, with its eps
     # the query path gives stage 1's query outputs (ln_vision eps: stage 1 1e-5, HF EVA 1e-6)
     px = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -76,7 +78,9 @@ def test_stage1_checkpoint_into_stage2_and_out_to_hf(tiny_models, eva, stage1_di
     assert torch.equal(hf.qformer.encoder.layer[0].crossattention.attention.key.weight,
                        saved["qformer.encoder.layer.0.crossattention.attention.key.weight"])
     assert torch.equal(hf.vision_model.post_layernorm.weight, saved["ln_vision.weight"])
-    assert set(Blip2Stage2.from_pretrained(tmp_path / "hf").extra) == expected_extra
+    reloaded = Blip2Stage2.from_pretrained(tmp_path / "hf")
+    assert set(reloaded.extra) == expected_extra and reloaded.ln_vision.eps == 1e-5
+    assert torch.equal(reloaded.ln_vision.weight, saved["ln_vision.weight"])
 
 
 def to_lavis(model: Blip2Stage2, family: str) -> dict[str, torch.Tensor]:

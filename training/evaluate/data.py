@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 from dataclasses import dataclass, field
 
 import fsspec
@@ -40,14 +39,6 @@ class VqaQuestion:
     question: str
     answers: list[str]             # the human answers (10 in VQAv2); may be empty for test-dev
     answer_type: str | None = None
-
-
-def pre_caption(caption: str, max_words: int = 50) -> str:
-    """LAVIS' eval text processor (``blip_caption``): lower-case, ``.!"()*#:;~`` → space,
-    whitespace collapsed, at most ``max_words`` words. Retrieval texts go through it."""
-    caption = re.sub(r"([.!\"()*#:;~])", " ", caption.lower())
-    caption = re.sub(r"\s{2,}", " ", caption).rstrip("\n").strip(" ")
-    return " ".join(caption.split(" ")[:max_words])
 
 
 def read_json(uri: str):

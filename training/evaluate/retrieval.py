@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 from training.config import EvalConfig
-from training.evaluate.data import (CaptionImage, ImageFolder, load_overrides, model_device, pre_caption,
+from training.evaluate.data import (CaptionImage, ImageFolder, load_overrides, model_device,
                                     preprocess)
 from training.evaluate.metrics import retrieval_recall
+from training.text import pre_caption
 
 OUTSIDE_SHORTLIST = -100.0
 
