@@ -30,6 +30,7 @@ PRESET_DIR = Path(__file__).parent / "presets"
 class RayConfig:
     address: str | None = None        # None: start local Ray; "auto" or ray://host:port to join
     num_cpus: int | None = None       # for a local start only
+    log_to_driver: bool = True        # false: workers' logs stay in Ray's session folder (the demo's quiet screen)
 
 
 @dataclass

@@ -15,14 +15,21 @@ def ensure_ray(cfg: RayConfig):
 
     if ray.is_initialized():
         return ray
-    kwargs = {"runtime_env": {"env_vars": WORKER_ENV}, "log_to_driver": True}
+    kwargs = {"runtime_env": {"env_vars": WORKER_ENV}, "log_to_driver": cfg.log_to_driver}
     if cfg.address or os.environ.get("RAY_ADDRESS"):
         # Joining a cluster (typically as a `ray job submit` entrypoint): the job's runtime_env,
         # set by `blip2 submit`, already carries WORKER_ENV; passing another one would conflict.
-        ray.init(address=cfg.address or os.environ["RAY_ADDRESS"], log_to_driver=True)
+        ray.init(address=cfg.address or os.environ["RAY_ADDRESS"], log_to_driver=cfg.log_to_driver)
     else:
         # address="local": never join a stray cluster by accident; 127.0.0.1 keeps Ray's own
         # traffic on loopback on a laptop or CI box.
         ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False,
                  _node_ip_address="127.0.0.1", **kwargs)
     return ray
+
+
+def logs_dir() -> str:
+    """Where this Ray session keeps the workers' logs (``<session>/logs``)."""
+    import ray
+
+    return os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
