@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from training.tracking_packages import check_installed
+
 
 @dataclass
 class ModelConfig:
@@ -129,8 +131,6 @@ class TrainConfig:
         if uri and "://" not in uri and not uri.startswith("/"):
             raise ValueError(f"mlflow_tracking_uri {uri!r}: use a server URI or an absolute path / file:/// URI "
                              "(a relative path would resolve in the Ray worker's directory)")
-        from training.trackers import check_installed
-
         check_installed(self)  # a backend asked for but not installed: say which package, now
 
 

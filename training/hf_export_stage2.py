@@ -165,7 +165,7 @@ def load_stage2(cls, path: str, overrides: dict):
     from transformers import Blip2Config, Blip2Processor
 
     from training.encoders import DTYPES, LAVIS_LN_EPS, FrozenImageEncoder, cast_tower
-    from training.stage2 import add_image_token, resolve_llm_dtype
+    from training.llm import add_image_token, resolve_llm_dtype
 
     root = Path(path)
     clip_layout = (root / "blip2_hf_config.json").exists()
@@ -306,32 +306,7 @@ def read_trainer_checkpoint(root: Path) -> tuple[dict, dict[str, torch.Tensor]] 
     return config, load_file(str(root / "trainable.safetensors"))
 
 
-def _model_config_from(saved: dict, overrides: dict) -> ModelConfig:
+def model_config_from_saved(saved: dict, overrides: dict) -> ModelConfig:
+    """A checkpoint's saved ``model`` section (keys this version does not know are dropped) + ``overrides``."""
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     return dataclasses.replace(ModelConfig(**{k: v for k, v in saved.items() if k in known}), **overrides)
-
-
-def export_hf(checkpoint: str, out: str | Path, overrides: dict | None = None) -> Path:
-    """Write the HF directory for a stage-2 checkpoint: one of our/HF directories (re-saved, which
-    also checks that it loads) or a Ray Train checkpoint (trainable weights + the run's config)."""
-    from training.stage2 import Blip2Stage2
-
-    root = Path(local_dir(str(checkpoint)))
-    overrides = overrides or {}
-    trainer = read_trainer_checkpoint(root)
-    if trainer is not None:
-        config, weights = trainer
-        if "language_projection.weight" not in weights:
-            raise ValueError(f"{checkpoint}: a stage-1 checkpoint (no language_projection)")
-        model = Blip2Stage2.from_config(_model_config_from(config.get("model", {}), overrides))
-        model.load_trainable_state_dict(weights)
-    elif (root / "config.json").exists() or (root / "blip2_hf_config.json").exists():
-        model = Blip2Stage2.from_pretrained(str(root), **overrides)
-    else:
-        raise FileNotFoundError(f"{checkpoint}: neither a training checkpoint nor a stage-2 model directory")
-    if model.cfg.vision != "eva_vit_g":
-        raise ValueError("a clip_vit_l image encoder has no place in Blip2ForConditionalGeneration "
-                         "(CLIP's pre-LayerNorm and q/k/v layout differ from Blip2VisionModel); "
-                         "use the checkpoint directory itself with Blip2Stage2.from_pretrained")
-    model.save_pretrained(Path(out))
-    return Path(out)

@@ -26,10 +26,12 @@ from torch import nn
 
 from pipelines.remote import local_dir
 from training.config import ModelConfig, saved_ln_vision_init
-from training.encoders import DTYPES, FrozenImageEncoder, make_ln_vision
+from training.encoders import FrozenImageEncoder, make_ln_vision
+from training.hf_export_stage2 import (bert_to_qformer, load_lavis_stage2, load_stage2, read_stage1_checkpoint,
+                                      save_stage2, split_stage1_state_dict)
+from training.llm import add_image_token, load_llm, resolve_llm_dtype
 
 IGNORE = -100              # label value that carries no loss
-IMAGE_TOKEN = "<image>"    # HF placeholder the query outputs replace (Blip2Processor's token)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -86,15 +88,6 @@ def prefix_lm_batch(tokenizer, texts: list[str], split_points: list[int], max_le
 
 
 # -- building blocks ------------------------------------------------------------------------
-def resolve_llm_dtype(cfg: ModelConfig, cuda: bool) -> torch.dtype:
-    """``auto``: fp16 for OPT, bf16 for FlanT5 (fp16 overflows in T5) on GPU; fp32 on CPU."""
-    if cfg.llm_dtype != "auto":
-        return DTYPES[cfg.llm_dtype]
-    if not cuda:
-        return torch.float32
-    return torch.float16 if cfg.llm_family == "opt" else torch.bfloat16
-
-
 def stage2_qformer_config(cfg: ModelConfig, vision_width: int, stage1_dir: str = ""):
     """The Q-Former's ``Blip2QFormerConfig``: the stage-1 checkpoint's (``qformer_config.json``)
     when there is one, else built from the BERT init like stage 1 does; without the text FFNs,
@@ -112,42 +105,6 @@ def stage2_qformer_config(cfg: ModelConfig, vision_width: int, stage1_dir: str =
     qcfg.use_qformer_text_input = False
     qcfg.encoder_hidden_size = vision_width
     return qcfg
-
-
-def load_llm(cfg: ModelConfig, dtype: torch.dtype):
-    """The frozen LLM and its tokenizer from ``cfg.llm_path`` (OPT: BOS is always prepended)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-
-    path = local_dir(cfg.llm_path)
-    if cfg.llm_family == "opt":
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    else:  # FlanT5 runs with exact GELU (not the checkpoint's gelu_new), as LAVIS and HF's BLIP-2 conversion
-        config = AutoConfig.from_pretrained(path)
-        config.dense_act_fn = "gelu"
-        model = AutoModelForSeq2SeqLM.from_pretrained(path, config=config, dtype=dtype)
-    kwargs = {"add_bos_token": True} if cfg.llm_family == "opt" else {}  # LAVIS/HF OPT inputs start with BOS
-    return model, AutoTokenizer.from_pretrained(path, **kwargs)
-
-
-def add_image_token(tokenizer, language_model) -> int:
-    """Register HF's ``<image>`` placeholder; grow the vocabulary only if it has no spare row.
-
-    Real OPT/FlanT5 checkpoints have spare embedding rows, tiny ones do not; a new row is set to
-    the mean of the others (deterministic, so a stage-2 model rebuilt from config is identical).
-    """
-    from transformers import AddedToken
-
-    if IMAGE_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, normalized=False, special=True)], special_tokens=True)
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    old = language_model.get_input_embeddings().weight.shape[0]
-    if image_id >= old:
-        language_model.resize_token_embeddings(image_id + 1, mean_resizing=False)
-        with torch.no_grad():
-            for emb in {language_model.get_input_embeddings(), language_model.get_output_embeddings()}:
-                if emb is not None:
-                    emb.weight[old:] = emb.weight[:old].mean(0)
-    return image_id
 
 
 def blip_image_processor(image_size: int):
@@ -193,8 +150,6 @@ class Blip2Stage2(nn.Module):
         ``ln_vision`` from ``stage1_checkpoint`` when set (else BERT-initialised from ``qformer_init``)."""
         from transformers import Blip2QFormerModel
 
-        from training.hf_export_stage2 import bert_to_qformer, read_stage1_checkpoint
-
         cfg = dataclasses.replace(cfg)
         cfg.validate()
         if not cfg.llm_path or not cfg.vision_path:
@@ -228,8 +183,6 @@ class Blip2Stage2(nn.Module):
     def load_stage1(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Take ``ln_vision``, ``query_tokens`` and the query path of ``qformer`` from a stage-1
         state dict; everything text-only is kept in ``self.extra``."""
-        from training.hf_export_stage2 import split_stage1_state_dict
-
         mine, self.extra = split_stage1_state_dict(state_dict, self.trainable_state_dict().keys())
         self.load_trainable_state_dict(mine, strict_keys=("query_tokens", "ln_vision.", "qformer."))
 
@@ -361,24 +314,18 @@ class Blip2Stage2(nn.Module):
         """Write a ``Blip2ForConditionalGeneration`` directory (config, safetensors, processor,
         tokenizer) plus ``blip2_config.json`` (and ``blip2_extra.safetensors`` when stage-1 extras
         exist). With a ``clip_vit_l`` encoder HF has no place for the tower: see ``hf_export_stage2``."""
-        from training.hf_export_stage2 import save_stage2
-
         save_stage2(self, Path(out_dir))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides) -> "Blip2Stage2":
         """Our checkpoints and plain HF ``Blip2ForConditionalGeneration`` directories (local or
         s3://). ``overrides`` replace ModelConfig fields (e.g. ``llm_dtype``, ``frozen_dtype``)."""
-        from training.hf_export_stage2 import load_stage2
-
         return load_stage2(cls, local_dir(str(path)), overrides)
 
     @classmethod
     def from_lavis(cls, state_dict: dict[str, torch.Tensor] | str | Path, cfg: ModelConfig) -> "Blip2Stage2":
         """A LAVIS stage-2 state dict (``Blip2OPT``/``Blip2T5`` keys; a ``.pth`` with a ``model``
         entry or a safetensors file) on top of the encoder and LLM that ``cfg`` names."""
-        from training.hf_export_stage2 import load_lavis_stage2
-
         return load_lavis_stage2(cls, state_dict, cfg)
 
     def config_dict(self) -> dict:

@@ -33,8 +33,6 @@ A missing package is a clear :class:`MissingBackendError` at config time and aga
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import os
 import tempfile
@@ -44,37 +42,12 @@ from typing import TYPE_CHECKING
 
 import fsspec
 
+from training.tracking_packages import check_installed, enabled
+
 if TYPE_CHECKING:
     from training.config import TrainConfig
 
 IDS_FILE = "trackers.json"
-# backend -> (module imported, pip package to install)
-PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"),
-            "mlflow": ("mlflow", "mlflow-skinny"),
-            "wandb": ("wandb", "wandb")}
-KEYS = {"tensorboard": "train.tensorboard", "mlflow": "train.mlflow_tracking_uri", "wandb": "train.wandb_project"}
-
-
-class MissingBackendError(ValueError):
-    """A tracking backend was asked for but its package is not installed."""
-
-
-def require(module: str, pip: str, key: str) -> None:
-    """Raise :class:`MissingBackendError` naming ``pip`` when ``module`` cannot be imported."""
-    if importlib.util.find_spec(module) is None:
-        raise MissingBackendError(f"{key} is set but the Python package '{pip}' is not installed "
-                                  f"(module '{module}' not found): pip install {pip}")
-
-
-def enabled(train: "TrainConfig") -> list[str]:
-    """The backends ``train`` asks for."""
-    return [name for name, on in (("tensorboard", train.tensorboard), ("mlflow", bool(train.mlflow_tracking_uri)),
-                                  ("wandb", bool(train.wandb_project))) if on]
-
-
-def check_installed(train: "TrainConfig") -> None:
-    for name in enabled(train):
-        require(*PACKAGES[name], KEYS[name])
 
 
 def _is_local(fs) -> bool:

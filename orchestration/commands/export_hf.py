@@ -19,47 +19,15 @@ def model_overrides(args, cfg) -> dict:
     return {k: getattr(cfg.model, k) for k in keys}
 
 
-def is_stage1(root) -> bool:
-    """A stage-1 model dir (``qformer_config.json``) or a Ray Train checkpoint of stage 1."""
-    import json
-
-    if (root / "qformer_config.json").exists():
-        return True
-    if (root / "state.json").exists() and (root / "config.json").exists():
-        return json.loads((root / "config.json").read_text()).get("train", {}).get("stage") == 1
-    return False
-
-
-def export_stage1(root, out: str, overrides: dict):
-    from training.hf_io import export_retrieval
-    from training.stage1 import Blip2Stage1
-
-    if (root / "qformer_config.json").exists():
-        model = Blip2Stage1.from_pretrained(str(root), **overrides)
-    else:
-        from training.hf_export_stage2 import _model_config_from, read_trainer_checkpoint
-
-        config, weights = read_trainer_checkpoint(root)
-        model = Blip2Stage1.from_config(_model_config_from(config.get("model", {}), overrides))
-        model.load_trainable_state_dict(weights)
-    return export_retrieval(model, out)
-
-
 def run(args, cfg) -> int:
     import json
     import sys
     from pathlib import Path
 
-    from pipelines.remote import local_dir
-    from training.hf_export_stage2 import export_hf
+    from training.export import export
 
-    root = Path(local_dir(args.checkpoint))
-    overrides = model_overrides(args, cfg)
     try:
-        if is_stage1(root):
-            out = export_stage1(root, args.out, overrides)
-        else:
-            out = export_hf(str(root), args.out, overrides)
+        out = export(args.checkpoint, args.out, model_overrides(args, cfg))
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"blip2 export-hf: {e}", file=sys.stderr)
         return 1

@@ -245,7 +245,7 @@ def test_trainable_state_round_trip(tiny_models, eva, models):
 
 
 def test_llm_dtype_auto():
-    from training.stage2 import resolve_llm_dtype
+    from training.llm import resolve_llm_dtype
 
     assert resolve_llm_dtype(ModelConfig(llm_family="opt"), cuda=True) == torch.float16
     assert resolve_llm_dtype(ModelConfig(llm_family="t5"), cuda=True) == torch.bfloat16
@@ -255,7 +255,7 @@ def test_llm_dtype_auto():
 
 # -- other encoders and formats -------------------------------------------------------------
 def test_clip_encoder_checkpoint_round_trip(tiny_models, eva, tmp_path):
-    from training.hf_export_stage2 import export_hf
+    from training.export import export_hf
 
     cfg = dataclasses.replace(make_cfg(tiny_models, "opt", eva, ln_vision_init="fresh"), vision="clip_vit_l",
                               vision_path=str(tiny_models["vision"]))

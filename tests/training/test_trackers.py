@@ -19,7 +19,8 @@ import pytest
 from tests.training.train_fixtures import write_capfilt
 from training.config import ModelConfig, TrainConfig
 from training.metrics import read_metrics
-from training.trackers import IDS_FILE, PACKAGES, MissingBackendError, require
+from training.trackers import IDS_FILE
+from training.tracking_packages import PACKAGES, MissingBackendError, require
 
 STEPS = 4
 LOSSES = ("loss", "loss_itc", "loss_aux")
