@@ -328,15 +328,6 @@ def _check_same_curation(dst: ShardSet, fingerprint: dict) -> None:
         dst.put(CONFIG_FILE, json.dumps(fingerprint, indent=1).encode())
 
 
-def read_set_stats(dst: ShardSet) -> list[dict]:
-    out = []
-    for name in dst.committed():
-        path = dst.path(f"{STATS_DIR}/{name}.json")
-        if dst.fs.exists(path):
-            out.append(json.loads(dst.fs.cat(path)))
-    return out
-
-
 def summarize(stats: list[dict]) -> dict:
     total = {k: sum(s[k] for s in stats) for k in ("rows_in", "kept", "removed")}
     total["by_reason"] = {r: sum(s["by_reason"].get(r, 0) for s in stats) for r in REASONS}
@@ -383,7 +374,7 @@ def run_curate(cfg: CurateConfig, seed: int, log=print) -> dict:
                **summarize(stats), "thresholds": thresholds, "semdedup": dedup_info, "seconds": seconds,
                "output": dst.uri, "removed_table": dst.url(REMOVED_DIR)}
     summary["seconds"]["total"] = round(time.time() - started, 2)
-    summary["set"] = summarize(read_set_stats(dst))
+    summary["set"] = summarize(dst.side_records(STATS_DIR))
     if summary["set"]["rows_in"] != sum(shards[i] for i in dst.committed_indices() if i in shards):
         raise AssertionError("curate: the curated set's counts do not add up to its input rows")
     removed = ShardSet(dst.url(REMOVED_DIR))

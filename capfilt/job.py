@@ -343,16 +343,6 @@ def summarize(stats: list[dict], seconds: float | None = None) -> dict:
     return total
 
 
-def read_set_stats(dst: ShardSet) -> list[dict]:
-    """The counters of every committed output shard (the whole set, across resumed runs)."""
-    out = []
-    for name in dst.committed():
-        path = dst.path(f"{STATS_DIR}/{name}.json")
-        if dst.fs.exists(path):
-            out.append(json.loads(dst.fs.cat(path)))
-    return out
-
-
 def run_capfilt(cfg: CapFiltConfig, seed: int, log=print) -> dict:
     """Run CapFilt from ``cfg.input`` (a DOWNLOAD shard set, or an img2dataset / WebDataset folder
     read through ``pipelines.adapters``) to ``cfg.output`` (CAPFILT shard set).
@@ -375,7 +365,7 @@ def run_capfilt(cfg: CapFiltConfig, seed: int, log=print) -> dict:
             stats = _write_complete_shards(build_dataset(cfg, seed, src, pending, pre), cfg, src, pending, log)
     summary = {"keep": cfg.keep, "shards": len(shards), "shards_skipped": len(shards) - len(pending), "shards_written": len(pending),
                **summarize(stats, time.time() - started), "output": dst.uri}
-    summary["set"] = summarize(read_set_stats(dst))
+    summary["set"] = summarize(dst.side_records(STATS_DIR))  # the whole set, across resumed runs
     dst.write_manifest(CAPFILT, config={"capfilt": dataclasses.asdict(cfg), "seed": seed}, summary=summary)
     return summary
 

@@ -185,6 +185,15 @@ class ShardSet:
         with ThreadPoolExecutor(min(threads, len(names))) as pool:
             return list(pool.map(fn, names))
 
+    def side_records(self, folder: str) -> list[dict]:
+        """The JSON record ``folder/<shard>.json`` of every committed shard that has one (a job's
+        per-shard counters), read concurrently, in shard order."""
+        def read(name: str) -> dict | None:
+            path = self.path(f"{folder}/{name}.json")
+            return json.loads(self.fs.cat(path)) if self.fs.exists(path) else None
+
+        return [r for r in self.map_members(read, self.committed()) if r is not None]
+
     def committed_indices(self) -> set[int]:
         return {shard_index(n) for n in self.committed()}
 
