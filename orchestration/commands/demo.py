@@ -9,7 +9,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--workdir", default="runs/demo", help="where everything is written (default runs/demo)")
     parser.add_argument("--images", type=int, default=512, help="training images in the synthetic corpus")
     parser.add_argument("--heldout", type=int, default=64, help="held-out images for the retrieval check")
-    parser.add_argument("--stage1-steps", type=int, default=600)
+    parser.add_argument("--stage1-steps", type=int, default=900)
     parser.add_argument("--stage2-steps", type=int, default=150)
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers")
 
