@@ -86,9 +86,11 @@ def load_images(image) -> list:
 def _run(model, images, prompts, defaults, generate_kwargs):
     import torch
 
+    from training.evaluate.generation import fit_min_new_tokens
+
     kwargs = {**defaults, **generate_kwargs}
-    if "min_new_tokens" not in generate_kwargs and "max_new_tokens" in kwargs:  # a shorter max given alone
-        kwargs["min_new_tokens"] = min(kwargs.get("min_new_tokens", 0), kwargs["max_new_tokens"])
+    if "min_new_tokens" not in generate_kwargs:  # a shorter max given alone lowers the default min
+        kwargs = fit_min_new_tokens(kwargs)
     pixel_values = model.preprocess(images).to(model.query_tokens.device)
     with torch.no_grad():
         return model.generate(pixel_values, prompts, **kwargs)

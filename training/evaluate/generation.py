@@ -12,10 +12,18 @@ from training.config import EvalConfig
 VQA_PROMPTS = {"opt": "Question: {} Answer:", "t5": "Question: {} Short answer:"}
 
 
+def fit_min_new_tokens(kwargs: dict) -> dict:
+    """``kwargs`` with ``min_new_tokens`` lowered to ``max_new_tokens`` where it exceeds it (a
+    shorter maximum wins over the default minimum)."""
+    if "max_new_tokens" in kwargs:
+        kwargs = {**kwargs, "min_new_tokens": min(kwargs.get("min_new_tokens", 0), kwargs["max_new_tokens"])}
+    return kwargs
+
+
 def caption_settings(cfg: EvalConfig) -> tuple[str, dict]:
     """``(prompt, generate kwargs)`` for captioning."""
-    return cfg.caption_prompt, {"num_beams": cfg.num_beams, "max_new_tokens": cfg.max_new_tokens,
-                                "min_new_tokens": min(cfg.caption_min_new_tokens, cfg.max_new_tokens)}
+    return cfg.caption_prompt, fit_min_new_tokens({"num_beams": cfg.num_beams, "max_new_tokens": cfg.max_new_tokens,
+                                                   "min_new_tokens": cfg.caption_min_new_tokens})
 
 
 def vqa_settings(cfg: EvalConfig, llm_family: str) -> tuple[str, dict]:
@@ -24,6 +32,6 @@ def vqa_settings(cfg: EvalConfig, llm_family: str) -> tuple[str, dict]:
     template = cfg.vqa_prompt or VQA_PROMPTS.get(llm_family)
     if template is None:
         raise ValueError(f"no VQA prompt for LLM family {llm_family!r}; set eval.vqa_prompt")
-    return template, {"num_beams": cfg.vqa_num_beams, "max_new_tokens": cfg.vqa_max_new_tokens,
-                      "min_new_tokens": min(cfg.vqa_min_new_tokens, cfg.vqa_max_new_tokens),
-                      "length_penalty": cfg.vqa_length_penalty}
+    return template, fit_min_new_tokens({"num_beams": cfg.vqa_num_beams, "max_new_tokens": cfg.vqa_max_new_tokens,
+                                         "min_new_tokens": cfg.vqa_min_new_tokens,
+                                         "length_penalty": cfg.vqa_length_penalty})
