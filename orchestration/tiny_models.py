@@ -127,7 +127,17 @@ def build_eva_vision(out: Path) -> Path:
     cfg = Blip2VisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
                             image_size=IMAGE_SIZE, patch_size=PATCH, qkv_bias=True,
                             initializer_range=0.02)  # HF default 1e-10 would pass no image signal
-    Blip2VisionModel(cfg).save_pretrained(out)
+    model = Blip2VisionModel(cfg)
+    # A trained tower's q/v biases and final LayerNorm (LAVIS' ln_vision) are not HF's zeros and
+    # ones; random values here let a wrong mapping of them show in every comparison.
+    with torch.no_grad():
+        h = cfg.hidden_size
+        for layer in model.encoder.layers:  # EVA has q and v biases only: the k third stays 0
+            layer.self_attn.qkv.bias[:h].normal_(0.0, 0.02)
+            layer.self_attn.qkv.bias[2 * h:].normal_(0.0, 0.02)
+        model.post_layernorm.weight.uniform_(0.5, 1.5)
+        model.post_layernorm.bias.normal_(0.0, 0.1)
+    model.save_pretrained(out)
     _clip_image_processor().save_pretrained(out)
     return out
 

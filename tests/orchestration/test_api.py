@@ -14,7 +14,6 @@ from PIL import Image
 
 from orchestration import api
 from training.config import ModelConfig
-from tests.helpers.models import build_eva_tower
 from training.stage2 import Blip2Stage2
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,8 +26,8 @@ def cfg_for(tiny_models, eva, family: str) -> ModelConfig:
 
 
 @pytest.fixture(scope="module")
-def eva(tiny_models, tmp_path_factory):
-    return build_eva_tower(tiny_models, tmp_path_factory.mktemp("eva"))
+def eva(tiny_models):
+    return tiny_models["vision_eva"]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from orchestration.cli import main
 from training.config import ModelConfig
 from training.evaluate.data import ImageFolder, load_caption_annotations
 from training.evaluate.metrics import caption_scores
-from tests.training.stage1_helpers import build_model, eva_tower, model_config
+from tests.training.stage1_helpers import build_model, model_config
 from tests.helpers.coco import write_coco_eval_set
 
 
@@ -24,7 +24,7 @@ def coco(corpus, tmp_path_factory):
 @pytest.fixture(scope="module")
 def stage1_dir(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("cmd-stage1")
-    build_model(model_config(tiny_models, eva_tower(tiny_models["vision_eva"], root / "eva")),
+    build_model(model_config(tiny_models),
                 seed=0).save_pretrained(str(root / "model"))
     # as a GPU run saves it: a half-precision frozen tower, which `blip2 eval` runs in fp32 on CPU
     cfg_file = root / "model" / "blip2_config.json"

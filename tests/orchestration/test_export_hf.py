@@ -9,14 +9,13 @@ from safetensors import safe_open
 
 from orchestration.cli import main
 from training.config import ModelConfig
-from tests.helpers.models import build_eva_tower
 from tests.training.train_fixtures import write_trainer_checkpoint
 from training.stage2 import Blip2Stage2
 
 
 @pytest.fixture(scope="module")
-def eva(tiny_models, tmp_path_factory):
-    return build_eva_tower(tiny_models, tmp_path_factory.mktemp("eva"))
+def eva(tiny_models):
+    return tiny_models["vision_eva"]
 
 
 def cfg_for(tiny_models, eva) -> ModelConfig:

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tests.helpers.servers import free_port
-from tests.training.stage1_helpers import CAPTIONS, build_model, eva_tower, model_config, pixels
+from tests.training.stage1_helpers import CAPTIONS, build_model, model_config, pixels
 from training import distributed as D
 from training.config import ModelConfig
 from training.losses import itc_loss, negative_weights
@@ -67,9 +67,8 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def cfg(tiny_models, tmp_path_factory):
-    eva = eva_tower(tiny_models["vision_eva"], tmp_path_factory.mktemp("eva"))
-    return model_config(tiny_models, eva)
+def cfg(tiny_models):
+    return model_config(tiny_models)
 
 
 def test_single_process_needs_no_process_group():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.training.stage1_helpers import eva_tower, pixels
+from tests.training.stage1_helpers import pixels
 from training.encoders import MATMUL_LAYERS, FrozenImageEncoder
 
 # max |half - fp32| over max |fp32| of the tower's features (seed 0: ~1e-3 fp16, ~1e-2 bf16)
@@ -14,8 +14,8 @@ TOLERANCE = {"float16": 5e-3, "bfloat16": 3e-2}
 
 
 @pytest.fixture(scope="module")
-def towers(tiny_models, tmp_path_factory):
-    return {"eva_vit_g": eva_tower(tiny_models["vision_eva"], tmp_path_factory.mktemp("eva")),
+def towers(tiny_models):
+    return {"eva_vit_g": tiny_models["vision_eva"],
             "clip_vit_l": tiny_models["vision"]}
 
 

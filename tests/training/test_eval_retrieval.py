@@ -11,7 +11,7 @@ from training.evaluate.data import ImageFolder, load_caption_annotations, prepro
 from training.evaluate.retrieval import (OUTSIDE_SHORTLIST, encode_images, encode_images_ray, encode_texts,
                                          evaluate_retrieval, flatten_captions, itc_similarity, itm_rerank,
                                          itm_rerank_ray)
-from tests.training.stage1_helpers import build_model, eva_tower, model_config
+from tests.training.stage1_helpers import build_model, model_config
 from tests.helpers.coco import write_coco_eval_set
 
 
@@ -19,8 +19,7 @@ from tests.helpers.coco import write_coco_eval_set
 def stage1_dir(tiny_models, tmp_path_factory):
     """A tiny stage-1 model (EVA tower with non-degenerate weights) saved in save_pretrained layout."""
     root = tmp_path_factory.mktemp("eval-stage1")
-    eva = eva_tower(tiny_models["vision_eva"], root / "eva")
-    model = build_model(model_config(tiny_models, eva), seed=0)
+    model = build_model(model_config(tiny_models), seed=0)
     model.save_pretrained(str(root / "model"))
     return root / "model"
 
@@ -118,8 +117,7 @@ def learned(tiny_models, corpus, tmp_path_factory):
     root, items = corpus
     images = [CaptionImage(str(it.index), it.file, [it.caption, f"a picture of {it.caption}"]) for it in items[:24]]
     folder = ImageFolder(str(root))
-    eva = eva_tower(tiny_models["vision_eva"], tmp_path_factory.mktemp("learn") / "eva")
-    model = build_model(model_config(tiny_models, eva), seed=0)
+    model = build_model(model_config(tiny_models), seed=0)
     cfg = EvalConfig(k_test=8, batch_size=24)
     before = evaluate_retrieval(model, images, folder, cfg)
     pixels = preprocess([folder.load(i.file) for i in images], 64)
@@ -155,8 +153,9 @@ def test_retrieval_measures_learning(learned):
     before, after = learned["before"], learned["after"]
     chance = after["chance"]
     assert chance["txt_r1"] == pytest.approx(100 * 2 / 48) and chance["img_r1"] == pytest.approx(100 / 24)
-    assert before["txt_r1"] <= 1.5 * chance["txt_r1"] and before["img_r1"] <= 1.5 * chance["img_r1"]
+    # untrained: at most 4 of the 24 hits at R@1 (chance 1 in 24 each: P(>= 5 hits) < 0.002)
+    assert before["txt_r1"] <= 100 * 4 / 24 and before["img_r1"] <= 100 * 4 / 24
     # measured (seeds 0-3): re-ranked R@1 39.6-58.3, ITC alone 20.8-62.5, vs chance 4.2
-    for r, times in ((after, 4), (after["itc"], 3)):
+    for r, times in ((after, 6), (after["itc"], 3)):
         assert r["txt_r1"] >= times * chance["txt_r1"] and r["img_r1"] >= times * chance["img_r1"]
     assert after["txt_r10"] > before["txt_r10"] and after["img_r10"] > before["img_r10"]

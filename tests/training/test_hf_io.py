@@ -4,14 +4,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.training.stage1_helpers import CAPTIONS, build_model, eva_tower, model_config, pixels
+from tests.training.stage1_helpers import CAPTIONS, build_model, model_config, pixels
+from orchestration.tiny_models import build_tiny_models
 from training.hf_io import EXTRA_FILE, export_retrieval, load_lavis_state_dict
 
 
 
 @pytest.fixture(scope="module")
-def eva(tiny_models, tmp_path_factory):
-    return eva_tower(tiny_models["vision_eva"], tmp_path_factory.mktemp("eva"))
+def eva(tiny_models):
+    return tiny_models["vision_eva"]
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +113,7 @@ def to_lavis_layout(model) -> dict[str, torch.Tensor]:
 def test_lavis_state_dict_imports_and_reproduces_outputs(trained_like, tiny_models, eva, tmp_path):
     source = trained_like
     lavis = to_lavis_layout(source)
-    other_eva = eva_tower(tiny_models["vision_eva"], tmp_path / "eva2", seed=9)
+    other_eva = build_tiny_models(tmp_path, seed=9, only=["vision_eva"])["vision_eva"]
     target = build_model(model_config(tiny_models, other_eva, ln_vision_init="copy"), seed=12)  # the source's eps
     px = pixels(3, seed=6)
     assert (target.encode_image(px)[0] - source.encode_image(px)[0]).abs().max() > 1e-2  # different before

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from tests.training.stage1_helpers import CAPTIONS, build_model, eva_tower, model_config, pixels
+from tests.training.stage1_helpers import CAPTIONS, build_model, model_config, pixels
 from training.losses import itc_loss, itg_loss, negative_weights, sample_from, sample_hard_negatives
 
 
@@ -88,9 +88,8 @@ def test_itg_loss_equals_reference():
 
 
 @pytest.fixture(scope="module")
-def model(tiny_models, tmp_path_factory):
-    eva = eva_tower(tiny_models["vision_eva"], tmp_path_factory.mktemp("eva"))
-    m = build_model(model_config(tiny_models, eva), seed=2)
+def model(tiny_models):
+    m = build_model(model_config(tiny_models), seed=2)
     with torch.no_grad():
         m.query_tokens.normal_(0, 1.0)
         m.itm_head.weight.mul_(10)

@@ -4,15 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.training.stage1_helpers import CAPTIONS, build_model, eva_tower, model_config, pixels
+from tests.training.stage1_helpers import CAPTIONS, build_model, model_config, pixels
 from training.qformer import attention_bias, bidirectional_mask, multimodal_causal_mask, run_qformer
 
 
 
 @pytest.fixture(scope="module")
-def model(tiny_models, tmp_path_factory):
-    eva = eva_tower(tiny_models["vision_eva"], tmp_path_factory.mktemp("eva"))
-    m = build_model(model_config(tiny_models, eva), seed=1)
+def model(tiny_models):
+    m = build_model(model_config(tiny_models), seed=1)
     with torch.no_grad():  # make the (fresh, near-zero) query/cross-attention params matter
         m.query_tokens.normal_(0, 1.0)
     return m

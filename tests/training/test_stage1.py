@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.training.stage1_helpers import CAPTIONS, build_model, eva_tower, model_config, pixels
+from tests.training.stage1_helpers import CAPTIONS, build_model, model_config, pixels
 
 
 @pytest.fixture(scope="module")
-def eva(tiny_models, tmp_path_factory):
-    return eva_tower(tiny_models["vision_eva"], tmp_path_factory.mktemp("eva"))
+def eva(tiny_models):
+    return tiny_models["vision_eva"]
 
 
 @pytest.fixture(scope="module")

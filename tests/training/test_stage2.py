@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers.models import build_eva_tower
 from training.config import ModelConfig
 from training.stage2 import (IGNORE, Blip2Stage2, causal_lm_batch, prefix_lm_batch, random_split_points,
                              split_caption)
@@ -17,8 +16,8 @@ LONG = " ".join(["a red circle left of a blue square"] * 8)  # far more than 32 
 
 
 @pytest.fixture(scope="module")
-def eva(tiny_models, tmp_path_factory):
-    return build_eva_tower(tiny_models, tmp_path_factory.mktemp("eva"))
+def eva(tiny_models):
+    return tiny_models["vision_eva"]
 
 
 def make_cfg(tiny_models, family: str, eva: Path, **kw) -> ModelConfig:

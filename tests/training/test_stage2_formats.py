@@ -9,7 +9,6 @@ import torch
 from safetensors.torch import load_file
 
 from training.config import ModelConfig
-from tests.helpers.models import build_eva_tower
 from tests.training.train_fixtures import write_trainer_checkpoint
 from training.stage2 import Blip2Stage2
 
@@ -17,8 +16,8 @@ TEXTS = ["a red circle", "a blue square above a green triangle"]
 
 
 @pytest.fixture(scope="module")
-def eva(tiny_models, tmp_path_factory):
-    return build_eva_tower(tiny_models, tmp_path_factory.mktemp("eva"))
+def eva(tiny_models):
+    return tiny_models["vision_eva"]
 
 
 def eva_cfg(tiny_models, eva, **kw) -> ModelConfig:
