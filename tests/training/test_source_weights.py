@@ -1,5 +1,6 @@
 """Per-source sampling weights (``train.source_weights``): the weighted epoch order as a pure
-function, its split over ranks on resume, the shards' source runs."""
+function, its split over ranks on resume, the shards' source runs, config checks, the realised
+mix, and one run through ``run_training`` whose metrics hold it."""
 from __future__ import annotations
 
 import math
@@ -8,8 +9,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from tests.training.train_fixtures import write_capfilt
+from tests.training.train_fixtures import run_training_with_hooks, write_capfilt
+from training.config import ModelConfig, TrainConfig
 from training.ingest import Augment, EpochOrder, ShardRows, list_shards, rank_picks, rank_read_tasks, steps_per_epoch
+from training.metrics import read_metrics
+from training.source_weights import check_weight_names
 
 # a: 8 shards of 600 rows (a partial chunk each); b: 30 shards of 10 full chunks; one shard mixes
 # both sources inside each of its two chunks
@@ -82,6 +86,23 @@ def test_weight_zero_drops_a_source_and_the_mixed_chunk_splits_by_row():
     assert _order(weights={"a": 0, "b": 0}).total == 0
 
 
+def test_unknown_and_negative_weights_are_clear_errors(tmp_path, corpus):
+    with pytest.raises(ValueError, match=r"source\(s\) \['laoin'\].*its sources: \['a', 'b'\]"):
+        check_weight_names({"laoin": 0.5, "a": 1}, SHARDS)
+    for bad in (-1, float("nan"), "x"):
+        with pytest.raises(ValueError, match="source_weights.coco must be a number >= 0"):
+            TrainConfig(source_weights={"coco": bad}).validate()
+    # through run_training: refused on the driver once the shard set is read, before Ray Train starts
+    from training.loop import run_training
+
+    write_capfilt(str(tmp_path / "cf"), corpus, source=lambda i: "coco" if i < 24 else "laion")
+    cfg = TrainConfig(input=str(tmp_path / "cf"), output=str(tmp_path / "runs"), source_weights={"coc": 2})
+    cfg.validate()
+    with pytest.raises(ValueError, match=r"\['coc'\].*\['coco', 'laion'\]"):
+        run_training(ModelConfig(), cfg)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_resume_at_another_world_size_consumes_exactly_the_remaining_weighted_entries():
     order = _order(window=8)
     g, b = 240, 50
@@ -127,3 +148,39 @@ def test_list_shards_reads_each_rows_source(tmp_path, corpus):
     assert [s.sources for s in shards] == [((0, 20, "coco"),), ((0, 20, "laion"),),
                                            ((0, 2, "laion"), (2, 4, "coco"), (4, 8, "laion"))]
     assert all(s.sources == () for s in list_shards(str(tmp_path / "cf")))          # only read when asked
+
+
+def test_source_mix_is_the_plan_and_the_cumulative_counts_of_the_orders(capsys):
+    from training.ingest import IngestSpec
+    from training.source_weights import SourceMix
+
+    spec = IngestSpec(tuple(SHARDS), seed=0, batch_size=8, image_size=32, min_scale=0.5, max_words=50,
+                      global_batch=64, source_weights=(("a", 2.0), ("b", 0.5)))
+    first = SourceMix(spec).metrics(0, 64)
+    plan0 = spec.order(0).source_counts(spec.epoch_stop(spec.order(0))).tolist()
+    assert [first["plan/a"], first["plan/b"]] == plan0 and first["samples/a"] + first["samples/b"] == 64
+    assert "epoch 0 source mix" in capsys.readouterr().out
+    later = SourceMix(spec).metrics(1, 128)                                       # a resumed run, epoch 1
+    now = spec.order(1).source_counts(128).tolist()
+    assert [later["samples/a"], later["samples/b"]] == [plan0[0] + now[0], plan0[1] + now[1]]
+    assert "plan/a" not in later
+
+
+@pytest.mark.slow
+def test_run_training_logs_the_realised_mix(tmp_path, corpus, ray_local):
+    """coco up-weighted 2×, laion dropped: each coco sample is trained on exactly twice in the
+    epoch, and metrics.jsonl holds the epoch's plan and the cumulative per-source counts."""
+    write_capfilt(str(tmp_path / "cf"), corpus, source=lambda i: "coco" if i < 24 else "laion")
+    cfg = TrainConfig(input=str(tmp_path / "cf"), output=str(tmp_path / "runs"), name="mix", steps=6, batch_size=8,
+                      global_batch=8, num_workers=1, checkpoint_every=6, log_every=1, warmup_steps=1,
+                      image_size=32, map_batch_size=8, shuffle_window=2, source_weights={"coco": 2, "laion": 0})
+    cfg.validate()
+    result = run_training_with_hooks(ModelConfig(), cfg, model_class="tests.training.toy_model:ToyModel")
+    assert result.error is None, result.error
+    rows = read_metrics(str(tmp_path / "runs" / "mix"))
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    keys = Counter(k for r in rows for k in r["keys"])
+    assert keys == {f"{i:06d}": 2 for i in range(24)}                               # coco twice, laion never
+    assert (rows[0]["plan/coco"], rows[0]["plan/laion"]) == (48, 0)
+    assert [r["samples/coco"] for r in rows] == [8 * s for s in range(1, 7)]
+    assert all(r["samples/laion"] == 0 for r in rows) and "plan/coco" not in rows[1]
