@@ -99,6 +99,10 @@ def chunk_parts(shards, chunk: int) -> list[tuple[int, tuple[tuple[int, int], ..
     for i, sh in enumerate(shards):
         if sum(b - a for a, b, _ in sh.sources) != sh.rows:
             raise ValueError(f"{sh.url}: source weights need every row's source (list_shards(..., sources=True))")
+        if len(sh.sources) == 1:  # the usual shard: one source
+            src = sh.sources[0][2]
+            parts += [(i, ((a, min(a + chunk, sh.rows)),), src) for a in range(0, sh.rows, chunk)]
+            continue
         ends = [b for _, b, _ in sh.sources]
         for a in range(0, sh.rows, chunk):
             b = min(a + chunk, sh.rows)
