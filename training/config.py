@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from training.source_weights import check_weight_values
 from training.tracking_packages import check_installed
 
 
@@ -79,6 +80,9 @@ class TrainConfig:
     max_failures: int = 0
     log_every: int = 10
     shuffle_window: int = 32           # row groups (256 rows) mixed per shuffle window (1: chunk order only)
+    # source → sampling weight per epoch, e.g. {laion: 0.5, coco: 2.0}; unnamed sources 1, 0 drops one
+    # (a row group of weight w is read floor(w) times + once more with probability frac(w))
+    source_weights: dict[str, float] = field(default_factory=dict)
     ingest_cpus: float = 1.0           # CPU per decode/augment task
     image_size: int = 224
     min_scale: float = 0.5             # random resized crop scale range (min, 1)
@@ -116,6 +120,7 @@ class TrainConfig:
             raise ValueError(f"global_batch {self.resolved_global_batch()} cannot give one sample to each of {hi} workers")
         if self.shuffle_window < 1:
             raise ValueError(f"shuffle_window must be >= 1, got {self.shuffle_window}")
+        check_weight_values(self.source_weights)
         if not 0 < self.min_scale <= 1:
             raise ValueError(f"min_scale must be in (0, 1], got {self.min_scale}")
         if self.caption_pick not in ("random", "first"):

@@ -5,11 +5,13 @@ resumed at any world size continues with exactly the next unseen sample. Why eac
 builds its own pipeline instead of one ``streaming_split``: Ray Data's split hands blocks to
 whichever worker asks first, so which rank consumed which sample would not be reproducible.
 
-The epoch order (:class:`EpochOrder`) is a pure function of (seed, epoch, shard set), a
-two-level shuffle in the spirit of MosaicML Streaming's py1b/py1br, but over Parquet row
-groups instead of whole shards:
+The epoch order (:class:`EpochOrder`) is a pure function of (seed, epoch, shard set, source
+weights), a two-level shuffle in the spirit of MosaicML Streaming's py1b/py1br, but over Parquet
+row groups instead of whole shards:
 
-  1. every shard is cut into chunks of ``READ_CHUNK_ROWS`` rows (one row group each);
+  1. every shard is cut into chunks of ``READ_CHUNK_ROWS`` rows (one row group each); with
+     ``train.source_weights`` each chunk appears as often as its source's weight says
+     (:mod:`training.source_weights`), so the epoch's length is that of the weighted list;
   2. all chunks of the shard set are permuted (seed, epoch): a chunk's neighbours come
      from anywhere in the corpus;
   3. consecutive runs of ``window`` permuted chunks form a window; the samples inside a
@@ -43,6 +45,7 @@ from PIL import Image
 
 from pipelines.schema import CAPFILT, validate
 from pipelines.shardio import ShardSet
+from training.source_weights import SourceRuns, chunk_parts, known_sources, part_copies, read_source_runs
 from training.text import pre_caption
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
@@ -51,9 +54,11 @@ READ_CHUNK_ROWS = 256          # rows per Ray Data read task (one Parquet row gr
 
 
 # -- pure per-sample transforms --------------------------------------------------------------
-def sample_rng(seed: int, epoch: int, key: str) -> random.Random:
-    """The per-sample RNG: same (seed, epoch, key), same crop, flip and caption choice."""
-    digest = hashlib.blake2b(f"{seed}/{epoch}/{key}".encode(), digest_size=8).digest()
+def sample_rng(seed: int, epoch: int, key: str, copy: int = 0) -> random.Random:
+    """The per-sample RNG: same (seed, epoch, key, copy), same crop, flip and caption choice.
+    ``copy``: which appearance of an up-weighted row in the epoch (each gets its own view)."""
+    name = f"{seed}/{epoch}/{key}" + (f"/{copy}" if copy else "")
+    digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
     return random.Random(int.from_bytes(digest, "little"))
 
 
@@ -103,10 +108,11 @@ class Augment:
 
     def __call__(self, batch: dict) -> dict:
         keys = [str(k) for k in batch["key"]]
+        copies = batch["copy"] if "copy" in batch else [0] * len(keys)
         pixels: list[np.ndarray | None] = []
         texts, ok = [], []
-        for key, image, captions in zip(keys, batch["image"], batch["captions"]):
-            rng = sample_rng(self.seed, self.epoch, key)
+        for key, copy, image, captions in zip(keys, copies, batch["image"], batch["captions"]):
+            rng = sample_rng(self.seed, self.epoch, key, int(copy))
             caps = [c for c in list(captions) if c] or [""]
             pick = rng.randrange(len(caps))  # drawn either way, so both modes replay the same pixels
             texts.append(pre_caption(caps[pick if self.caption_pick == "random" else 0], self.max_words))
@@ -137,13 +143,25 @@ class Augment:
 class ShardRows:
     url: str
     rows: int
+    sources: SourceRuns = ()       # (start, stop, source) runs; read only when source weights are set
 
 
-def list_shards(uri: str) -> list[ShardRows]:
-    """Committed CapFilt shards of ``uri`` with their row counts (schema checked once)."""
+def list_shards(uri: str, sources: bool = False) -> list[ShardRows]:
+    """Committed CapFilt shards of ``uri`` with their row counts (schema checked once) and, with
+    ``sources``, which source each row holds (a footer read per shard)."""
+    import pyarrow.parquet as pq
+
     shards = ShardSet(uri)
     shards.check_schema(CAPFILT)
-    return [ShardRows(shards.url(n), shards.shard_info(n).rows) for n in shards.committed()]
+
+    def describe(name: str) -> ShardRows:
+        rows = shards.shard_info(name).rows
+        if not sources:
+            return ShardRows(shards.url(name), rows)
+        with shards.fs.open(shards.path(name), "rb") as f:
+            return ShardRows(shards.url(name), rows, read_source_runs(pq.ParquetFile(f)))
+
+    return shards.map_members(describe, shards.committed())
 
 
 def _rng(seed: int, *words: int) -> np.random.Generator:
@@ -153,21 +171,36 @@ def _rng(seed: int, *words: int) -> np.random.Generator:
 class EpochOrder:
     """The seeded global sample order of one epoch (see the module doc).
 
-    Positions map to (shard index, row); windows are materialised lazily, one at a time."""
+    Positions map to (shard index, row); windows are materialised lazily, one at a time. With
+    ``weights`` (source → weight) the chunk list is the weighted one, a chunk may appear several
+    times, and each position also has a source index (into ``sources``) and a copy number."""
 
     def __init__(self, shards: tuple[ShardRows, ...] | list[ShardRows], seed: int, epoch: int, window: int,
-                 chunk: int = READ_CHUNK_ROWS):
+                 chunk: int = READ_CHUNK_ROWS, weights: dict | tuple = ()):
         self.shards, self.seed, self.epoch, self.window = tuple(shards), seed, epoch, max(1, window)
-        chunks = [(i, a, min(a + chunk, s.rows)) for i, s in enumerate(self.shards) for a in range(0, s.rows, chunk)]
-        perm = _rng(seed, epoch, 1).permutation(len(chunks)) if chunks else []
-        self.chunks = [chunks[j] for j in perm]
-        sizes = np.array([b - a for _, a, b in self.chunks], dtype=np.int64)
-        ends = np.cumsum(sizes)
+        self.weights = dict(weights)
+        self.sources = known_sources(self.shards)
+        parts = self._parts(chunk)
+        perm = _rng(seed, epoch, 1).permutation(len(parts)) if parts else []
+        self.chunks = [parts[j] for j in perm]      # (shard index, row ranges, source index, copy)
+        self.sizes = np.array([sum(b - a for a, b in r) for _, r, _, _ in self.chunks], dtype=np.int64)
+        ends = np.cumsum(self.sizes)
         n_win = -(-len(self.chunks) // self.window)
         self.window_ends = np.array([ends[min(len(ends), (w + 1) * self.window) - 1] for w in range(n_win)],
                                     dtype=np.int64)
         self.total = int(ends[-1]) if len(ends) else 0
-        self._cache: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._cache: tuple | None = None
+        self._window_counts: np.ndarray | None = None
+
+    def _parts(self, chunk: int) -> list[tuple[int, tuple[tuple[int, int], ...], int, int]]:
+        """Every appearance of a chunk (or, weighted, of a chunk's rows of one source), in chunk order."""
+        if not self.weights:
+            return [(i, ((a, min(a + chunk, s.rows)),), -1, 0)
+                    for i, s in enumerate(self.shards) for a in range(0, s.rows, chunk)]
+        parts = chunk_parts(self.shards, chunk)
+        copies = part_copies([src for _, _, src in parts], self.weights, _rng(self.seed, self.epoch, 3))
+        index = {src: k for k, src in enumerate(self.sources)}
+        return [(i, ranges, index[src], c) for (i, ranges, src), n in zip(parts, copies) for c in range(n)]
 
     def window_start(self, w: int) -> int:
         return int(self.window_ends[w - 1]) if w else 0
@@ -175,27 +208,59 @@ class EpochOrder:
     def window_of(self, pos: int) -> int:
         return int(np.searchsorted(self.window_ends, pos, side="right"))
 
-    def window_rows(self, w: int) -> tuple[np.ndarray, np.ndarray]:
-        """(shard index, row) of every position of window ``w``, in epoch order."""
+    def window_rows(self, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(shard index, row, source index, copy) of every position of window ``w``, in epoch order."""
         if self._cache is None or self._cache[0] != w:
-            chunks = self.chunks[w * self.window:(w + 1) * self.window]
-            shard = np.concatenate([np.full(b - a, i, np.int64) for i, a, b in chunks])
-            row = np.concatenate([np.arange(a, b, dtype=np.int64) for _, a, b in chunks])
+            lo, hi = w * self.window, (w + 1) * self.window
+            parts, sizes = self.chunks[lo:hi], self.sizes[lo:hi]
+            shard = np.repeat(np.array([p[0] for p in parts], np.int64), sizes)
+            row = np.concatenate([np.arange(a, b, dtype=np.int64) for _, r, _, _ in parts for a, b in r])
+            src = np.repeat(np.array([p[2] for p in parts], np.int64), sizes)
+            copy = np.repeat(np.array([p[3] for p in parts], np.int64), sizes)
             perm = _rng(self.seed, self.epoch, 2, w).permutation(len(row))
-            self._cache = (w, shard[perm], row[perm])
-        return self._cache[1], self._cache[2]
+            self._cache = (w, shard[perm], row[perm], src[perm], copy[perm])
+        return self._cache[1:]
+
+    def take(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(shard index, row, source index, copy) of positions ``[lo, hi)``."""
+        cols: list[list[np.ndarray]] = [[], [], [], []]
+        while lo < hi:
+            w = self.window_of(lo)
+            a, b = lo - self.window_start(w), min(hi, int(self.window_ends[w])) - self.window_start(w)
+            for col, arr in zip(cols, self.window_rows(w)):
+                col.append(arr[a:b])
+            lo += b - a
+        return tuple(np.concatenate(c) for c in cols) if cols[0] else (np.zeros(0, np.int64),) * 4
 
     def positions(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         """(shard index, row) of positions ``[lo, hi)``."""
-        shard, row = [], []
-        while lo < hi:
-            w = self.window_of(lo)
-            s, r = self.window_rows(w)
-            a, b = lo - self.window_start(w), min(hi, int(self.window_ends[w])) - self.window_start(w)
-            shard.append(s[a:b])
-            row.append(r[a:b])
-            lo += b - a
-        return (np.concatenate(shard), np.concatenate(row)) if shard else (np.zeros(0, np.int64),) * 2
+        return self.take(lo, hi)[:2]
+
+    def copies_at(self, pos: np.ndarray) -> np.ndarray:
+        """The copy number of each given position (any order)."""
+        pos = np.asarray(pos, np.int64)
+        out = np.zeros(len(pos), np.int64)
+        if not self.weights:
+            return out
+        win = np.searchsorted(self.window_ends, pos, side="right")
+        for w in np.unique(win).tolist():
+            m = win == w
+            out[m] = self.window_rows(w)[3][pos[m] - self.window_start(w)]
+        return out
+
+    def source_counts(self, hi: int) -> np.ndarray:
+        """Samples of each source (in ``sources`` order) among the first ``hi`` positions (weighted orders)."""
+        if not self.weights:
+            raise ValueError("source counts need a weighted order (shards listed with their sources)")
+        if self._window_counts is None:
+            per = np.zeros((len(self.window_ends), len(self.sources)), np.int64)
+            np.add.at(per, (np.arange(len(self.chunks)) // self.window, [p[2] for p in self.chunks]), self.sizes)
+            self._window_counts = np.cumsum(per, axis=0)
+        w = self.window_of(hi)
+        out = self._window_counts[w - 1].copy() if w else np.zeros(len(self.sources), np.int64)
+        if w < len(self.window_ends) and hi > self.window_start(w):
+            out += np.bincount(self.window_rows(w)[2][:hi - self.window_start(w)], minlength=len(self.sources))
+        return out
 
 
 def step_split(global_batch: int, batch_size: int, world: int) -> list[list[int]]:
@@ -213,9 +278,11 @@ def step_split(global_batch: int, batch_size: int, world: int) -> list[list[int]
     return [[n // world + (r < n % world) for r in range(world)] for n in rounds]
 
 
-def steps_per_epoch(shards, global_batch: int) -> int:
-    """Optimizer steps per epoch (the ``N mod G`` tail of the epoch order is dropped)."""
-    return sum(s.rows for s in shards) // global_batch
+def steps_per_epoch(order: EpochOrder | list[ShardRows], global_batch: int) -> int:
+    """Optimizer steps of an epoch (the ``N mod G`` tail of its order is dropped). An unweighted
+    order is as long as its shard set, so the shard list stands for it."""
+    n = order.total if isinstance(order, EpochOrder) else sum(s.rows for s in order)
+    return n // global_batch
 
 
 def rank_picks(order: EpochOrder, global_batch: int, batch_size: int, world: int, rank: int, start: int,
@@ -243,17 +310,18 @@ def rank_picks(order: EpochOrder, global_batch: int, batch_size: int, world: int
 def rank_read_tasks(order: EpochOrder, picks) -> list[dict]:
     """One read task per window (by the window of each round's first sample): the row groups the
     rank needs from it and which rows, in consumption order."""
-    groups: list[tuple[int, list, list]] = []
+    groups: list[tuple[int, list, list, list]] = []
     for pos, shard, row in picks:
         if not len(pos):
             continue
         w = order.window_of(int(pos.min()))
         if not groups or groups[-1][0] != w:
-            groups.append((w, [], []))
+            groups.append((w, [], [], []))
         groups[-1][1].append(shard)
         groups[-1][2].append(row)
+        groups[-1][3].append(order.copies_at(pos))
     out = []
-    for _, shards, rows in groups:
+    for _, shards, rows, copies in groups:
         shard, row = np.concatenate(shards), np.concatenate(rows)
         base = row - row % READ_CHUNK_ROWS
         needed = sorted(set(zip(shard.tolist(), base.tolist())))
@@ -261,7 +329,7 @@ def rank_read_tasks(order: EpochOrder, picks) -> list[dict]:
         out.append({"urls": [order.shards[s].url for s, _ in needed], "starts": [a for _, a in needed],
                     "stops": [min(a + READ_CHUNK_ROWS, order.shards[s].rows) for s, a in needed],
                     "chunk": [index[c] for c in zip(shard.tolist(), base.tolist())],
-                    "offset": (row % READ_CHUNK_ROWS).tolist()})
+                    "offset": (row % READ_CHUNK_ROWS).tolist(), "copy": np.concatenate(copies).tolist()})
     return out
 
 
@@ -269,7 +337,8 @@ def read_window(task: dict) -> dict:
     """One read task: whole row-group reads of the needed chunks, then the picked rows in order."""
     chunks = [read_rows({"url": u, "start": a, "stop": b})
               for u, a, b in zip(task["urls"], task["starts"], task["stops"])]
-    return {c: [chunks[j][c][o] for j, o in zip(task["chunk"], task["offset"])] for c in ("key", "image", "captions")}
+    rows = {c: [chunks[j][c][o] for j, o in zip(task["chunk"], task["offset"])] for c in ("key", "image", "captions")}
+    return {**rows, "copy": task["copy"]}
 
 
 def read_rows(task: dict) -> dict:
@@ -313,13 +382,18 @@ class IngestSpec:
     ingest_cpus: float = 1.0
     shuffle_window: int = 32       # chunks (row groups) per shuffle window
     global_batch: int = 0          # samples per optimizer step; 0: batch_size (one rank, no accumulation)
+    source_weights: tuple[tuple[str, float], ...] = ()   # (source, weight); the shards carry their sources
 
     @property
     def step_samples(self) -> int:
         return self.global_batch or self.batch_size
 
     def order(self, epoch: int) -> EpochOrder:
-        return EpochOrder(self.shards, self.seed, epoch, self.shuffle_window)
+        return EpochOrder(self.shards, self.seed, epoch, self.shuffle_window, weights=self.source_weights)
+
+    def epoch_stop(self, order: EpochOrder) -> int:
+        """Positions of ``order`` the epoch consumes: whole global batches."""
+        return steps_per_epoch(order, self.step_samples) * self.step_samples
 
 
 def build_epoch_dataset(spec: IngestSpec, epoch: int, rank: int, world: int, start: int = 0):
@@ -329,8 +403,8 @@ def build_epoch_dataset(spec: IngestSpec, epoch: int, rank: int, world: int, sta
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the consumption order is the resume contract
     ctx.enable_progress_bars = False
-    stop = steps_per_epoch(spec.shards, spec.step_samples) * spec.step_samples
     order = spec.order(epoch)
+    stop = spec.epoch_stop(order)
     tasks = rank_read_tasks(order, rank_picks(order, spec.step_samples, spec.batch_size, world, rank, start, stop))
     if not tasks:
         return None
@@ -380,6 +454,6 @@ def iter_epoch(spec: IngestSpec, epoch: int, rank: int, world: int, start: int =
     if ds is None:
         return iter(())
     split = step_split(spec.step_samples, spec.batch_size, world)
-    steps = steps_per_epoch(spec.shards, spec.step_samples) - start // spec.step_samples
+    steps = spec.epoch_stop(spec.order(epoch)) // spec.step_samples - start // spec.step_samples
     sizes = (split[i][rank] for _ in range(steps) for i in range(len(split)))
     return _cut(iter(ds.iter_batches(batch_size=spec.map_batch_size, batch_format="numpy")), sizes)

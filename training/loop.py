@@ -35,9 +35,10 @@ from pipelines.shardio import redact
 from training.checkpoint import DataPosition, TrainState, load_into, save_rank_files, save_shared_files
 from training.config import ModelConfig, TrainConfig
 from training.hooks import Hooks
-from training.ingest import IngestSpec, iter_epoch, list_shards, step_split, steps_per_epoch
+from training.ingest import IngestSpec, iter_epoch, list_shards, step_split
 from training.metrics import MetricsLog
 from training.optim import autocast, build_optimizer, grad_scaler
+from training.source_weights import SourceMix, check_weight_names
 from training.trackers import open_trackers
 
 DEFAULT_MODELS = {1: "training.stage1:Blip2Stage1", 2: "training.stage2:Blip2Stage2"}
@@ -70,21 +71,29 @@ def seed_everything(seed: int) -> None:
 
 def step_batches(spec: IngestSpec, pos: DataPosition, rank: int, world: int) -> Iterator[list[dict]]:
     """Endless stream of this rank's micro-batches per optimizer step, starting at ``pos``;
-    ``pos`` is advanced when a step's batches are handed out."""
-    per_epoch = steps_per_epoch(spec.shards, spec.step_samples)
-    if per_epoch == 0:
-        raise ValueError(f"{sum(s.rows for s in spec.shards)} samples cannot fill one global batch of "
-                         f"{spec.step_samples}")
+    ``pos`` is advanced when a step's batches are handed out. (With source weights an epoch's
+    length is that of its weighted order, so it is taken per epoch.)"""
     accum = len(step_split(spec.step_samples, spec.batch_size, world))
     while True:
-        if pos.consumed >= per_epoch * spec.step_samples:
+        stop = _epoch_stop(spec, pos.epoch)
+        if pos.consumed >= stop:
             pos.epoch, pos.consumed = pos.epoch + 1, 0
+            stop = _epoch_stop(spec, pos.epoch)
         stream = iter_epoch(spec, pos.epoch, rank, world, start=pos.consumed)
-        while pos.consumed < per_epoch * spec.step_samples:
+        while pos.consumed < stop:
             batches = [next(stream) for _ in range(accum)]
             pos.consumed += spec.step_samples
             pos.samples_seen += spec.step_samples
             yield batches
+
+
+def _epoch_stop(spec: IngestSpec, epoch: int) -> int:
+    order = spec.order(epoch)
+    stop = spec.epoch_stop(order)
+    if stop == 0:
+        raise ValueError(f"{order.total} samples cannot fill one global batch of {spec.step_samples}"
+                         + (f" (epoch {epoch}, weighted by source)" if spec.source_weights else ""))
+    return stop
 
 
 def _mean_across_ranks(values: dict[str, float], device) -> dict[str, float]:
@@ -155,6 +164,7 @@ def train_loop_per_worker(config: dict) -> None:
     ) if rank == 0 else None
     state.global_batch = global_batch
     stream = step_batches(wc.ingest, state.data, rank, world)
+    mix = SourceMix(wc.ingest) if rank == 0 and wc.ingest.source_weights else None
     trainable = [p for p in raw.parameters() if p.requires_grad]
 
     raw.train()
@@ -204,6 +214,8 @@ def train_loop_per_worker(config: dict) -> None:
             row["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         if all_keys is not None:
             row["keys"] = all_keys
+        if mix is not None:
+            row.update(mix.metrics(state.data.epoch, state.data.consumed))
         if log is not None:
             log.log(row)
 
@@ -284,16 +296,20 @@ def run_training(model: ModelConfig, train: TrainConfig, seed: int = 0, model_cl
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    shards = list_shards(train.input)
+    weights = train.source_weights
+    shards = list_shards(train.input, sources=bool(weights))
+    check_weight_names(weights, shards)  # fail here, not in every retry
     global_batch = train.resolved_global_batch()
-    if steps_per_epoch(shards, global_batch) == 0:  # fail here, not in every retry
-        raise ValueError(f"{train.input}: {sum(s.rows for s in shards)} samples cannot fill one global batch "
-                         f"of {global_batch}")
     spec = IngestSpec(tuple(shards), seed=seed, batch_size=train.batch_size, image_size=train.image_size,
                       min_scale=train.min_scale, max_words=train.max_words, hflip=train.hflip,
                       caption_pick=train.caption_pick,
                       map_batch_size=train.map_batch_size, ingest_cpus=train.ingest_cpus,
-                      shuffle_window=train.shuffle_window, global_batch=global_batch)
+                      shuffle_window=train.shuffle_window, global_batch=global_batch,
+                      source_weights=tuple(sorted((s, float(w)) for s, w in weights.items())))
+    try:
+        _epoch_stop(spec, 0)
+    except ValueError as e:
+        raise ValueError(f"{train.input}: {e}") from None
     path, fs = storage(train.output)
     wc = WorkerConfig(model=model, train=train, seed=seed, ingest=spec, run_uri=run_uri(train),
                       model_class=model_class_spec, hooks=Hooks.from_env())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Callable
 
 import pyarrow as pa
 
@@ -11,13 +12,15 @@ from pipelines.schema import CAPFILT
 from pipelines.shardio import ShardSet
 
 
-def capfilt_table(corpus_dir: Path, items, start: int, stop: int, bad: set[int] = frozenset()) -> pa.Table:
-    """Rows [start, stop) of the corpus as CapFilt rows; indices in ``bad`` get undecodable bytes."""
+def capfilt_table(corpus_dir: Path, items, start: int, stop: int, bad: set[int] = frozenset(),
+                  source: Callable[[int], str] = lambda index: "synthetic") -> pa.Table:
+    """Rows [start, stop) of the corpus as CapFilt rows; indices in ``bad`` get undecodable bytes;
+    ``source(index)`` names each row's source."""
     rows = items[start:stop]
     images = [b"not an image" if it.index in bad else (corpus_dir / it.file).read_bytes() for it in rows]
     return pa.Table.from_pydict({
         "key": [f"{it.index:06d}" for it in rows],
-        "source": ["synthetic"] * len(rows),
+        "source": [source(it.index) for it in rows],
         "policy": ["web"] * len(rows),
         "url": [f"http://127.0.0.1:1/{it.file}" for it in rows],
         "sha256": [hashlib.sha256(data).hexdigest() for data in images],
@@ -30,12 +33,13 @@ def capfilt_table(corpus_dir: Path, items, start: int, stop: int, bad: set[int] 
     }, schema=CAPFILT.schema)
 
 
-def write_capfilt(uri: str, corpus, rows_per_shard: int = 12, bad: set[int] = frozenset()) -> ShardSet:
+def write_capfilt(uri: str, corpus, rows_per_shard: int = 12, bad: set[int] = frozenset(),
+                  source: Callable[[int], str] = lambda index: "synthetic") -> ShardSet:
     """The corpus as a committed CapFilt shard set at ``uri`` (local path or s3://)."""
     corpus_dir, items = corpus
     shards = ShardSet(uri)
     for i, start in enumerate(range(0, len(items), rows_per_shard)):
-        shards.write_shard(i, capfilt_table(corpus_dir, items, start, start + rows_per_shard, bad), CAPFILT)
+        shards.write_shard(i, capfilt_table(corpus_dir, items, start, start + rows_per_shard, bad, source), CAPFILT)
     shards.write_manifest(CAPFILT)
     return shards
 
