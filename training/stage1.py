@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.remote import local_dir
+from pipelines.storage import local_dir
 from training.config import ModelConfig, saved_ln_vision_init
 from training.distributed import all_gather_no_grad, all_gather_with_grad, gather_sizes, global_max, rank
 from training.encoders import FrozenImageEncoder, make_ln_vision
