@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.schema import Contract, SchemaError, conform, validate
+from pipelines.storage import is_local
 
 MANIFEST = "_manifest.json"
 COMMITS = "_commits"
@@ -76,8 +77,7 @@ class ShardSet:
     def __init__(self, uri: str):
         self.uri = uri.rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.uri)
-        self._local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple)
-                                 else (self.fs.protocol,))
+        self._local = is_local(self.fs)
 
     def __reduce__(self):
         return (ShardSet, (self.uri,))
