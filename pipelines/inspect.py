@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from pipelines.curation import REASONS, REMOVED_DIR, SCORES_DIR, is_curated
 from pipelines.schema import CONTRACTS, DOWNLOAD, Contract, SchemaError, contract_of, validate
-from pipelines.shardio import MANIFEST, ROW_GROUP_ROWS, SHARD_RE, ShardSet
+from pipelines.shardio import MANIFEST, ROW_GROUP_ROWS, ShardSet
 
 THUMB_PX = 160  # longest side of a report thumbnail
 META_SCORES = ("similarity", "punsafe", "pwatermark")   # the lists' own scores (METADATA), histogrammed
@@ -308,18 +308,6 @@ class _Walker:
 
 
 # -- the walk -----------------------------------------------------------------------------
-def _listing(shards: ShardSet) -> dict[str, int]:
-    """Committed shard name -> size in bytes (one listing call)."""
-    if not shards.fs.exists(shards.root):
-        return {}
-    out = {}
-    for entry in shards.fs.ls(shards.root, detail=True):
-        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-        if SHARD_RE.match(name):
-            out[name] = int(entry.get("size") or 0)
-    return dict(sorted(out.items()))
-
-
 def _check_manifest(ins: Inspection, manifest: dict | None, listing: dict[str, int]) -> dict:
     """Compare the manifest with the listing; returns name -> manifest shard record."""
     if manifest is None:
@@ -356,7 +344,7 @@ def inspect_shards(uri: str, sample: int = 0, thumbnails: int = 0, verify: bool 
         ins.problems.append(f"{MANIFEST}: unreadable ({e})")
         manifest = None
     ins.manifest = manifest
-    listing = _listing(shards)
+    listing = shards.committed_sizes()
     if not listing and manifest is None and (foreign := _foreign_source(uri)) is not None:
         return _inspect_foreign(foreign, ins, _Walker(ins, sample, thumbnails), batch_size)
     records = _check_manifest(ins, manifest, listing)
