@@ -27,7 +27,9 @@ _LOCAL_PROTOCOLS = ("file", "local")
 
 def is_local(fs_or_uri) -> bool:
     """True for the local disk: a local path, a ``file://`` URI or a local fsspec filesystem."""
-    fs = fsspec.core.url_to_fs(os.fspath(fs_or_uri))[0] if isinstance(fs_or_uri, (str, os.PathLike)) else fs_or_uri
+    fs = fs_or_uri
+    if isinstance(fs, (str, os.PathLike)):
+        fs = fsspec.core.url_to_fs(os.fspath(fs))[0]
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return any(p in _LOCAL_PROTOCOLS for p in protocols)
 
