@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -62,8 +63,7 @@ DRIVER = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_gpu_job_scales_gpu_worker_up_and_idle_node_goes_away(tmp_path):
-    twin = lambda gcs: fake_twin(load_cluster(), gcs)  # noqa: E731
-    with FakeCluster(twin, tmp_path, head_cpus=1) as cluster:
+    with FakeCluster(partial(fake_twin, load_cluster()), tmp_path, head_cpus=1) as cluster:
         cluster.wait_ready()
         driver = subprocess.run([sys.executable, "-c", DRIVER, cluster.address], env=cluster.env,
                                 capture_output=True, text=True, timeout=330)
