@@ -6,12 +6,18 @@ not the model, is what these runs cost).
   global batch (8 = 4 × 2 × 1, then 4 × 1 × 2) and the LR schedule by optimizer step are kept;
 * an elastic run (``num_workers=[1, 2]``) whose last worker is SIGKILLed mid-epoch is restarted
   by Ray Train from the last checkpoint and finishes; the same exactly-once and fixed-global-
-  batch checks hold, and the final model is written.
+  batch checks hold, and the final model is written;
+* the same elastic run on an autoscaling cluster (Ray's fake multi-node provider, head with no
+  CPUs as in ``ray_cluster.yaml``) brings up worker nodes for its workers; the node hosting them
+  is SIGKILLed mid-epoch (raylet, workers and agents) and the run continues on a node that is
+  left and finishes, with the same checks.
 """
 from __future__ import annotations
 
 import pytest
 
+from tests.helpers.cluster_train import WORKER_ENV, train_on_cluster
+from tests.helpers.fake_cluster import FakeCluster, fake_twin, load_cluster
 from tests.training.train_fixtures import run_training_with_hooks, write_capfilt
 from training.config import ModelConfig, TrainConfig
 from training.metrics import read_metrics
@@ -75,3 +81,41 @@ def test_elastic_run_survives_a_killed_worker(root, ray_local):
           f"(one step ~{rows[1]['step_time_s']:.2f} s)")
     final = root / "runs" / "elastic" / "final"
     assert (final / "model.safetensors").exists()
+
+
+# The GCS declares a node with a dead raylet lost after 4 failed health checks 1 s apart (Ray's
+# default: 5 × 3 s); a live raylet still has 4 × 5 s to answer on a loaded machine.
+FAST_NODE_DEATH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "5000",
+                   "RAY_health_check_failure_threshold": "4"}
+
+
+def _training_twin(gcs: str) -> dict:
+    """Head without CPUs (like ray_cluster.yaml's); cpu_worker nodes of 3 CPUs: one 2-CPU training
+    worker each, plus a CPU for the ingest tasks; idle nodes kept a minute, past the run."""
+    return fake_twin(load_cluster(), gcs, resources={"cpu_worker": {"CPU": 3}}, max_workers=2, head_cpus=0,
+                     idle_timeout_minutes=1)
+
+
+def test_elastic_run_on_an_autoscaling_cluster_survives_a_lost_node(root, tmp_path):
+    cfg = _cfg(root, "autoscaled", num_workers=(1, 2), max_failures=1, cpus_per_worker=2, checkpoint_every=2)
+    with FakeCluster(_training_twin, tmp_path, head_cpus=0, env={**WORKER_ENV, **FAST_NODE_DEATH}) as cluster:
+        out = train_on_cluster(cluster, cfg, model_class=TOY, kill_after=2, timeout=300)
+    kill = out["kill"]
+    assert kill and kill["node"] in out["seen"], out                 # the run's node came up, and was killed ...
+    assert kill["node"] in out["lost"], out                          # ... and the GCS saw it go
+    assert out["error"] is None, out["error"]                        # the run carried on and finished
+    rows = read_metrics(str(root / "runs" / "autoscaled"))
+    _assert_epoch_exactly_once(rows)
+    assert set(r["world_size"] for r in rows) <= {1, 2}
+    resumed = [r for r in rows if r["time"] > kill["time"]]
+    assert resumed and kill["step"] < STEPS, (kill, rows)           # the kill landed mid-epoch
+    resumed_from = resumed[0]["step"] - 1                            # a registered checkpoint (a later one may
+    assert kill["checkpoint"] <= resumed_from <= kill["step"]        # be registered just after the kill)
+    redone = kill["step"] - resumed_from
+    assert redone <= cfg.checkpoint_every
+    print(f"autoscaled run: {len(out['seen'])} worker node(s) launched; killed one after step {kill['step']} "
+          f"(resumed from checkpoint {resumed_from}: {redone} step(s) redone); GCS declared it dead "
+          f"{out['lost'][kill['node']] - kill['time']:.1f} s later; first step after the loss "
+          f"{resumed[0]['time'] - kill['time']:.1f} s later; worlds {[r['world_size'] for r in rows]}; "
+          f"driver {out['wall_s']:.1f} s")
+    assert (root / "runs" / "autoscaled" / "final" / "model.safetensors").exists()

@@ -1,0 +1,179 @@
+"""A training driver on a running Ray cluster, with a watcher that kills a training node mid-run.
+
+``python -m tests.helpers.cluster_train ADDRESS SPEC.json`` connects with ``ray.init(address)``
+(its own process: the test's pytest process may hold a local Ray), runs ``run_training`` and,
+from a thread, watches the cluster: every worker node seen alive, and once Ray Train has
+registered the checkpoint of step ``kill_after``, it SIGKILLs a node that hosts training workers
+(:func:`tests.helpers.fake_cluster.kill_node`). It prints one ``RESULT {json}`` line.
+:func:`train_on_cluster` is the test side.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from tests.helpers.fake_cluster import REPO, kill_node
+
+# What every process of the cluster needs (to import the test models; one torch thread, as the
+# tests' local Ray): the head's environment, inherited by the autoscaler's fake nodes and their
+# workers, as a real node has the package installed; no runtime_env, so Ray may reuse workers.
+WORKER_ENV = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "NO_ALBUMENTATIONS_UPDATE": "1",
+              "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+# Ray Train's controller (it reads the driver's environment). A group start waits this long for
+# its placement group (default 60 s); after an abrupt node loss the first restart asks for the
+# old size (the autoscaling coordinator's view of the cluster is refreshed every 20 s), and only
+# the retry after this timeout fits the nodes that are left. The controller polls its workers,
+# and so takes their reports, every 0.5 s instead of 2 s: a checkpointed step waits for a poll.
+DRIVER_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+
+def train_on_cluster(cluster, train, model_class: str, kill_after: int, timeout: float,
+                     log: Path | None = None) -> dict:
+    """Run the driver against ``cluster`` (a FakeCluster, maybe still starting) with sample keys
+    logged; its RESULT dict. ``log``: where to keep the driver's output."""
+    spec = Path(cluster.temp_dir) / "train_spec.json"
+    spec.write_text(json.dumps({"train": dataclasses.asdict(train), "model_class": model_class,
+                                "kill_after": kill_after}))
+    go = spec.with_suffix(".go")
+    env = {**cluster.env, **DRIVER_ENV, "BLIP2_LOG_KEYS": "1"}
+    env.pop("BLIP2_FAULT_INJECT", None)
+    # the driver's imports (torch, Ray Train) overlap the head's start; it connects on `go`
+    proc = subprocess.Popen([sys.executable, "-m", "tests.helpers.cluster_train", cluster.address, str(spec)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        cluster.wait_ready()
+        go.touch()
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    if log is not None:
+        Path(log).write_text(stdout + stderr)
+    line = [x for x in stdout.splitlines() if x.startswith("RESULT ")]
+    assert line, f"driver rc {proc.returncode}\n{stdout[-3000:]}\n{stderr[-5000:]}"
+    return json.loads(line[-1][len("RESULT "):])
+
+
+def _wait_for(path: Path, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        if time.time() > deadline:
+            raise TimeoutError(f"{path} did not appear")
+        time.sleep(0.2)
+
+
+class NodeWatcher(threading.Thread):
+    """Records worker nodes as they come and go; kills a training node once checkpoint
+    ``kill_after`` is registered (so the restart has it to resume from)."""
+
+    def __init__(self, run_uri: str, kill_after: int, period: float = 0.25):
+        super().__init__(name="node-watcher", daemon=True)
+        import ray
+
+        self.run_uri, self.kill_after, self.period = run_uri, kill_after, period
+        self.head = ray.get_runtime_context().get_node_id()
+        self.seen: dict[str, float] = {}        # worker node id -> first time seen alive
+        self.lost: dict[str, float] = {}        # worker node id -> first time seen dead
+        self.kill: dict = {}
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.period):
+            try:
+                self._poll()
+            except Exception as e:  # noqa: BLE001 - a GCS hiccup must not stop the watch
+                print(f"[watcher] {e!r}", file=sys.stderr, flush=True)
+
+    def _poll(self) -> None:
+        import ray
+
+        now = time.time()
+        nodes = {n["NodeID"]: n for n in ray.nodes() if n["NodeID"] != self.head}
+        for nid, n in nodes.items():
+            if n["Alive"]:
+                self.seen.setdefault(nid, now)
+            elif nid in self.seen:
+                self.lost.setdefault(nid, now)
+        if not self.kill and _registered_step(self.run_uri) >= self.kill_after:
+            self._kill({nid: n for nid, n in nodes.items() if n["Alive"]})
+
+    def _kill(self, alive: dict) -> None:
+        hosts = [nid for nid in _training_nodes() if nid in alive]
+        if not hosts:
+            return  # the worker group is being (re)placed: try at the next poll
+        node = hosts[0]
+        pids = kill_node(alive[node]["RayletSocketName"])
+        t = time.time()
+        self.kill = {"node": node, "time": t, "pids": len(pids), "step": _last_step(self.run_uri, before=t),
+                     "checkpoint": _registered_step(self.run_uri), "training_nodes": hosts}
+        print(f"[watcher] killed node {node[:12]} ({len(pids)} processes) after step {self.kill['step']}",
+              file=sys.stderr, flush=True)
+
+
+def _training_nodes() -> list[str]:
+    """Nodes holding bundles of a placed placement group (Ray Train's worker group)."""
+    from ray.util import placement_group_table
+
+    return sorted({nid for pg in placement_group_table().values() if pg["state"] == "CREATED"
+                   for nid in pg["bundles_to_node_id"].values()})
+
+
+def _registered_step(run_uri: str) -> int:
+    """The newest checkpoint Ray Train has registered: its snapshot in storage, read on restart."""
+    path = Path(run_uri) / "checkpoint_manager_snapshot.json"
+    try:
+        results = json.loads(path.read_text())["checkpoint_results"]
+    except (OSError, ValueError, KeyError):
+        return 0  # none yet, or being rewritten
+    return max([r["metrics"]["step"] for r in results], default=0)
+
+
+def _last_step(run_uri: str, before: float = float("inf")) -> int:
+    path = Path(run_uri) / "metrics.jsonl"
+    steps = [0]
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a row being written
+            if row["time"] <= before:
+                steps.append(row["step"])
+    return max(steps)
+
+
+def main(address: str, spec_path: str) -> None:
+    import ray
+    import ray.train.torch  # noqa: F401 - imported while the head starts
+
+    from orchestration.config import build
+    from training.config import ModelConfig, TrainConfig
+    from training.loop import run_training, run_uri
+
+    spec = json.loads(Path(spec_path).read_text())
+    train = build(TrainConfig, spec["train"])
+    _wait_for(Path(spec_path).with_suffix(".go"), 180)
+    ray.init(address=address, log_to_driver=False)
+    watcher = NodeWatcher(run_uri(train), spec["kill_after"])
+    watcher.start()
+    t0, error = time.time(), None
+    try:
+        result = run_training(ModelConfig(), train, model_class_spec=spec["model_class"])
+        error = None if result.error is None else repr(result.error)
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        error = repr(e)
+    watcher.done.set()
+    watcher.join(10)
+    print("RESULT " + json.dumps({"error": error, "wall_s": time.time() - t0, "t0": t0, "seen": watcher.seen,
+                                  "lost": watcher.lost, "kill": watcher.kill}), flush=True)
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
