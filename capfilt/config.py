@@ -29,8 +29,8 @@ class CapFiltConfig:
     max_length: int = 30
     keep: int = 2
     batch_size: int = 16                # images per captioner call
-    # Demo switch: tiny random captioners write noise, so the learning check keeps the
-    # original caption first and the best synthetic one second. Real presets leave it off.
+    # Keep the original caption first and the best synthetic one second (not the paper's
+    # ranking; for captioners known to be worse than the list's own captions).
     keep_original: bool = False
     # Use the list's own synthetic captions and their scores (LAION-COCO's all_captions and
     # all_similarities, carried in the download rows' meta) instead of running the captioner:

@@ -19,7 +19,7 @@ def test_demo_runs_the_whole_chain(tmp_path):
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(
         [sys.executable, "-m", "orchestration.cli", "demo", "--workdir", str(work), "--images", "48",
-         "--heldout", "16", "--stage1-steps", "4", "--stage2-steps", "2", "--workers", "1"],
+         "--heldout", "16", "--stage1-steps", "4", "--stage2-steps", "2", "--workers", "1", "--teach-steps", "3"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
     screen = proc.stdout  # what a user sees: stdout and stderr in the order they came
     assert proc.returncode == 0, screen[-6000:]
@@ -39,7 +39,8 @@ def test_demo_runs_the_whole_chain(tmp_path):
     assert cur["rows_in"] == 52 and cur["kept"] + cur["removed"] == 52 and cur["accounted"]
     assert curated.read_manifest()["num_rows"] == cur["kept"] and removed.read_manifest()["num_rows"] == cur["removed"]
     assert cur["by_reason"]["exact_duplicate"] >= 1 and cur["by_reason"]["clip_score"] >= 1   # re-posts, low scores
-    assert len(summary["search"]["hits"]) == 3 and "curate: 52 rows in" in screen
+    # a barely taught CLIP embeds the images almost alike, so semantic dedup may keep only a few
+    assert len(summary["search"]["hits"]) == min(3, cur["kept"]) >= 1 and "curate: 52 rows in" in screen
     assert os.path.getsize(summary["search_page"]) > 1000 and os.path.getsize(summary["curated_report"]) > 1000
     metrics = summary["metrics"]
     assert metrics["images"] == 16 and metrics["chance"]["txt_r1"] == pytest.approx(100 / metrics["texts"])
@@ -47,4 +48,18 @@ def test_demo_runs_the_whole_chain(tmp_path):
     for path in [summary["report"], *summary["loss_curves"]]:
         assert os.path.getsize(path) > 1000, path
     assert (work / "train" / "stage2" / "final" / "blip2_config.json").exists()
-    assert isinstance(summary["caption"]["predicted"], str)
+
+    # taught copies of the captioner, ranker and OPT, cached for the next run
+    for name in ("captioner", "ranker", "opt"):
+        assert json.loads((work / "models" / "taught" / name / ".complete").read_text())["steps"] == 3
+    # CapFilt ran with the paper's settings and was scored against the truth: 12 of the 48 web captions
+    # describe another image (one may still name the same colours and shapes)
+    truth = summary["capfilt"]
+    assert truth["rows"] == 48 and 36 <= truth["web_right"] < 48 and 0 <= truth["kept_right"] <= 48
+    assert capfilt.read_manifest()["config"]["keep_original"] is False
+    # the stage-2 model exported for transformers, captioned by it and by `blip2 caption`
+    assert (work / "stage2-hf" / "config.json").exists()
+    assert len(summary["captions"]) == 4 and summary["captions_named"]["of"] == 16
+    for c in summary["captions"]:
+        assert isinstance(c["transformers"], str) and isinstance(c["blip2_caption"], str)
+        assert f"{c['image']}\t" in screen  # `blip2 caption`'s own output line

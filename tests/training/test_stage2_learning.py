@@ -2,9 +2,9 @@
 captions name a colour that is in the image.
 
 The frozen LLM must be a language model for soft prompts to steer it: the shared tiny OPT is random
-(std-0.02 embeddings bound its logits to about ±1, nothing can be steered). So it is first fitted,
-all weights, text only, to write a caption after seeing that caption's words in its context (the
-in-context reading a pre-trained LLM brings), saved, and only then loaded frozen by stage 2, where
+(std-0.02 embeddings bound its logits to about ±1, nothing can be steered). So it is first taught
+as the demo teaches it (``tiny_teacher.teach_reading_llm``: all weights, text only, to write a
+caption after seeing that caption's words in its context), saved, and only then loaded frozen by stage 2, where
 just the Q-Former, queries, ``ln_vision`` and projection train. Encoder: the tiny CLIP tower of the
 tiny preset (64 px, CLIP mean/std).
 """
@@ -16,9 +16,10 @@ import torch
 from PIL import Image
 
 from orchestration.tiny_models import CLIP_MEAN, CLIP_STD
+from orchestration.tiny_teacher import Lesson, teach_reading_llm
 from pipelines.synthetic import COLORS, make_corpus
 from training.config import ModelConfig
-from training.stage2 import IGNORE, Blip2Stage2, causal_lm_batch
+from training.stage2 import Blip2Stage2
 
 N_TRAIN, N_TEST = 256, 32
 
@@ -28,28 +29,6 @@ def to_pixels(path) -> torch.Tensor:
     arr = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
     arr = (arr - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
     return torch.from_numpy(arr).permute(2, 0, 1)
-
-
-def fit_reading_llm(opt_dir, captions: list[str], out, steps: int = 300):
-    """The tiny OPT, trained to continue ``[caption words] [BOS]`` with ``caption \\n``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    lm = AutoModelForCausalLM.from_pretrained(opt_dir)
-    tok = AutoTokenizer.from_pretrained(opt_dir)
-    optimizer = torch.optim.AdamW(lm.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        batch = causal_lm_batch(tok, [captions[i] for i in torch.randint(0, len(captions), (32,), generator=g)], 32)
-        context, context_mask = batch["input_ids"][:, 1:], batch["attention_mask"][:, 1:]
-        loss = lm(input_ids=torch.cat([context, batch["input_ids"]], 1),
-                  attention_mask=torch.cat([context_mask, batch["attention_mask"]], 1),
-                  labels=torch.cat([torch.full_like(context, IGNORE), batch["labels"]], 1)).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    lm.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 def colour_named(model, pixel_values, items) -> float:
@@ -70,7 +49,8 @@ def test_stage2_learns_captions_on_shapes(tiny_models, tmp_path):
     train_x, test_x = pixels[:N_TRAIN], pixels[N_TRAIN:]
     train_c, test_c, test_items = captions[:N_TRAIN], captions[N_TRAIN:], items[N_TRAIN:]
 
-    llm = fit_reading_llm(tiny_models["opt"], train_c, tmp_path / "llm")
+    llm = tmp_path / "llm"
+    teach_reading_llm(tiny_models["opt"], llm, Lesson([], train_c, items[:N_TRAIN]), steps=300, seed=0)
     cfg = ModelConfig(vision="clip_vit_l", vision_path=str(tiny_models["vision"]), frozen_dtype="float32",
                       image_size=64, qformer_init=str(tiny_models["bert"]), num_query_tokens=8,
                       llm_family="opt", llm_path=str(llm))
