@@ -56,7 +56,7 @@ def test_demo_runs_the_whole_chain(tmp_path):
     # describe another image (one may still name the same colours and shapes)
     truth = summary["capfilt"]
     assert truth["rows"] == 48 and 36 <= truth["web_right"] < 48 and 0 <= truth["kept_right"] <= 48
-    assert capfilt.read_manifest()["config"]["keep_original"] is False
+    assert capfilt.read_manifest()["config"]["capfilt"]["keep_original"] is False
     # the stage-2 model exported for transformers, captioned by it and by `blip2 caption`
     assert (work / "stage2-hf" / "config.json").exists()
     assert len(summary["captions"]) == 4 and summary["captions_named"]["of"] == 16
