@@ -93,7 +93,7 @@ def load_head(uri: str) -> tuple[str, nn.Module]:
     """(kind, head in eval mode) from a local or ``s3://`` head folder; every weight must be present."""
     from safetensors.torch import load_file
 
-    from pipelines.remote import local_dir
+    from pipelines.storage import local_dir
 
     path = local_dir(uri)
     config_path = os.path.join(path, "config.json")

@@ -29,7 +29,7 @@ from capfilt.config import CapFiltConfig
 from capfilt.embeddings import write_embeddings
 from capfilt.preprocess import OK, TOO_LARGE, UNDECODABLE, ZERO_SIZE, Preprocess
 from pipelines.adapters import DownloadSource, open_download_source
-from pipelines.remote import local_dir
+from pipelines.storage import local_dir
 from pipelines.schema import CAPFILT
 from pipelines.shardio import ShardSet, shard_name
 

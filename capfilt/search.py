@@ -147,7 +147,7 @@ class QueryEncoder:
     def __init__(self, ranker_uri: str, max_pixels: int = 40_000_000):
         from capfilt.preprocess import HFTransform, ImageTransform, load_image_processor
         from capfilt.ranker import Ranker
-        from pipelines.remote import local_dir
+        from pipelines.storage import local_dir
 
         self.ranker = Ranker(local_dir(ranker_uri), dtype="float32")
         proc = load_image_processor(ranker_uri)

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from pipelines.curation import REASONS, REMOVED_DIR, SCORES_DIR, is_curated
 from pipelines.schema import CONTRACTS, DOWNLOAD, Contract, SchemaError, contract_of, validate
-from pipelines.shardio import MANIFEST, ROW_GROUP_ROWS, SHARD_RE, ShardSet
+from pipelines.shardio import MANIFEST, ROW_GROUP_ROWS, ShardSet
 
 THUMB_PX = 160  # longest side of a report thumbnail
 META_SCORES = ("similarity", "punsafe", "pwatermark")   # the lists' own scores (METADATA), histogrammed
@@ -308,18 +308,6 @@ class _Walker:
 
 
 # -- the walk -----------------------------------------------------------------------------
-def _listing(shards: ShardSet) -> dict[str, int]:
-    """Committed shard name -> size in bytes (one listing call)."""
-    if not shards.fs.exists(shards.root):
-        return {}
-    out = {}
-    for entry in shards.fs.ls(shards.root, detail=True):
-        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-        if SHARD_RE.match(name):
-            out[name] = int(entry.get("size") or 0)
-    return dict(sorted(out.items()))
-
-
 def _check_manifest(ins: Inspection, manifest: dict | None, listing: dict[str, int]) -> dict:
     """Compare the manifest with the listing; returns name -> manifest shard record."""
     if manifest is None:
@@ -356,7 +344,7 @@ def inspect_shards(uri: str, sample: int = 0, thumbnails: int = 0, verify: bool 
         ins.problems.append(f"{MANIFEST}: unreadable ({e})")
         manifest = None
     ins.manifest = manifest
-    listing = _listing(shards)
+    listing = shards.committed_sizes()
     if not listing and manifest is None and (foreign := _foreign_source(uri)) is not None:
         return _inspect_foreign(foreign, ins, _Walker(ins, sample, thumbnails), batch_size)
     records = _check_manifest(ins, manifest, listing)
@@ -493,83 +481,3 @@ def _walk_shard(shards: ShardSet, name: str, record: dict | None, expected: Cont
     except Exception as e:  # noqa: BLE001 - a corrupt shard is named, the walk goes on
         ins.problems.append(f"{name}: unreadable ({type(e).__name__}: {str(e)[:200]})")
     return False
-
-
-# -- the one-screen text summary ----------------------------------------------------------
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
-def _fmt_dist(d: Distribution, digits: int = 0) -> str:
-    s = d.summary()
-    if not s["n"]:
-        return "-"
-    f = f"{{:.{digits}f}}"
-    return (f"n={s['n']}  min {f.format(s['min'])}  p05 {f.format(s['p05'])}  p50 {f.format(s['p50'])}  "
-            f"p95 {f.format(s['p95'])}  max {f.format(s['max'])}  mean {s['mean']:.{max(digits, 1)}f}")
-
-
-def _fmt_counter(c: Counter, limit: int = 12) -> str:
-    items = c.most_common()
-    text = ", ".join(f"{k}: {v}" for k, v in items[:limit])
-    return text + (f", … ({len(items) - limit} more)" if len(items) > limit else "") if items else "-"
-
-
-def format_text(ins: Inspection) -> str:
-    """The printed report: one screen of statistics, then problems and sample rows."""
-    lines = [
-        f"shard set        {ins.uri}",
-        f"contract         {ins.contract or 'unknown'}   schema versions: {_fmt_counter(ins.schema_versions)}",
-        f"shards           {ins.shards}   rows {ins.rows}   bytes {ins.bytes} ({_human_bytes(ins.bytes)})",
-        f"manifest         {'present' if ins.manifest is not None else 'none (another tool wrote this folder)' if 'read from' in (ins.contract or '') else 'MISSING'}"
-        + (f" ({ins.manifest.get('num_shards')} shards, {ins.manifest.get('num_rows')} rows, "
-           f"created {ins.manifest.get('created_at')})" if ins.manifest else ""),
-        f"sources          {_fmt_counter(ins.sources)}",
-    ]
-    if ins.policies:
-        lines.append(f"caption policy   {_fmt_counter(ins.policies)}")
-    if ins.status:
-        lines.append(f"status           {_fmt_counter(ins.status)}")
-    lines += [
-        f"image width      {_fmt_dist(ins.width)}",
-        f"image height     {_fmt_dist(ins.height)}",
-    ]
-    if ins.original_width.n:
-        lines += [f"original width   {_fmt_dist(ins.original_width)}",
-                  f"original height  {_fmt_dist(ins.original_height)}"]
-    lines.append(f"caption words    {_fmt_dist(ins.caption_words)}")
-    if ins.captions_per_image.n:
-        lines.append(f"captions/image   {_fmt_dist(ins.captions_per_image)}")
-    if ins.clip_scores.n:
-        lines.append(f"CLIP score kept  {_fmt_dist(ins.clip_scores, 3)}")
-    for k, d in ins.meta_scores.items():
-        if d.n:
-            lines.append(f"list {k:<11} {_fmt_dist(d, 2)}")
-    for k, c in ins.meta_tags.items():
-        if c:
-            lines.append(f"list {k:<11} {_fmt_counter(c)}")
-    if ins.share_original_kept is not None:
-        lines.append(f"original kept    {ins.original_kept}/{ins.rows} rows "
-                     f"({100 * ins.share_original_kept:.1f}%) keep the web caption among the two")
-    if ins.image_errors:
-        lines.append(f"image errors     {ins.image_errors} images whose header PIL cannot read")
-    if ins.curation is not None:
-        c = ins.curation
-        lines.append(f"curation         {c.rows_in} rows in = {c.kept} kept + {c.removed} removed "
-                     f"({_fmt_counter(c.by_reason)}); side table {REMOVED_DIR}/")
-    lines.append(f"duplicate keys   {ins.duplicate_keys}"
-                 + (f"  e.g. {', '.join(f'{k} in {v}' for k, v in list(ins.duplicate_examples.items())[:3])}"
-                    if ins.duplicate_keys else ""))
-    check = "verified: sha256 + schema + full decode of every shard" if ins.verified else \
-        "listing vs manifest (names, sizes, rows); --verify also checks sha256"
-    lines.append(f"consistency      {'OK' if ins.ok else f'{len(ins.problems)} PROBLEM(S)'} ({check})")
-    lines += [f"  ! {p}" for p in ins.problems]
-    if ins.samples:
-        lines.append(f"sample rows ({len(ins.samples)}):")
-        for row in ins.samples:
-            lines.append("  " + "  ".join(f"{k}={v!r}" for k, v in row.items()))
-    return "\n".join(lines)

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.schema import Contract, SchemaError, conform, validate
+from pipelines.storage import is_local
 
 MANIFEST = "_manifest.json"
 COMMITS = "_commits"
@@ -76,8 +77,7 @@ class ShardSet:
     def __init__(self, uri: str):
         self.uri = uri.rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.uri)
-        self._local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple)
-                                 else (self.fs.protocol,))
+        self._local = is_local(self.fs)
 
     def __reduce__(self):
         return (ShardSet, (self.uri,))
@@ -169,11 +169,16 @@ class ShardSet:
 
     def committed(self) -> list[str]:
         """Names of committed shards, sorted (always a fresh listing: Ray tasks commit behind our back)."""
+        return list(self.committed_sizes())
+
+    def committed_sizes(self) -> dict[str, int]:
+        """Committed shard name -> size in bytes, sorted by name, from one fresh listing."""
         self.fs.invalidate_cache(self.root)
         if not self.fs.exists(self.root):
-            return []
-        names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)]
-        return sorted(n for n in names if SHARD_RE.match(n))
+            return {}
+        sizes = {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
+                 for e in self.fs.ls(self.root, detail=True)}
+        return {n: sizes[n] for n in sorted(sizes) if SHARD_RE.match(n)}
 
     def map_members(self, fn, names: list[str], threads: int = 32) -> list:
         """``[fn(name) for name in names]``, many at a time: object stores answer each small

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.schema import METADATA, POLICIES, SchemaError
+from pipelines.storage import is_local
 
 URL_TABLE = pa.schema([
     pa.field("row", pa.int64(), nullable=False),   # data row index within the file
@@ -526,7 +527,6 @@ class UrlLists:
 def resolve_files(spec: str) -> list[str]:
     """A file, a glob or a folder (local or s3://) → sorted list of file URIs."""
     fs, path = fsspec.core.url_to_fs(spec)
-    protocol = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
     if any(ch in path for ch in "*?["):
         paths = fs.glob(path)
     elif fs.isdir(path):
@@ -537,7 +537,10 @@ def resolve_files(spec: str) -> list[str]:
         raise FileNotFoundError(f"URL list {spec!r} does not exist")
     if not paths:
         raise FileNotFoundError(f"URL list {spec!r} matches no files")
-    return [p if protocol in ("file", "local") else f"{protocol}://{p}" for p in sorted(paths)]
+    if is_local(fs):
+        return sorted(paths)
+    protocol = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
+    return [f"{protocol}://{p}" for p in sorted(paths)]
 
 
 def open_url_lists(spec: str, source: str = "auto", url_prefix: str = "", policy: str = "auto") -> UrlLists:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipelines.remote import local_dir
+from pipelines.storage import local_dir
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 MATMUL_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)  # the layers LAVIS casts to fp16

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipelines.remote import local_dir
+from pipelines.storage import local_dir
 from training.hf_export_stage2 import model_config_from_saved, read_trainer_checkpoint
 from training.hf_io import export_retrieval
 from training.stage1 import Blip2Stage1

@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipelines.remote import local_dir
+from pipelines.storage import local_dir
 from training.config import ModelConfig, saved_ln_vision_init
 
 EXTRA_FILE = "blip2_extra.safetensors"

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.remote import local_dir
+from pipelines.storage import local_dir
 
 EXTRA_FILE = "blip2_extra.safetensors"
 RENAMES_TO_HF = {"vision_proj.": "vision_projection.", "text_proj.": "text_projection.",

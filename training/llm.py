@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from pipelines.remote import local_dir
+from pipelines.storage import local_dir
 from training.config import ModelConfig
 from training.encoders import DTYPES
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from pipelines.shardio import redact
+from pipelines.storage import is_local, staged_output
 from training.checkpoint import DataPosition, TrainState, load_into, save_rank_files, save_shared_files
 from training.config import ModelConfig, TrainConfig
 from training.hooks import Hooks
@@ -254,15 +255,8 @@ def _report_checkpoint(wc: WorkerConfig, model, optimizer, scheduler, scaler, st
 
 def save_final(model, uri: str) -> str:
     """``model.save_pretrained`` to ``uri`` (local, or staged locally then copied to s3://)."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(uri)
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        model.save_pretrained(root)
-        return uri
-    with tempfile.TemporaryDirectory(prefix="blip2-final-") as d:
-        model.save_pretrained(d)
-        fs.put(d.rstrip("/") + "/", root.rstrip("/") + "/", recursive=True)
+    with staged_output(uri, prefix="blip2-final-") as d:
+        model.save_pretrained(str(d))
     return uri
 
 
@@ -276,7 +270,7 @@ def storage(uri: str) -> tuple[str, object | None]:
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(uri)
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+    if is_local(fs):
         return os.path.abspath(root), None
     import pyarrow.fs as pafs
 

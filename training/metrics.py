@@ -11,10 +11,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-import tempfile
-from pathlib import Path
 
 import fsspec
+
+from pipelines.storage import Staging
 
 FIELDS_FIRST = ("step", "epoch", "lr", "loss")
 
@@ -22,17 +22,14 @@ FIELDS_FIRST = ("step", "epoch", "lr", "loss")
 class MetricsLog:
     def __init__(self, run_uri: str, start_step: int = 0, trackers=None):
         self.trackers = trackers  # training.trackers.Trackers | None
-        self.fs, self.root = fsspec.core.url_to_fs(run_uri)
-        self.rows: list[dict] = []
-        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
-        self.staging = Path(self.root) if self.local else Path(tempfile.mkdtemp(prefix="blip2-metrics-"))
-        self.staging.mkdir(parents=True, exist_ok=True)
+        self.staging = Staging(run_uri, prefix="blip2-metrics-")
+        self.dir = self.staging.path
         self.rows = [r for r in read_metrics(run_uri) if r["step"] <= start_step]
         self._rewrite()
 
     def log(self, row: dict) -> None:
         self.rows.append(row)
-        with open(self.staging / "metrics.jsonl", "a") as f:
+        with open(self.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.trackers is not None:
             self.trackers.log(row)
@@ -41,11 +38,8 @@ class MetricsLog:
         """Write ``metrics.csv`` and (remote run dirs) upload both files; flush the trackers."""
         if self.trackers is not None:
             self.trackers.flush()
-        (self.staging / "metrics.csv").write_text(to_csv(self.rows))
-        if not self.local:
-            self.fs.makedirs(self.root, exist_ok=True)
-            for name in ("metrics.jsonl", "metrics.csv"):
-                self.fs.put_file(str(self.staging / name), f"{self.root}/{name}")
+        (self.dir / "metrics.csv").write_text(to_csv(self.rows))
+        self.staging.upload("metrics.jsonl", "metrics.csv")
 
     def close(self) -> None:
         """The end of this invocation: end the trackers' runs, then write and upload the files."""
@@ -55,7 +49,7 @@ class MetricsLog:
         self.flush()
 
     def _rewrite(self) -> None:
-        with open(self.staging / "metrics.jsonl", "w") as f:
+        with open(self.dir / "metrics.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in self.rows)
         self.flush()
 

@@ -34,8 +34,6 @@ Where this differs from LAVIS ``Blip2Qformer`` (and why):
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -43,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.remote import local_dir
+from pipelines.storage import local_dir, staged_output
 from training.config import ModelConfig, saved_ln_vision_init
 from training.distributed import all_gather_no_grad, all_gather_with_grad, gather_sizes, global_max, rank
 from training.encoders import FrozenImageEncoder, make_ln_vision
@@ -156,20 +154,12 @@ class Blip2Stage1(nn.Module):
         ``qformer_config.json`` + tokenizer files, to a local dir or ``s3://`` prefix."""
         from safetensors.torch import save_file
 
-        remote = "://" in str(out_dir) and not str(out_dir).startswith("file://")
-        target = Path(tempfile.mkdtemp()) if remote else Path(str(out_dir).removeprefix("file://"))
-        target.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()},
-                  str(target / WEIGHTS_FILE))
-        (target / CONFIG_FILE).write_text(json.dumps(asdict(self.cfg), indent=2, default=list))
-        self.qformer.config.to_json_file(str(target / QFORMER_CONFIG_FILE))
-        self.tokenizer.save_pretrained(str(target))
-        if remote:
-            import fsspec
-
-            fs, root = fsspec.core.url_to_fs(str(out_dir))
-            fs.put(str(target) + "/", root.rstrip("/") + "/", recursive=True)
-            shutil.rmtree(target, ignore_errors=True)
+        with staged_output(str(out_dir)) as target:
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()},
+                      str(target / WEIGHTS_FILE))
+            (target / CONFIG_FILE).write_text(json.dumps(asdict(self.cfg), indent=2, default=list))
+            self.qformer.config.to_json_file(str(target / QFORMER_CONFIG_FILE))
+            self.tokenizer.save_pretrained(str(target))
 
     # -- encoders ---------------------------------------------------------------------------
     @property

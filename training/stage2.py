@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.remote import local_dir
+from pipelines.storage import local_dir
 from training.config import ModelConfig, saved_ln_vision_init
 from training.encoders import FrozenImageEncoder, make_ln_vision
 from training.hf_export_stage2 import (bert_to_qformer, load_lavis_stage2, load_stage2, read_stage1_checkpoint,

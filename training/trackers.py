@@ -35,13 +35,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import fsspec
 
+from pipelines.storage import Staging
 from training.tracking_packages import check_installed, enabled
 
 if TYPE_CHECKING:
@@ -50,31 +50,14 @@ if TYPE_CHECKING:
 IDS_FILE = "trackers.json"
 
 
-def _is_local(fs) -> bool:
-    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-
-
-def _upload_tree(local: Path, fs, remote: str) -> None:
-    """Copy the regular files under ``local`` to ``remote`` (links, e.g. W&B's latest-run, skipped)."""
-    for dirpath, _dirs, files in os.walk(local):
-        for name in files:
-            src = Path(dirpath) / name
-            if src.is_symlink() or not src.is_file():
-                continue
-            dst = f"{remote}/{src.relative_to(local).as_posix()}"
-            fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
-            fs.put_file(str(src), dst)
-
-
 class Trackers:
     """The enabled backends of one run, opened on rank 0 at ``start_step`` (0, or the resumed step)."""
 
     def __init__(self, run_uri: str, train: "TrainConfig", start_step: int = 0, params: dict | None = None):
         check_installed(train)
         self.fs, self.root = fsspec.core.url_to_fs(run_uri)
-        self.local = _is_local(self.fs)
         self.run_name = self.root.rstrip("/").rsplit("/", 1)[-1]
-        self._staging = None if self.local else Path(tempfile.mkdtemp(prefix="blip2-trackers-"))
+        self.staging = Staging(run_uri, prefix="blip2-trackers-")
         self.ids = self._read_ids()
         self.tb = self.mlflow = self.wandb = None
         if train.tensorboard:
@@ -87,7 +70,7 @@ class Trackers:
 
     # -- where files go -----------------------------------------------------------------------
     def _dir(self, sub: str) -> Path:
-        d = Path(self.root) / sub if self.local else self._staging / sub
+        d = self.staging.path / sub
         d.mkdir(parents=True, exist_ok=True)
         return d
 
@@ -159,10 +142,7 @@ class Trackers:
             self.tb.flush()
         if self.mlflow is not None:
             self.mlflow.flush_async_logging()
-        if not self.local:
-            for sub in ("tensorboard", "wandb"):
-                if (self._staging / sub).is_dir():
-                    _upload_tree(self._staging / sub, self.fs, f"{self.root}/{sub}")
+        self.staging.upload("tensorboard", "wandb")
 
     def close(self) -> None:
         """End every backend's run and upload the staged files (remote run directory)."""

@@ -48,7 +48,8 @@ def run(args, cfg) -> int:
         return _search(args, cfg)
     if args.shards_command == "export":
         return _export(args, cfg)
-    from pipelines.inspect import format_text, inspect_shards
+    from pipelines.inspect import inspect_shards
+    from pipelines.report import format_text
 
     ins = inspect_shards(args.path, sample=args.sample, verify=args.verify,
                          thumbnails=args.thumbnails if args.html else 0)

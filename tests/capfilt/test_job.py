@@ -226,7 +226,8 @@ def test_human_rows_pass_through_with_every_caption_and_web_rows_are_ranked(ray_
     assert summary["human_images_out"] == 3 and summary["human_captions_out"] == 9 and summary["web_images_out"] == 2
     assert summary["captions_generated"] == 20  # the two web images only
     assert rows["laion/0"]["meta"]["pwatermark"] == pytest.approx(0.7) and rows["laion/1"]["meta"] is None
-    from pipelines.inspect import format_text, inspect_shards
+    from pipelines.inspect import inspect_shards
+    from pipelines.report import format_text
 
     ins = inspect_shards(cfg.output)  # the list's metadata shows up in the report
     assert ins.meta_scores["pwatermark"].n == 1 and ins.meta_tags["nsfw"] == {"UNLIKELY": 1}

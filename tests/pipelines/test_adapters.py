@@ -9,7 +9,8 @@ import pyarrow as pa
 import pytest
 
 from pipelines.adapters import img2dataset_status, open_download_source
-from pipelines.inspect import format_text, inspect_shards
+from pipelines.inspect import inspect_shards
+from pipelines.report import format_text
 from pipelines.schema import DOWNLOAD, SchemaError
 from tests.helpers.img2dataset import FORMATS
 

@@ -6,7 +6,8 @@ import json
 import pyarrow as pa
 import pytest
 
-from pipelines.inspect import Distribution, format_text, inspect_shards
+from pipelines.inspect import Distribution, inspect_shards
+from pipelines.report import format_text
 from pipelines.schema import CAPFILT, DOWNLOAD
 from pipelines.shardio import ShardSet, shard_name
 from tests.helpers.shards import capfilt_rows, corrupt_middle, download_rows, write_capfilt_set, write_download_set

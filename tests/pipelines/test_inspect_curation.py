@@ -8,7 +8,8 @@ import pytest
 from capfilt.curate import run_curate
 from capfilt.curate_config import CurateConfig
 from orchestration.cli import main
-from pipelines.inspect import format_text, inspect_shards
+from pipelines.inspect import inspect_shards
+from pipelines.report import format_text
 from tests.helpers.browser import ARTIFACTS, CHROMIUM, chromium
 from tests.helpers.curation import write_curation_input
 

@@ -38,6 +38,17 @@ def test_write_commit_and_manifest(shard_uri):
     assert keys == [f"s/{i}" for i in range(8)]
 
 
+def test_committed_sizes_lists_only_shards_with_their_sizes(shard_uri):
+    shards = ShardSet(shard_uri)
+    assert shards.committed_sizes() == {}
+    shards.write_shard(1, table(2), DOWNLOAD)
+    shards.write_shard(0, table(4), DOWNLOAD)
+    shards.put("notes.txt", b"not a shard")
+    sizes = shards.committed_sizes()
+    assert list(sizes) == [shard_name(0), shard_name(1)] == shards.committed()
+    assert sizes == {n: shards.fs.size(shards.path(n)) for n in sizes}
+
+
 def test_no_temporary_files_left_behind(tmp_path):
     shards = ShardSet(str(tmp_path / "set"))
     shards.write_shard(1, table(2), DOWNLOAD)
