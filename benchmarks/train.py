@@ -147,7 +147,7 @@ def main() -> int:
     items = make_corpus(corpus, n=args.images, seed=0, size=max(96, args.image_size + 32))
     write_shards(str(work / "capfilt"), corpus, items, rows_per_shard=64)
     tcfg = TrainConfig(input=str(work / "capfilt"), output=str(work / "runs"), name="bench", steps=args.steps,
-                       warmup_steps=2, lr=1e-4, batch_size=args.batch, num_workers=1, image_size=args.image_size,
+                       warmup_steps=2, lr=1e-4, batch_size=args.batch, num_workers=1,
                        map_batch_size=64, checkpoint_every=10**9, log_every=10, cpus_per_worker=args.threads)
     tcfg.validate()
     ray.init(address="local", num_cpus=max(2, args.threads + 1), include_dashboard=False, log_to_driver=False)

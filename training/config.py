@@ -14,7 +14,7 @@ class ModelConfig:
     vision_path: str = ""              # save_pretrained directory (local or s3://)
     frozen_dtype: str = "float16"      # float16 | bfloat16 | float32 (fp32 on CPU)
     frozen_weights: str = "linear"     # linear: only Linear/Conv weights in frozen_dtype (LAVIS) | all
-    image_size: int = 224
+    image_size: int = 224              # pixels, one key for training ingest, evaluation and preprocess
     # fresh: ln_vision starts at weight 1, bias 0 (LAVIS); copy: from the EVA tower's post_layernorm,
     # which in a BLIP-2 checkpoint is BLIP-2's trained ln_vision (to continue from that checkpoint)
     ln_vision_init: str = "fresh"
@@ -84,7 +84,6 @@ class TrainConfig:
     # (a row group of weight w is read floor(w) times + once more with probability frac(w))
     source_weights: dict[str, float] = field(default_factory=dict)
     ingest_cpus: float = 1.0           # CPU per decode/augment task
-    image_size: int = 224
     min_scale: float = 0.5             # random resized crop scale range (min, 1)
     max_words: int = 50
     hflip: bool = True                 # random horizontal flip (paper); off where captions say left/right

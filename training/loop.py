@@ -294,7 +294,7 @@ def run_training(model: ModelConfig, train: TrainConfig, seed: int = 0, model_cl
     shards = list_shards(train.input, sources=bool(weights))
     check_weight_names(weights, shards)  # fail here, not in every retry
     global_batch = train.resolved_global_batch()
-    spec = IngestSpec(tuple(shards), seed=seed, batch_size=train.batch_size, image_size=train.image_size,
+    spec = IngestSpec(tuple(shards), seed=seed, batch_size=train.batch_size, image_size=model.image_size,
                       min_scale=train.min_scale, max_words=train.max_words, hflip=train.hflip,
                       caption_pick=train.caption_pick,
                       map_batch_size=train.map_batch_size, ingest_cpus=train.ingest_cpus,

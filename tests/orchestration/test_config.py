@@ -41,3 +41,12 @@ def test_local_paths_become_absolute_hub_ids_and_urls_stay(tmp_path, monkeypatch
     assert cfg.capfilt.captioner == "Salesforce/blip-image-captioning-large"  # not a local folder: a hub id
     assert cfg.capfilt.ranker == "s3://bucket/clip"
     assert cfg.model.llm_path == "missing/opt"                           # inputs only when they exist
+
+
+def test_the_image_resolution_is_one_key_model_image_size():
+    """Ingest crops to it, eval resizes to it, ``preprocess`` uses it: ``model.image_size``."""
+    assert load_config("tiny").model.image_size == 64
+    assert load_config("paper_stage1_vitg").model.image_size == 224
+    assert load_config("paper_stage2_opt2_7b").model.image_size == 224
+    with pytest.raises(ConfigError, match="unknown config key 'train.image_size'"):
+        load_config("tiny", ["train.image_size=64"])

@@ -61,8 +61,7 @@ def _model(tiny_models):
 def _cfg(root: Path, data: str, name: str, **kw) -> TrainConfig:
     # the stage's default model Blip2Stage1; caption_pick=random and hflip=True (defaults)
     base = dict(stage=1, input=data, output=str(root / "runs"), name=name, steps=STEPS, batch_size=4,
-                num_workers=2, checkpoint_every=2, warmup_steps=2, lr=1e-3, min_lr=1e-4, image_size=64,
-                map_batch_size=8)
+                num_workers=2, checkpoint_every=2, warmup_steps=2, lr=1e-3, min_lr=1e-4, map_batch_size=8)
     cfg = TrainConfig(**{**base, **kw})
     assert cfg.caption_pick == "random" and cfg.hflip
     return cfg

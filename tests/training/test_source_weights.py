@@ -173,9 +173,9 @@ def test_run_training_logs_the_realised_mix(tmp_path, corpus, ray_local):
     write_capfilt(str(tmp_path / "cf"), corpus, source=lambda i: "coco" if i < 24 else "laion")
     cfg = TrainConfig(input=str(tmp_path / "cf"), output=str(tmp_path / "runs"), name="mix", steps=6, batch_size=8,
                       global_batch=8, num_workers=1, checkpoint_every=6, log_every=1, warmup_steps=1,
-                      image_size=32, map_batch_size=8, shuffle_window=2, source_weights={"coco": 2, "laion": 0})
+                      map_batch_size=8, shuffle_window=2, source_weights={"coco": 2, "laion": 0})
     cfg.validate()
-    result = run_training_with_hooks(ModelConfig(), cfg, model_class="tests.training.toy_model:ToyModel")
+    result = run_training_with_hooks(ModelConfig(image_size=32), cfg, model_class="tests.training.toy_model:ToyModel")
     assert result.error is None, result.error
     rows = read_metrics(str(tmp_path / "runs" / "mix"))
     assert [r["step"] for r in rows] == list(range(1, 7))
