@@ -1,9 +1,9 @@
-"""Config sections of the training layer (``model.*``, ``train.*``, ``eval.*`` keys)."""
+"""Config sections of the training layer (``model.*``, ``train.*``, ``eval.*`` keys); the
+``ingest.*`` section is declared next to its code in :mod:`training.ingest`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from training.source_weights import check_weight_values
 from training.tracking_packages import check_installed
 
 
@@ -79,16 +79,6 @@ class TrainConfig:
     checkpoint_every: int = 1000
     max_failures: int = 0
     log_every: int = 10
-    shuffle_window: int = 32           # row groups (256 rows) mixed per shuffle window (1: chunk order only)
-    # source → sampling weight per epoch, e.g. {laion: 0.5, coco: 2.0}; unnamed sources 1, 0 drops one
-    # (a row group of weight w is read floor(w) times + once more with probability frac(w))
-    source_weights: dict[str, float] = field(default_factory=dict)
-    ingest_cpus: float = 1.0           # CPU per decode/augment task
-    min_scale: float = 0.5             # random resized crop scale range (min, 1)
-    max_words: int = 50
-    hflip: bool = True                 # random horizontal flip (paper); off where captions say left/right
-    caption_pick: str = "random"       # random: one of the kept captions per sample (paper) | first: the best
-    map_batch_size: int = 32           # rows per decode/augment task batch
     keep_checkpoints: int = 3          # newest checkpoints kept in storage (0: all)
     stop_after: int = 0                # end this invocation after this step (0: at `steps`); the
                                        # schedule still spans `steps`, a re-run resumes (preemptible slots)
@@ -117,13 +107,6 @@ class TrainConfig:
             raise ValueError("steps must be >= 0, batch_size >= 1, num_workers n >= 1 or [min, max] with 1 <= min <= max")
         if self.resolved_global_batch() < hi:
             raise ValueError(f"global_batch {self.resolved_global_batch()} cannot give one sample to each of {hi} workers")
-        if self.shuffle_window < 1:
-            raise ValueError(f"shuffle_window must be >= 1, got {self.shuffle_window}")
-        check_weight_values(self.source_weights)
-        if not 0 < self.min_scale <= 1:
-            raise ValueError(f"min_scale must be in (0, 1], got {self.min_scale}")
-        if self.caption_pick not in ("random", "first"):
-            raise ValueError(f"caption_pick must be random or first, got {self.caption_pick!r}")
         if self.wandb_mode not in ("online", "offline"):
             raise ValueError(f"wandb_mode must be online or offline, got {self.wandb_mode!r}")
         if self.mlflow_experiment and not self.mlflow_tracking_uri:

@@ -50,3 +50,19 @@ def test_the_image_resolution_is_one_key_model_image_size():
     assert load_config("paper_stage2_opt2_7b").model.image_size == 224
     with pytest.raises(ConfigError, match="unknown config key 'train.image_size'"):
         load_config("tiny", ["train.image_size=64"])
+
+
+def test_ingest_is_its_own_section():
+    """``ingest.*`` is declared in training/ingest.py; its keys left ``train.*``."""
+    cfg = load_config("tiny", ["ingest.shuffle_window=4", "ingest.source_weights={coco: 2}", "ingest.hflip=false"])
+    assert (cfg.ingest.shuffle_window, cfg.ingest.source_weights, cfg.ingest.hflip) == (4, {"coco": 2}, False)
+    assert cfg.ingest.map_batch_size == 16                                  # from the tiny preset
+    assert load_config("paper_stage1_vitg").ingest.map_batch_size == 64
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["ingest.shufle_window=4"])
+    assert "'ingest.shufle_window'" in str(e.value) and "valid keys in ingest:" in str(e.value)
+    assert "shuffle_window" in str(e.value) and "cpus_per_task" in str(e.value)
+    with pytest.raises(ConfigError, match="unknown config key 'train.shuffle_window'"):
+        load_config(None, ["train.shuffle_window=4"])
+    with pytest.raises(ConfigError, match="ingest: caption_pick must be random or first"):
+        load_config(None, ["ingest.caption_pick=best"])

@@ -18,6 +18,7 @@ import pytest
 
 from tests.training.train_fixtures import write_capfilt
 from training.config import ModelConfig, TrainConfig
+from training.ingest import IngestConfig
 from training.metrics import read_metrics
 from training.trackers import IDS_FILE
 from training.tracking_packages import PACKAGES, MissingBackendError, require
@@ -34,14 +35,15 @@ def tracked_run(tmp_path_factory, corpus, ray_local):
     write_capfilt(str(root / "capfilt"), corpus, rows_per_shard=12)
     cfg = TrainConfig(input=str(root / "capfilt"), output=str(root / "runs"), name="tracked", steps=STEPS,
                       batch_size=4, num_workers=2, checkpoint_every=2, log_every=1, warmup_steps=1, lr=1e-3,
-                      min_lr=1e-4, map_batch_size=8,
+                      min_lr=1e-4,
                       tensorboard=True, mlflow_tracking_uri=(root / "mlruns").as_uri(),
                       mlflow_experiment="blip2-test", wandb_project="blip2-test", wandb_mode="offline")
     cfg.validate()
     toy = "tests.training.toy_model:ToyModel"
-    first = run_training_with_hooks(ModelConfig(image_size=32), TrainConfig(**{**cfg.__dict__, "stop_after": 2}), model_class=toy)
+    first = run_training_with_hooks(ModelConfig(image_size=32), TrainConfig(**{**cfg.__dict__, "stop_after": 2}),
+                                    IngestConfig(map_batch_size=8), model_class=toy)
     assert first.error is None, first.error
-    second = run_training_with_hooks(ModelConfig(image_size=32), cfg, model_class=toy)
+    second = run_training_with_hooks(ModelConfig(image_size=32), cfg, IngestConfig(map_batch_size=8), model_class=toy)
     assert second.error is None, second.error
     run = root / "runs" / "tracked"
     rows = read_metrics(str(run))
