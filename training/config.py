@@ -1,10 +1,10 @@
 """Config sections of the training layer (``model.*``, ``train.*``, ``eval.*`` keys); the
-``ingest.*`` section is declared next to its code in :mod:`training.ingest`."""
+``ingest.*`` and ``tracking.*`` sections are declared next to their code in :mod:`training.ingest` and
+:mod:`training.trackers`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from training.tracking_packages import check_installed
 
 
 @dataclass
@@ -82,12 +82,6 @@ class TrainConfig:
     keep_checkpoints: int = 3          # newest checkpoints kept in storage (0: all)
     stop_after: int = 0                # end this invocation after this step (0: at `steps`); the
                                        # schedule still spans `steps`, a re-run resumes (preemptible slots)
-    # experiment tracking (training/trackers.py, rank 0, every logged step); all off by default
-    tensorboard: bool = False          # TensorBoard event files in <run>/tensorboard (pip install tensorboard)
-    mlflow_tracking_uri: str = ""      # e.g. http://mlflow:5000 or file:///abs/mlruns (pip install mlflow-skinny)
-    mlflow_experiment: str = ""        # "": blip2
-    wandb_project: str = ""            # Weights & Biases project (pip install wandb); files in <run>/wandb
-    wandb_mode: str = "online"         # online | offline (`wandb sync <run>/wandb/offline-run-*` later)
 
     def worker_range(self) -> tuple[int, int]:
         n = self.num_workers
@@ -107,18 +101,6 @@ class TrainConfig:
             raise ValueError("steps must be >= 0, batch_size >= 1, num_workers n >= 1 or [min, max] with 1 <= min <= max")
         if self.resolved_global_batch() < hi:
             raise ValueError(f"global_batch {self.resolved_global_batch()} cannot give one sample to each of {hi} workers")
-        if self.wandb_mode not in ("online", "offline"):
-            raise ValueError(f"wandb_mode must be online or offline, got {self.wandb_mode!r}")
-        if self.mlflow_experiment and not self.mlflow_tracking_uri:
-            raise ValueError("mlflow_experiment needs mlflow_tracking_uri")
-        uri = self.mlflow_tracking_uri
-        if uri and "@" in uri.split("://", 1)[-1].split("/", 1)[0]:
-            raise ValueError("mlflow_tracking_uri must not carry user:password@ (configs are logged and "
-                             "checkpointed); set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD instead")
-        if uri and "://" not in uri and not uri.startswith("/"):
-            raise ValueError(f"mlflow_tracking_uri {uri!r}: use a server URI or an absolute path / file:/// URI "
-                             "(a relative path would resolve in the Ray worker's directory)")
-        check_installed(self)  # a backend asked for but not installed: say which package, now
 
 
 @dataclass

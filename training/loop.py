@@ -40,7 +40,7 @@ from training.ingest import IngestConfig, IngestSpec, ShardRows, iter_epoch, lis
 from training.metrics import MetricsLog
 from training.optim import autocast, build_optimizer, grad_scaler
 from training.source_weights import SourceMix, check_weight_names
-from training.trackers import open_trackers
+from training.trackers import TrackingConfig, open_trackers
 
 DEFAULT_MODELS = {1: "training.stage1:Blip2Stage1", 2: "training.stage2:Blip2Stage2"}
 
@@ -52,6 +52,7 @@ class WorkerConfig:
     model: ModelConfig
     train: TrainConfig
     ingest: IngestConfig
+    tracking: TrackingConfig
     shards: tuple[ShardRows, ...]
     seed: int
     run_uri: str
@@ -64,7 +65,7 @@ class WorkerConfig:
     def params(self) -> dict:
         """The run's parameters, as logged to the trackers and written into every checkpoint."""
         return redact({"seed": self.seed, "train": self.train.__dict__, "ingest": self.ingest.__dict__,
-                       "model": self.model.__dict__})
+                       "tracking": self.tracking.__dict__, "model": self.model.__dict__})
 
 
 def model_class(stage: int, spec: str = ""):
@@ -163,7 +164,7 @@ def train_loop_per_worker(config: dict) -> None:
     raw = model
     split = step_split(global_batch, train.batch_size, world)
     accum = len(split)
-    log = MetricsLog(wc.run_uri, state.step, open_trackers(wc.run_uri, train, state.step, wc.params())) \
+    log = MetricsLog(wc.run_uri, state.step, open_trackers(wc.run_uri, wc.tracking, state.step, wc.params())) \
         if rank == 0 else None
     state.global_batch = global_batch
     data = wc.data()
@@ -285,8 +286,8 @@ def run_uri(train: TrainConfig) -> str:
     return f"{train.output.rstrip('/')}/{run_name(train)}" if fs is not None else f"{path}/{run_name(train)}"
 
 
-def run_training(model: ModelConfig, train: TrainConfig, ingest: IngestConfig | None = None, seed: int = 0,
-                 model_class_spec: str = ""):
+def run_training(model: ModelConfig, train: TrainConfig, ingest: IngestConfig | None = None,
+                 tracking: TrackingConfig | None = None, *, seed: int = 0, model_class_spec: str = ""):
     """Fit with a ``TorchTrainer``; returns Ray's ``Result``. Re-running with the same output and
     name resumes from the newest checkpoint in storage (Ray Train restores the run's state).
     ``train.num_workers`` = n or [min, max] (elastic: Ray Train starts with as many workers as
@@ -294,11 +295,12 @@ def run_training(model: ModelConfig, train: TrainConfig, ingest: IngestConfig | 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    ingest = ingest or IngestConfig()
+    ingest, tracking = ingest or IngestConfig(), tracking or TrackingConfig()
+    tracking.check_installed()  # a backend asked for but not installed: name its package before any work
     shards = list_shards(train.input, sources=bool(ingest.source_weights))
     check_weight_names(ingest.source_weights, shards)  # fail here, not in every retry
-    wc = WorkerConfig(model=model, train=train, ingest=ingest, shards=tuple(shards), seed=seed,
-                      run_uri=run_uri(train), model_class=model_class_spec, hooks=Hooks.from_env())
+    wc = WorkerConfig(model=model, train=train, ingest=ingest, tracking=tracking, shards=tuple(shards),
+                      seed=seed, run_uri=run_uri(train), model_class=model_class_spec, hooks=Hooks.from_env())
     data = wc.data()
     try:  # the workers' check, once here for epoch 0, so a too-small input fails before Ray Train starts
         data.epoch_stop(data.order(0), train.resolved_global_batch())

@@ -66,3 +66,15 @@ def test_ingest_is_its_own_section():
         load_config(None, ["train.shuffle_window=4"])
     with pytest.raises(ConfigError, match="ingest: caption_pick must be random or first"):
         load_config(None, ["ingest.caption_pick=best"])
+
+
+def test_tracking_is_its_own_section():
+    """``tracking.*`` is declared in training/trackers.py; a backend's package is checked when
+    training starts, so the config is read (and printed) where it is not installed."""
+    cfg = load_config("tiny", ["tracking.tensorboard=true", "tracking.wandb_mode=offline"])
+    assert cfg.tracking.tensorboard and cfg.tracking.wandb_mode == "offline"
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["tracking.wandb_projet=p"])
+    assert "'tracking.wandb_projet'" in str(e.value) and "valid keys in tracking:" in str(e.value)
+    with pytest.raises(ConfigError, match="unknown config key 'train.tensorboard'"):
+        load_config(None, ["train.tensorboard=true"])

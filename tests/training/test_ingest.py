@@ -212,9 +212,11 @@ def test_workers_read_the_ingest_section_as_is_at_the_models_resolution():
     ``model.image_size`` (the one resolution key, also read by eval and preprocess)."""
     from training.config import ModelConfig, TrainConfig
     from training.loop import WorkerConfig
+    from training.trackers import TrackingConfig
 
     ingest = IngestConfig(shuffle_window=3)
-    wc = WorkerConfig(ModelConfig(image_size=48), TrainConfig(), ingest, shards=(), seed=7, run_uri="unused")
+    wc = WorkerConfig(ModelConfig(image_size=48), TrainConfig(), ingest, TrackingConfig(), shards=(), seed=7,
+                      run_uri="unused")
     spec = wc.data()
     assert spec.cfg is ingest and (spec.image_size, spec.seed) == (48, 7)
     assert wc.params()["ingest"]["shuffle_window"] == 3 and "shuffle_window" not in wc.params()["train"]
