@@ -133,7 +133,7 @@ def main() -> int:
     from orchestration.tiny_models import build_tiny_models
     from pipelines.synthetic import make_corpus
     from training.config import ModelConfig, TrainConfig
-    from training.ingest import IngestSpec, ShardRows, iter_epoch, list_shards
+    from training.ingest import IngestConfig, IngestSpec, ShardRows, iter_epoch, list_shards, step_split
     from training.loop import run_training
     from training.metrics import read_metrics
     from training.stage1 import Blip2Stage1
@@ -147,19 +147,20 @@ def main() -> int:
     items = make_corpus(corpus, n=args.images, seed=0, size=max(96, args.image_size + 32))
     write_shards(str(work / "capfilt"), corpus, items, rows_per_shard=64)
     tcfg = TrainConfig(input=str(work / "capfilt"), output=str(work / "runs"), name="bench", steps=args.steps,
-                       warmup_steps=2, lr=1e-4, batch_size=args.batch, num_workers=1, image_size=args.image_size,
-                       map_batch_size=64, checkpoint_every=10**9, log_every=10, cpus_per_worker=args.threads)
+                       warmup_steps=2, lr=1e-4, batch_size=args.batch, num_workers=1,
+                       checkpoint_every=10**9, log_every=10, cpus_per_worker=args.threads)
     tcfg.validate()
+    icfg = IngestConfig(map_batch_size=64)
     ray.init(address="local", num_cpus=max(2, args.threads + 1), include_dashboard=False, log_to_driver=False)
-    spec = IngestSpec(tuple(list_shards(tcfg.input)), seed=0, batch_size=args.batch, image_size=args.image_size,
-                      min_scale=0.5, max_words=50, map_batch_size=64, shuffle_window=tcfg.shuffle_window,
-                      global_batch=args.batch)
+    # what run_training hands each worker: the same sections, the shard set, one rank's step split
+    spec = IngestSpec(icfg, tuple(list_shards(tcfg.input)), seed=0, image_size=mcfg.image_size)
+    split = step_split(tcfg.resolved_global_batch(), tcfg.batch_size, 1)
 
     # (b) ingest throughput to one worker; epoch 0 is also what the loop reads, so the bare loop
     # steps the same batches
-    list(iter_epoch(spec, epoch=1, rank=0, world=1))  # warm-up: worker processes and imports
+    list(iter_epoch(spec, epoch=1, rank=0, split=split))  # warm-up: worker processes and imports
     t = time.perf_counter()
-    delivered = list(iter_epoch(spec, epoch=0, rank=0, world=1))
+    delivered = list(iter_epoch(spec, epoch=0, rank=0, split=split))
     ingest = sum(len(b["key"]) for b in delivered) / (time.perf_counter() - t)
     if len(delivered) < args.steps:
         raise SystemExit(f"--images {args.images} gives {len(delivered)} steps per epoch: ask for <= that many --steps")
@@ -170,7 +171,7 @@ def main() -> int:
     torch.manual_seed(0)
     bare = timed_steps(Blip2Stage1.from_config(mcfg), batches, tcfg)
     t0 = time.perf_counter()
-    result = run_training(mcfg, tcfg, seed=0)
+    result = run_training(mcfg, tcfg, icfg, seed=0)
     wall = time.perf_counter() - t0
     assert result.error is None, result.error
     rows = read_metrics(str(work / "runs" / "bench"))[3:-1]  # warm-up and the checkpointing last step off
@@ -185,9 +186,9 @@ def main() -> int:
     consume = args.batch / statistics.median(bare)
 
     # (c) shuffle quality
-    here = shuffle_quality(spec.shards, batch=args.batch, window=tcfg.shuffle_window, batches=len(delivered))
+    here = shuffle_quality(spec.shards, batch=args.batch, window=icfg.shuffle_window, batches=len(delivered))
     paper = shuffle_quality([ShardRows(f"s{i}", 10_000) for i in range(12_900)], batch=1680,
-                            window=tcfg.shuffle_window, batches=20)
+                            window=icfg.shuffle_window, batches=20)
 
     print(f"(a) loop overhead        bare torch {bare_ms:.1f} ms/step   train_loop_per_worker {loop_ms:.1f} ms/step "
           f"(without data wait {compute_ms:.1f})   ratio {loop_ms / bare_ms:.3f} (target <= 1.05)   "
@@ -198,7 +199,7 @@ def main() -> int:
           f"{consume:.0f} samples/s   ratio {ingest / consume:.2f} (target >= 3)")
     print(f"(c) same-shard pairs in a global batch, ours vs uniform shuffle: here ({len(spec.shards)} shards of 64, "
           f"batch {args.batch}) {here[0]:.4f} vs {here[1]:.4f};  paper-sized (12.9k shards of 10k rows, batch 1680) "
-          f"{paper[0]:.5f} vs {paper[1]:.5f}  [shuffle_window {tcfg.shuffle_window} row groups of 256]")
+          f"{paper[0]:.5f} vs {paper[1]:.5f}  [shuffle_window {icfg.shuffle_window} row groups of 256]")
     print(f"    model: tiny BLIP-2 stage 1 (CLIP-style vision, 8 queries), batch {args.batch}, "
           f"{args.image_size}px, {args.threads} torch thread(s), CPU, {os.cpu_count()} cores")
     return 0

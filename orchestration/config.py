@@ -1,7 +1,7 @@
 """One config system: dataclasses, YAML presets, ``key=value`` overrides.
 
 Each layer declares its own section dataclass next to the code that uses it
-(``pipelines.config``, ``capfilt.config``, ``training.config``); this module composes
+(``pipelines.config``, ``capfilt.config``, ``training.config``, ``training.ingest``, ``training.trackers``); this module composes
 them into :class:`Config`, reads presets and overrides once, validates every key and
 type with a message that names the bad key and the valid ones, and hands the typed
 sections down. Nothing below this module reads YAML or the environment for settings.
@@ -22,6 +22,8 @@ from capfilt.config import CapFiltConfig
 from capfilt.curate_config import CurateConfig, SearchConfig
 from pipelines.config import DownloadConfig
 from training.config import EvalConfig, ModelConfig, TrainConfig
+from training.ingest import IngestConfig
+from training.trackers import TrackingConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -43,6 +45,8 @@ class Config:
     search: SearchConfig = field(default_factory=SearchConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 

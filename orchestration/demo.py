@@ -218,7 +218,7 @@ def run_demo(workdir: Path, images: int, heldout: int, stage1_steps: int, stage2
     # best caption, unflipped, at a tiny model's learning rate. The paper presets keep flip and
     # a random one of the two kept captions.
     train_common = [f"train.input={capfilt_out}", f"train.output={train_out}", f"train.num_workers={workers}",
-                    "train.caption_pick=first", "train.hflip=false", "train.lr=2e-3", "train.min_lr=1e-3"]
+                    "ingest.caption_pick=first", "ingest.hflip=false", "train.lr=2e-3", "train.min_lr=1e-3"]
     _blip2("train", "--stage", "1", "--config", "tiny", f"train.steps={stage1_steps}", *train_common, *common)
     stage1 = train_out / "stage1" / "final"
     tick("train1", s)

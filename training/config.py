@@ -1,10 +1,10 @@
-"""Config sections of the training layer (``model.*``, ``train.*``, ``eval.*`` keys)."""
+"""Config sections of the training layer (``model.*``, ``train.*``, ``eval.*`` keys); the
+``ingest.*`` and ``tracking.*`` sections are declared next to their code in :mod:`training.ingest` and
+:mod:`training.trackers`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from training.source_weights import check_weight_values
-from training.tracking_packages import check_installed
 
 
 @dataclass
@@ -14,7 +14,7 @@ class ModelConfig:
     vision_path: str = ""              # save_pretrained directory (local or s3://)
     frozen_dtype: str = "float16"      # float16 | bfloat16 | float32 (fp32 on CPU)
     frozen_weights: str = "linear"     # linear: only Linear/Conv weights in frozen_dtype (LAVIS) | all
-    image_size: int = 224
+    image_size: int = 224              # pixels, one key for training ingest, evaluation and preprocess
     # fresh: ln_vision starts at weight 1, bias 0 (LAVIS); copy: from the EVA tower's post_layernorm,
     # which in a BLIP-2 checkpoint is BLIP-2's trained ln_vision (to continue from that checkpoint)
     ln_vision_init: str = "fresh"
@@ -79,26 +79,9 @@ class TrainConfig:
     checkpoint_every: int = 1000
     max_failures: int = 0
     log_every: int = 10
-    shuffle_window: int = 32           # row groups (256 rows) mixed per shuffle window (1: chunk order only)
-    # source → sampling weight per epoch, e.g. {laion: 0.5, coco: 2.0}; unnamed sources 1, 0 drops one
-    # (a row group of weight w is read floor(w) times + once more with probability frac(w))
-    source_weights: dict[str, float] = field(default_factory=dict)
-    ingest_cpus: float = 1.0           # CPU per decode/augment task
-    image_size: int = 224
-    min_scale: float = 0.5             # random resized crop scale range (min, 1)
-    max_words: int = 50
-    hflip: bool = True                 # random horizontal flip (paper); off where captions say left/right
-    caption_pick: str = "random"       # random: one of the kept captions per sample (paper) | first: the best
-    map_batch_size: int = 32           # rows per decode/augment task batch
     keep_checkpoints: int = 3          # newest checkpoints kept in storage (0: all)
     stop_after: int = 0                # end this invocation after this step (0: at `steps`); the
                                        # schedule still spans `steps`, a re-run resumes (preemptible slots)
-    # experiment tracking (training/trackers.py, rank 0, every logged step); all off by default
-    tensorboard: bool = False          # TensorBoard event files in <run>/tensorboard (pip install tensorboard)
-    mlflow_tracking_uri: str = ""      # e.g. http://mlflow:5000 or file:///abs/mlruns (pip install mlflow-skinny)
-    mlflow_experiment: str = ""        # "": blip2
-    wandb_project: str = ""            # Weights & Biases project (pip install wandb); files in <run>/wandb
-    wandb_mode: str = "online"         # online | offline (`wandb sync <run>/wandb/offline-run-*` later)
 
     def worker_range(self) -> tuple[int, int]:
         n = self.num_workers
@@ -118,25 +101,6 @@ class TrainConfig:
             raise ValueError("steps must be >= 0, batch_size >= 1, num_workers n >= 1 or [min, max] with 1 <= min <= max")
         if self.resolved_global_batch() < hi:
             raise ValueError(f"global_batch {self.resolved_global_batch()} cannot give one sample to each of {hi} workers")
-        if self.shuffle_window < 1:
-            raise ValueError(f"shuffle_window must be >= 1, got {self.shuffle_window}")
-        check_weight_values(self.source_weights)
-        if not 0 < self.min_scale <= 1:
-            raise ValueError(f"min_scale must be in (0, 1], got {self.min_scale}")
-        if self.caption_pick not in ("random", "first"):
-            raise ValueError(f"caption_pick must be random or first, got {self.caption_pick!r}")
-        if self.wandb_mode not in ("online", "offline"):
-            raise ValueError(f"wandb_mode must be online or offline, got {self.wandb_mode!r}")
-        if self.mlflow_experiment and not self.mlflow_tracking_uri:
-            raise ValueError("mlflow_experiment needs mlflow_tracking_uri")
-        uri = self.mlflow_tracking_uri
-        if uri and "@" in uri.split("://", 1)[-1].split("/", 1)[0]:
-            raise ValueError("mlflow_tracking_uri must not carry user:password@ (configs are logged and "
-                             "checkpointed); set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD instead")
-        if uri and "://" not in uri and not uri.startswith("/"):
-            raise ValueError(f"mlflow_tracking_uri {uri!r}: use a server URI or an absolute path / file:/// URI "
-                             "(a relative path would resolve in the Ray worker's directory)")
-        check_installed(self)  # a backend asked for but not installed: say which package, now
 
 
 @dataclass

@@ -85,7 +85,9 @@ class FrozenImageEncoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, kind: str, path: str, dtype: str = "float16", trainable: bool = False,
-                        weights: str = "linear"):
+                        weights: str = "linear", image_size: int = 0):
+        """``image_size``: the resolution the caller feeds (``model.image_size``); a tower built
+        for another one is refused here rather than failing later on its position embeddings."""
         path = local_dir(path)
         if kind == "eva_vit_g":
             from transformers import Blip2VisionModel
@@ -103,6 +105,9 @@ class FrozenImageEncoder(nn.Module):
             ln = None
         else:
             raise ValueError(f"unknown image encoder {kind!r} (eva_vit_g | clip_vit_l)")
+        if image_size and image_size != model.config.image_size:
+            raise ValueError(f"model.image_size={image_size} but the vision tower at {path} is built for "
+                             f"{model.config.image_size} px: set model.image_size={model.config.image_size}")
         return cls(kind, cast_tower(model, DTYPES[dtype], weights), ln, trainable=trainable)
 
     def train(self, mode: bool = True):

@@ -10,7 +10,7 @@ weights), a two-level shuffle in the spirit of MosaicML Streaming's py1b/py1br, 
 row groups instead of whole shards:
 
   1. every shard is cut into chunks of ``READ_CHUNK_ROWS`` rows (one row group each); with
-     ``train.source_weights`` each chunk appears as often as its source's weight says
+     ``ingest.source_weights`` each chunk appears as often as its source's weight says
      (:mod:`training.source_weights`), so the epoch's length is that of the weighted list;
   2. all chunks of the shard set are permuted (seed, epoch): a chunk's neighbours come
      from anywhere in the corpus;
@@ -37,7 +37,7 @@ from __future__ import annotations
 import hashlib
 import io
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -45,12 +45,39 @@ from PIL import Image
 
 from pipelines.schema import CAPFILT, validate
 from pipelines.shardio import ShardSet
-from training.source_weights import SourceRuns, chunk_parts, known_sources, part_copies, read_source_runs
+from training.source_weights import (SourceRuns, check_weight_values, chunk_parts, known_sources, part_copies,
+                                     read_source_runs)
 from training.text import pre_caption
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 READ_CHUNK_ROWS = 256          # rows per Ray Data read task (one Parquet row group)
+
+
+@dataclass
+class IngestConfig:
+    """The ``ingest.*`` section: how CapFilt rows become training samples. Workers receive it as
+    it is; the step geometry (``train.batch_size``, ``train.global_batch``) stays in ``train``,
+    which the optimizer and the LR schedule read, and is handed to the functions below."""
+    shuffle_window: int = 32           # row groups (256 rows) mixed per shuffle window (1: chunk order only)
+    # source → sampling weight per epoch, e.g. {laion: 0.5, coco: 2.0}; unnamed sources 1, 0 drops one
+    # (a row group of weight w is read floor(w) times + once more with probability frac(w))
+    source_weights: dict[str, float] = field(default_factory=dict)
+    min_scale: float = 0.5             # random resized crop scale range (min, 1)
+    max_words: int = 50
+    hflip: bool = True                 # random horizontal flip (paper); off where captions say left/right
+    caption_pick: str = "random"       # random: one of the kept captions per sample (paper) | first: the best
+    map_batch_size: int = 32           # rows per decode/augment task batch
+    cpus_per_task: float = 1.0         # CPU per read and decode/augment task
+
+    def validate(self) -> None:
+        if self.shuffle_window < 1:
+            raise ValueError(f"shuffle_window must be >= 1, got {self.shuffle_window}")
+        check_weight_values(self.source_weights)
+        if not 0 < self.min_scale <= 1:
+            raise ValueError(f"min_scale must be in (0, 1], got {self.min_scale}")
+        if self.caption_pick not in ("random", "first"):
+            raise ValueError(f"caption_pick must be random or first, got {self.caption_pick!r}")
 
 
 # -- pure per-sample transforms --------------------------------------------------------------
@@ -278,6 +305,11 @@ def step_split(global_batch: int, batch_size: int, world: int) -> list[list[int]
     return [[n // world + (r < n % world) for r in range(world)] for n in rounds]
 
 
+def step_samples(split: list[list[int]]) -> int:
+    """Samples of one optimizer step (the global batch) of a :func:`step_split`."""
+    return sum(map(sum, split))
+
+
 def steps_per_epoch(order: EpochOrder | list[ShardRows], global_batch: int) -> int:
     """Optimizer steps of an epoch (the ``N mod G`` tail of its order is dropped). An unweighted
     order is as long as its shard set, so the shard list stands for it."""
@@ -285,18 +317,18 @@ def steps_per_epoch(order: EpochOrder | list[ShardRows], global_batch: int) -> i
     return n // global_batch
 
 
-def rank_picks(order: EpochOrder, global_batch: int, batch_size: int, world: int, rank: int, start: int,
+def rank_picks(order: EpochOrder, split: list[list[int]], rank: int, start: int,
                stop: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(positions, shard index, row) of what rank ``rank`` consumes in each accumulation round of
-    the steps from ``start`` to ``stop`` (multiples of the global batch), in order.
+    the steps from ``start`` to ``stop`` (multiples of the global batch), in order; ``split``: the
+    :func:`step_split` of a step.
 
     A round is the next contiguous run of positions (a random sample of the current window); its
     samples are handed to the ranks grouped by row group (stable sort by chunk), so each rank
     reads ~``window / world`` of a window's row groups rather than all of them. Which rank gets
     which sample of a step does not change what the step trains on (the losses gather across
     ranks), and every split covers the step's positions exactly once."""
-    split = step_split(global_batch, batch_size, world)
-    for step0 in range(start, stop, global_batch):
+    for step0 in range(start, stop, step_samples(split)):
         lo = step0
         for sizes in split:
             hi = lo + sum(sizes)
@@ -369,51 +401,44 @@ def read_rows(task: dict) -> dict:
 
 @dataclass(frozen=True)
 class IngestSpec:
-    """Everything a worker needs to build its epoch pipeline (picklable)."""
+    """What a rank reads (picklable): the ingest section, the shard set the driver listed once,
+    the seed and the model's input resolution (``model.image_size``)."""
+    cfg: IngestConfig
     shards: tuple[ShardRows, ...]
     seed: int
-    batch_size: int                # largest per-rank micro-batch
     image_size: int
-    min_scale: float
-    max_words: int
-    hflip: bool = True
-    caption_pick: str = "random"
-    map_batch_size: int = 32
-    ingest_cpus: float = 1.0
-    shuffle_window: int = 32       # chunks (row groups) per shuffle window
-    global_batch: int = 0          # samples per optimizer step; 0: batch_size (one rank, no accumulation)
-    source_weights: tuple[tuple[str, float], ...] = ()   # (source, weight); the shards carry their sources
-
-    @property
-    def step_samples(self) -> int:
-        return self.global_batch or self.batch_size
 
     def order(self, epoch: int) -> EpochOrder:
-        return EpochOrder(self.shards, self.seed, epoch, self.shuffle_window, weights=self.source_weights)
+        return EpochOrder(self.shards, self.seed, epoch, self.cfg.shuffle_window, weights=self.cfg.source_weights)
 
-    def epoch_stop(self, order: EpochOrder) -> int:
-        """Positions of ``order`` the epoch consumes: whole global batches."""
-        return steps_per_epoch(order, self.step_samples) * self.step_samples
+    def epoch_stop(self, order: EpochOrder, global_batch: int) -> int:
+        """Positions of ``order`` the epoch consumes: whole global batches (at least one)."""
+        stop = steps_per_epoch(order, global_batch) * global_batch
+        if stop == 0:
+            raise ValueError(f"{order.total} samples cannot fill one global batch of {global_batch}"
+                             + (f" (epoch {order.epoch}, weighted by source)" if order.weights else ""))
+        return stop
 
 
-def build_epoch_dataset(spec: IngestSpec, epoch: int, rank: int, world: int, start: int = 0):
-    """Rank ``rank``'s Ray Dataset for ``epoch`` from global position ``start`` to the epoch's end."""
+def build_epoch_dataset(spec: IngestSpec, epoch: int, rank: int, split: list[list[int]], start: int = 0):
+    """Rank ``rank``'s Ray Dataset for ``epoch`` from global position ``start`` to the epoch's end,
+    each step cut as ``split`` (:func:`step_split`) says."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the consumption order is the resume contract
     ctx.enable_progress_bars = False
     order = spec.order(epoch)
-    stop = spec.epoch_stop(order)
-    tasks = rank_read_tasks(order, rank_picks(order, spec.step_samples, spec.batch_size, world, rank, start, stop))
+    stop = spec.epoch_stop(order, step_samples(split))
+    tasks = rank_read_tasks(order, rank_picks(order, split, rank, start, stop))
     if not tasks:
         return None
-    augment = Augment(spec.seed, epoch, spec.image_size, spec.min_scale, spec.max_words, spec.hflip,
-                      spec.caption_pick)
+    cfg = spec.cfg
+    augment = Augment(spec.seed, epoch, spec.image_size, cfg.min_scale, cfg.max_words, cfg.hflip, cfg.caption_pick)
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
-    ds = ds.flat_map(lambda t: _rows(read_window(t)), num_cpus=spec.ingest_cpus)
-    return ds.map_batches(augment, batch_size=spec.map_batch_size, batch_format="numpy",
-                          num_cpus=spec.ingest_cpus)
+    ds = ds.flat_map(lambda t: _rows(read_window(t)), num_cpus=cfg.cpus_per_task)
+    return ds.map_batches(augment, batch_size=cfg.map_batch_size, batch_format="numpy",
+                          num_cpus=cfg.cpus_per_task)
 
 
 def _rows(cols: dict) -> list[dict]:
@@ -447,13 +472,13 @@ def _cut(rows: Iterator[dict], sizes: Iterator[int]) -> Iterator[dict]:
         have -= n
 
 
-def iter_epoch(spec: IngestSpec, epoch: int, rank: int, world: int, start: int = 0) -> Iterator[dict]:
+def iter_epoch(spec: IngestSpec, epoch: int, rank: int, split: list[list[int]], start: int = 0) -> Iterator[dict]:
     """Rank ``rank``'s micro-batches of ``epoch`` from global position ``start`` (a step boundary):
-    per step, one batch per accumulation round, sized by :func:`step_split`."""
-    ds = build_epoch_dataset(spec, epoch, rank, world, start)
+    per step, one batch per accumulation round, sized by ``split`` (:func:`step_split`)."""
+    ds = build_epoch_dataset(spec, epoch, rank, split, start)
     if ds is None:
         return iter(())
-    split = step_split(spec.step_samples, spec.batch_size, world)
-    steps = spec.epoch_stop(spec.order(epoch)) // spec.step_samples - start // spec.step_samples
+    g = step_samples(split)
+    steps = spec.epoch_stop(spec.order(epoch), g) // g - start // g
     sizes = (split[i][rank] for _ in range(steps) for i in range(len(split)))
-    return _cut(iter(ds.iter_batches(batch_size=spec.map_batch_size, batch_format="numpy")), sizes)
+    return _cut(iter(ds.iter_batches(batch_size=spec.cfg.map_batch_size, batch_format="numpy")), sizes)

@@ -36,25 +36,36 @@ from pipelines.storage import is_local, staged_output
 from training.checkpoint import DataPosition, TrainState, load_into, save_rank_files, save_shared_files
 from training.config import ModelConfig, TrainConfig
 from training.hooks import Hooks
-from training.ingest import IngestSpec, iter_epoch, list_shards, step_split
+from training.ingest import IngestConfig, IngestSpec, ShardRows, iter_epoch, list_shards, step_samples, step_split
 from training.metrics import MetricsLog
 from training.optim import autocast, build_optimizer, grad_scaler
 from training.source_weights import SourceMix, check_weight_names
-from training.trackers import open_trackers
+from training.trackers import TrackingConfig, open_trackers
 
 DEFAULT_MODELS = {1: "training.stage1:Blip2Stage1", 2: "training.stage2:Blip2Stage2"}
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    """What every rank receives (picklable)."""
+    """What every rank receives (picklable): the config sections as read, and the shard set the
+    driver listed once."""
     model: ModelConfig
     train: TrainConfig
+    ingest: IngestConfig
+    tracking: TrackingConfig
+    shards: tuple[ShardRows, ...]
     seed: int
-    ingest: IngestSpec
     run_uri: str
     model_class: str = ""          # "module:Class" with the model interface; "": the stage's BLIP-2 model
     hooks: Hooks = field(default_factory=Hooks)
+
+    def data(self) -> IngestSpec:
+        return IngestSpec(self.ingest, self.shards, self.seed, self.model.image_size)
+
+    def params(self) -> dict:
+        """The run's parameters, as logged to the trackers and written into every checkpoint."""
+        return redact({"seed": self.seed, "train": self.train.__dict__, "ingest": self.ingest.__dict__,
+                       "tracking": self.tracking.__dict__, "model": self.model.__dict__})
 
 
 def model_class(stage: int, spec: str = ""):
@@ -70,31 +81,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def step_batches(spec: IngestSpec, pos: DataPosition, rank: int, world: int) -> Iterator[list[dict]]:
-    """Endless stream of this rank's micro-batches per optimizer step, starting at ``pos``;
-    ``pos`` is advanced when a step's batches are handed out. (With source weights an epoch's
-    length is that of its weighted order, so it is taken per epoch.)"""
-    accum = len(step_split(spec.step_samples, spec.batch_size, world))
+def step_batches(spec: IngestSpec, pos: DataPosition, rank: int, split: list[list[int]]) -> Iterator[list[dict]]:
+    """Endless stream of this rank's micro-batches per optimizer step (cut as ``split``, the
+    :func:`step_split` of a step), starting at ``pos``; ``pos`` is advanced when a step's batches
+    are handed out. (With source weights an epoch's length is that of its weighted order, so it
+    is taken per epoch.)"""
+    global_batch = step_samples(split)
     while True:
-        stop = _epoch_stop(spec, pos.epoch)
+        stop = spec.epoch_stop(spec.order(pos.epoch), global_batch)
         if pos.consumed >= stop:
             pos.epoch, pos.consumed = pos.epoch + 1, 0
-            stop = _epoch_stop(spec, pos.epoch)
-        stream = iter_epoch(spec, pos.epoch, rank, world, start=pos.consumed)
+            stop = spec.epoch_stop(spec.order(pos.epoch), global_batch)
+        stream = iter_epoch(spec, pos.epoch, rank, split, start=pos.consumed)
         while pos.consumed < stop:
-            batches = [next(stream) for _ in range(accum)]
-            pos.consumed += spec.step_samples
-            pos.samples_seen += spec.step_samples
+            batches = [next(stream) for _ in split]
+            pos.consumed += global_batch
+            pos.samples_seen += global_batch
             yield batches
-
-
-def _epoch_stop(spec: IngestSpec, epoch: int) -> int:
-    order = spec.order(epoch)
-    stop = spec.epoch_stop(order)
-    if stop == 0:
-        raise ValueError(f"{order.total} samples cannot fill one global batch of {spec.step_samples}"
-                         + (f" (epoch {epoch}, weighted by source)" if spec.source_weights else ""))
-    return stop
 
 
 def _mean_across_ranks(values: dict[str, float], device) -> dict[str, float]:
@@ -143,12 +146,13 @@ def train_loop_per_worker(config: dict) -> None:
     model = model_class(train.stage, wc.model_class).from_config(wc.model).to(device)
     optimizer, scheduler = build_optimizer(model, train)
     scaler = grad_scaler(train.precision, device)
-    state = TrainState(world_size=world, global_batch=wc.ingest.step_samples)
+    global_batch = train.resolved_global_batch()
+    state = TrainState(world_size=world, global_batch=global_batch)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = load_into(Path(d), rank, model, optimizer, scheduler, scaler)
-        if state.world_size != world or state.global_batch not in (0, wc.ingest.step_samples):
+        if state.world_size != world or state.global_batch not in (0, global_batch):
             print(f"[blip2] rank {rank}: resuming step {state.step} (epoch {state.data.epoch}, sample "
                   f"{state.data.consumed}) with {world} workers (saved with {state.world_size})", flush=True)
         state.world_size = world
@@ -158,14 +162,14 @@ def train_loop_per_worker(config: dict) -> None:
     ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True}) \
         if world > 1 else model
     raw = model
-    split = step_split(wc.ingest.step_samples, train.batch_size, world)
-    accum, global_batch = len(split), wc.ingest.step_samples
-    log = MetricsLog(wc.run_uri, state.step, open_trackers(
-        wc.run_uri, train, state.step, redact({"seed": wc.seed, "train": train.__dict__, "model": wc.model.__dict__}))
-    ) if rank == 0 else None
+    split = step_split(global_batch, train.batch_size, world)
+    accum = len(split)
+    log = MetricsLog(wc.run_uri, state.step, open_trackers(wc.run_uri, wc.tracking, state.step, wc.params())) \
+        if rank == 0 else None
     state.global_batch = global_batch
-    stream = step_batches(wc.ingest, state.data, rank, world)
-    mix = SourceMix(wc.ingest) if rank == 0 and wc.ingest.source_weights else None
+    data = wc.data()
+    stream = step_batches(data, state.data, rank, split)
+    mix = SourceMix(data, global_batch) if rank == 0 and wc.ingest.source_weights else None
     trainable = [p for p in raw.parameters() if p.requires_grad]
 
     raw.train()
@@ -246,7 +250,7 @@ def _report_checkpoint(wc: WorkerConfig, model, optimizer, scheduler, scaler, st
         save_rank_files(Path(d), rank)
         if rank == 0:
             save_shared_files(Path(d), model.trainable_state_dict(), optimizer, scheduler, scaler, state,
-                              config=redact({"seed": wc.seed, "train": wc.train.__dict__, "model": wc.model.__dict__}))
+                              config=wc.params())
             log.flush()
         metrics = {k: v for k, v in row.items() if k != "keys"}
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
@@ -282,7 +286,8 @@ def run_uri(train: TrainConfig) -> str:
     return f"{train.output.rstrip('/')}/{run_name(train)}" if fs is not None else f"{path}/{run_name(train)}"
 
 
-def run_training(model: ModelConfig, train: TrainConfig, seed: int = 0, model_class_spec: str = ""):
+def run_training(model: ModelConfig, train: TrainConfig, ingest: IngestConfig | None = None,
+                 tracking: TrackingConfig | None = None, *, seed: int = 0, model_class_spec: str = ""):
     """Fit with a ``TorchTrainer``; returns Ray's ``Result``. Re-running with the same output and
     name resumes from the newest checkpoint in storage (Ray Train restores the run's state).
     ``train.num_workers`` = n or [min, max] (elastic: Ray Train starts with as many workers as
@@ -290,23 +295,18 @@ def run_training(model: ModelConfig, train: TrainConfig, seed: int = 0, model_cl
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    weights = train.source_weights
-    shards = list_shards(train.input, sources=bool(weights))
-    check_weight_names(weights, shards)  # fail here, not in every retry
-    global_batch = train.resolved_global_batch()
-    spec = IngestSpec(tuple(shards), seed=seed, batch_size=train.batch_size, image_size=train.image_size,
-                      min_scale=train.min_scale, max_words=train.max_words, hflip=train.hflip,
-                      caption_pick=train.caption_pick,
-                      map_batch_size=train.map_batch_size, ingest_cpus=train.ingest_cpus,
-                      shuffle_window=train.shuffle_window, global_batch=global_batch,
-                      source_weights=tuple(sorted((s, float(w)) for s, w in weights.items())))
-    try:
-        _epoch_stop(spec, 0)
+    ingest, tracking = ingest or IngestConfig(), tracking or TrackingConfig()
+    tracking.check_installed()  # a backend asked for but not installed: name its package before any work
+    shards = list_shards(train.input, sources=bool(ingest.source_weights))
+    check_weight_names(ingest.source_weights, shards)  # fail here, not in every retry
+    wc = WorkerConfig(model=model, train=train, ingest=ingest, tracking=tracking, shards=tuple(shards),
+                      seed=seed, run_uri=run_uri(train), model_class=model_class_spec, hooks=Hooks.from_env())
+    data = wc.data()
+    try:  # the workers' check, once here for epoch 0, so a too-small input fails before Ray Train starts
+        data.epoch_stop(data.order(0), train.resolved_global_batch())
     except ValueError as e:
         raise ValueError(f"{train.input}: {e}") from None
     path, fs = storage(train.output)
-    wc = WorkerConfig(model=model, train=train, seed=seed, ingest=spec, run_uri=run_uri(train),
-                      model_class=model_class_spec, hooks=Hooks.from_env())
     workers = train.num_workers if isinstance(train.num_workers, int) else tuple(train.num_workers)
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -1,4 +1,4 @@
-"""Per-source sampling weights (``train.source_weights``): which source each row holds, how
+"""Per-source sampling weights (``ingest.source_weights``): which source each row holds, how
 often each row group appears in an epoch's order, and the realised mix.
 
 Weights act on the unit the epoch order already shuffles: a chunk (one 256-row row group).
@@ -79,7 +79,7 @@ def check_weight_values(weights: dict) -> None:
     """At config validation: every weight a finite number >= 0."""
     for name, w in weights.items():
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
-            raise ValueError(f"train.source_weights.{name} must be a number >= 0, got {w!r}")
+            raise ValueError(f"ingest.source_weights.{name} must be a number >= 0, got {w!r}")
 
 
 def check_weight_names(weights: dict, shards) -> None:
@@ -87,7 +87,7 @@ def check_weight_names(weights: dict, shards) -> None:
     known = known_sources(shards)
     unknown = sorted(set(weights) - set(known))
     if unknown:
-        raise ValueError(f"train.source_weights names source(s) {unknown} that the shard set does not hold; "
+        raise ValueError(f"ingest.source_weights names source(s) {unknown} that the shard set does not hold; "
                          f"its sources: {known}")
 
 
@@ -136,9 +136,9 @@ class SourceMix:
     """Rank 0's account of the per-source samples: each epoch's plan and the cumulative counts
     after any step, derived from the epoch orders alone (so a resumed run reports the same)."""
 
-    def __init__(self, spec):
-        self.spec = spec
-        self.weights = dict(spec.source_weights)
+    def __init__(self, spec, global_batch: int):
+        self.spec, self.global_batch = spec, global_batch
+        self.weights = dict(spec.cfg.source_weights)
         self.rows = source_rows(spec.shards)
         self.plans: dict[int, dict[str, int]] = {}
         self._order = None
@@ -151,7 +151,7 @@ class SourceMix:
         if epoch not in self.plans:
             mine = self._order is not None and self._order.epoch == epoch
             order = self._order if mine else self.spec.order(epoch)
-            self.plans[epoch] = self._counts(order, self.spec.epoch_stop(order))
+            self.plans[epoch] = self._counts(order, self.spec.epoch_stop(order, self.global_batch))
         return self.plans[epoch]
 
     def metrics(self, epoch: int, consumed: int) -> dict[str, int]:
@@ -162,6 +162,6 @@ class SourceMix:
             print(mix_line(epoch, self.plan(epoch), self.rows, self.weights), flush=True)
         now = self._counts(self._order, consumed)
         out = {f"samples/{s}": sum(self.plan(e)[s] for e in range(epoch)) + now.get(s, 0) for s in self.rows}
-        if consumed == self.spec.step_samples:
+        if consumed == self.global_batch:
             out.update({f"plan/{s}": n for s, n in self.plan(epoch).items()})
         return out

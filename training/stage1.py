@@ -104,7 +104,8 @@ class Blip2Stage1(nn.Module):
         from transformers import BertForMaskedLM
 
         vision = FrozenImageEncoder.from_pretrained(cfg.vision, cfg.vision_path, cfg.frozen_dtype,
-                                                    trainable=not cfg.freeze_vision, weights=cfg.frozen_weights)
+                                                    trainable=not cfg.freeze_vision, weights=cfg.frozen_weights,
+                                                    image_size=cfg.image_size)
         bert_dir = local_dir(cfg.qformer_init)
         tokenizer = load_tokenizer(bert_dir)
         bert = BertForMaskedLM.from_pretrained(bert_dir, dtype=torch.float32)
@@ -127,7 +128,8 @@ class Blip2Stage1(nn.Module):
         known = {f.name for f in fields(ModelConfig)}
         cfg = ModelConfig(**{k: v for k, v in {**saved, **overrides}.items() if k in known})
         vision = FrozenImageEncoder.from_pretrained(cfg.vision, cfg.vision_path, cfg.frozen_dtype,
-                                                    trainable=not cfg.freeze_vision, weights=cfg.frozen_weights)
+                                                    trainable=not cfg.freeze_vision, weights=cfg.frozen_weights,
+                                                    image_size=cfg.image_size)
         qcfg = Blip2QFormerConfig.from_json_file(str(path / QFORMER_CONFIG_FILE))
         model = cls(cfg, vision, load_tokenizer(str(path)), qcfg)
         model.load_trainable_state_dict(load_file(str(path / WEIGHTS_FILE)))

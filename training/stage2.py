@@ -164,7 +164,8 @@ class Blip2Stage2(nn.Module):
         # an unfrozen encoder keeps fp32 master weights (autocast does the rest)
         vision = FrozenImageEncoder.from_pretrained(cfg.vision, cfg.vision_path,
                                                     cfg.frozen_dtype if cfg.freeze_vision else "float32",
-                                                    trainable=not cfg.freeze_vision, weights=cfg.frozen_weights)
+                                                    trainable=not cfg.freeze_vision, weights=cfg.frozen_weights,
+                                                    image_size=cfg.image_size)
         ln_vision = make_ln_vision(vision, cfg.ln_vision_init)
         qcfg = stage2_qformer_config(cfg, vision.width, cfg.stage1_checkpoint)
         qformer = Blip2QFormerModel(qcfg)
@@ -173,7 +174,7 @@ class Blip2Stage2(nn.Module):
         image_id = add_image_token(tokenizer, llm)
         projection = nn.Linear(qcfg.hidden_size, llm.get_input_embeddings().embedding_dim)  # d_llm
         model = cls(cfg, vision, ln_vision, query_tokens, qformer, projection, llm, tokenizer,
-                    blip_image_processor(vision.model.config.image_size), image_id)
+                    blip_image_processor(cfg.image_size), image_id)
         if stage1 is not None:
             model.load_stage1(stage1["state_dict"])
         elif cfg.qformer_init:

@@ -2,18 +2,18 @@
 
 One job: :class:`Trackers` receives the rows :class:`training.metrics.MetricsLog` writes to
 ``metrics.jsonl`` and hands their numeric values, under the same names, with ``step`` as the
-step, to every backend enabled in :class:`training.config.TrainConfig` (all off by default):
+step, to every backend enabled in :class:`TrackingConfig` (the ``tracking.*`` section, all off by default):
 
-* ``train.tensorboard=true`` — ``torch.utils.tensorboard.SummaryWriter`` event files in
+* ``tracking.tensorboard=true`` — ``torch.utils.tensorboard.SummaryWriter`` event files in
   ``<run>/tensorboard``. Ray Train v2 (Ray 2.60's default) documents logging straight from the
   train function; Ray's ``TBXLoggerCallback`` is a Ray *Tune* ``LoggerCallback`` and does not
   apply to Train v2 runs (``RunConfig.callbacks`` only takes ``ray.train.UserCallback``).
-* ``train.mlflow_tracking_uri=...`` (+ ``train.mlflow_experiment``, default ``blip2``) — Ray's
+* ``tracking.mlflow_tracking_uri=...`` (+ ``tracking.mlflow_experiment``, default ``blip2``) — Ray's
   ``ray.air.integrations.mlflow.setup_mlflow`` inside the train function, then
   ``mlflow.log_metrics``. A ``file:`` URI (or a plain path) uses MLflow's file store, which
   MLflow >= 3.7 refuses unless ``MLFLOW_ALLOW_FILE_STORE=true``; asking for a file URI is taken
   as that opt-in (set for this process when unset).
-* ``train.wandb_project=...`` (+ ``train.wandb_mode=online|offline``) — Ray's
+* ``tracking.wandb_project=...`` (+ ``tracking.wandb_mode=online|offline``) — Ray's
   ``ray.air.integrations.wandb.setup_wandb``; run files under ``<run>/wandb``. Online mode needs
   ``WANDB_API_KEY`` (or a ``wandb login``) on the rank-0 node; Ray checks it at setup.
 
@@ -29,43 +29,89 @@ event files into the same folder with ``purge_step`` = the resumed step + 1, so 
 discards the steps a crashed attempt logged after its last checkpoint. MLflow and W&B cannot
 drop points: MLflow keeps both values of such replayed steps, W&B keeps the first (it ignores
 steps not above its last one); by the loop's resume contract the replayed values agree anyway.
-A missing package is a clear :class:`MissingBackendError` at config time and again at startup.
+A backend whose package is missing is a clear :class:`MissingBackendError` from
+:meth:`TrackingConfig.check_installed`, which ``run_training`` calls before Ray Train starts (the
+config itself is a document: ``blip2 config`` works where the packages are not installed).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import fsspec
 
 from pipelines.storage import Staging
-from training.tracking_packages import check_installed, enabled
-
-if TYPE_CHECKING:
-    from training.config import TrainConfig
 
 IDS_FILE = "trackers.json"
+# backend -> (its key, module imported, pip package to install)
+PACKAGES = {"tensorboard": ("tracking.tensorboard", "tensorboard", "tensorboard"),
+            "mlflow": ("tracking.mlflow_tracking_uri", "mlflow", "mlflow-skinny"),
+            "wandb": ("tracking.wandb_project", "wandb", "wandb")}
+
+
+class MissingBackendError(ValueError):
+    """A tracking backend was asked for but its package is not installed."""
+
+
+def require(key: str, module: str, pip: str) -> None:
+    """Raise :class:`MissingBackendError` naming ``key`` and ``pip`` when ``module`` cannot be imported."""
+    if importlib.util.find_spec(module) is None:
+        raise MissingBackendError(f"{key} is set but the Python package '{pip}' is not installed "
+                                  f"(module '{module}' not found): pip install {pip}")
+
+
+@dataclass
+class TrackingConfig:
+    """The ``tracking.*`` section: where rank 0 also sends each metrics row."""
+    tensorboard: bool = False          # TensorBoard event files in <run>/tensorboard (pip install tensorboard)
+    mlflow_tracking_uri: str = ""      # e.g. http://mlflow:5000 or file:///abs/mlruns (pip install mlflow-skinny)
+    mlflow_experiment: str = ""        # "": blip2
+    wandb_project: str = ""            # Weights & Biases project (pip install wandb); files in <run>/wandb
+    wandb_mode: str = "online"         # online | offline (`wandb sync <run>/wandb/offline-run-*` later)
+
+    def validate(self) -> None:
+        if self.wandb_mode not in ("online", "offline"):
+            raise ValueError(f"wandb_mode must be online or offline, got {self.wandb_mode!r}")
+        if self.mlflow_experiment and not self.mlflow_tracking_uri:
+            raise ValueError("mlflow_experiment needs mlflow_tracking_uri")
+        uri = self.mlflow_tracking_uri
+        if uri and "@" in uri.split("://", 1)[-1].split("/", 1)[0]:
+            raise ValueError("mlflow_tracking_uri must not carry user:password@ (configs are logged and "
+                             "checkpointed); set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD instead")
+        if uri and "://" not in uri and not uri.startswith("/"):
+            raise ValueError(f"mlflow_tracking_uri {uri!r}: use a server URI or an absolute path / file:/// URI "
+                             "(a relative path would resolve in the Ray worker's directory)")
+
+    def enabled(self) -> list[str]:
+        """The backends this section asks for."""
+        return [name for name, on in (("tensorboard", self.tensorboard), ("mlflow", bool(self.mlflow_tracking_uri)),
+                                      ("wandb", bool(self.wandb_project))) if on]
+
+    def check_installed(self) -> None:
+        """Raise :class:`MissingBackendError` for the first backend asked for whose package is missing."""
+        for name in self.enabled():
+            require(*PACKAGES[name])
 
 
 class Trackers:
     """The enabled backends of one run, opened on rank 0 at ``start_step`` (0, or the resumed step)."""
 
-    def __init__(self, run_uri: str, train: "TrainConfig", start_step: int = 0, params: dict | None = None):
-        check_installed(train)
+    def __init__(self, run_uri: str, cfg: TrackingConfig, start_step: int = 0, params: dict | None = None):
         self.fs, self.root = fsspec.core.url_to_fs(run_uri)
         self.run_name = self.root.rstrip("/").rsplit("/", 1)[-1]
         self.staging = Staging(run_uri, prefix="blip2-trackers-")
         self.ids = self._read_ids()
         self.tb = self.mlflow = self.wandb = None
-        if train.tensorboard:
+        if cfg.tensorboard:
             self._open_tensorboard(start_step)
-        if train.mlflow_tracking_uri:
-            self._open_mlflow(train, params or {})
-        if train.wandb_project:
-            self._open_wandb(train, params or {})
+        if cfg.mlflow_tracking_uri:
+            self._open_mlflow(cfg, params or {})
+        if cfg.wandb_project:
+            self._open_wandb(cfg, params or {})
         self._write_ids()
 
     # -- where files go -----------------------------------------------------------------------
@@ -91,10 +137,10 @@ class Trackers:
         # attempt's steps after its last checkpoint), as MetricsLog drops those rows.
         self.tb = SummaryWriter(log_dir=str(self._dir("tensorboard")), purge_step=start_step + 1)
 
-    def _open_mlflow(self, train: "TrainConfig", params: dict) -> None:
+    def _open_mlflow(self, cfg: TrackingConfig, params: dict) -> None:
         from ray.air.integrations.mlflow import setup_mlflow
 
-        uri, experiment = train.mlflow_tracking_uri, train.mlflow_experiment or "blip2"
+        uri, experiment = cfg.mlflow_tracking_uri, cfg.mlflow_experiment or "blip2"
         if "://" not in uri or uri.startswith("file:"):
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # the user asked for the file store
         prev = self.ids.get("mlflow", {})
@@ -112,17 +158,17 @@ class Trackers:
         self.ids["mlflow"] = {"run_id": self.mlflow.active_run().info.run_id, "tracking_uri": uri,
                               "experiment": experiment}
 
-    def _open_wandb(self, train: "TrainConfig", params: dict) -> None:
+    def _open_wandb(self, cfg: TrackingConfig, params: dict) -> None:
         from ray.air.integrations.wandb import setup_wandb
 
         # Ray's API-key check reads the mode from the environment, not from the init kwargs
-        os.environ["WANDB_MODE"] = train.wandb_mode
+        os.environ["WANDB_MODE"] = cfg.wandb_mode
         prev = self.ids.get("wandb", {})
-        run_id = prev["id"] if prev.get("project") == train.wandb_project else uuid.uuid4().hex[:16]
-        self.wandb = setup_wandb(config=params, project=train.wandb_project, id=run_id, name=self.run_name,
-                                 group=None, resume="allow", mode=train.wandb_mode,
+        run_id = prev["id"] if prev.get("project") == cfg.wandb_project else uuid.uuid4().hex[:16]
+        self.wandb = setup_wandb(config=params, project=cfg.wandb_project, id=run_id, name=self.run_name,
+                                 group=None, resume="allow", mode=cfg.wandb_mode,
                                  dir=str(self._dir(".")))
-        self.ids["wandb"] = {"id": self.wandb.id, "project": train.wandb_project}
+        self.ids["wandb"] = {"id": self.wandb.id, "project": cfg.wandb_project}
 
     # -- logging ------------------------------------------------------------------------------
     def log(self, row: dict) -> None:
@@ -169,6 +215,6 @@ def _mlflow_run_exists(uri: str, run_id: str | None) -> bool:
         return False
 
 
-def open_trackers(run_uri: str, train: "TrainConfig", start_step: int = 0, params: dict | None = None) -> Trackers | None:
+def open_trackers(run_uri: str, cfg: TrackingConfig, start_step: int = 0, params: dict | None = None) -> Trackers | None:
     """The run's :class:`Trackers`, or None when no backend is enabled."""
-    return Trackers(run_uri, train, start_step, params) if enabled(train) else None
+    return Trackers(run_uri, cfg, start_step, params) if cfg.enabled() else None

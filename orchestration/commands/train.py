@@ -40,7 +40,7 @@ def run(args, cfg) -> int:
     if previous:
         print(f"blip2 train: resuming from {previous}")
     try:
-        result = run_training(cfg.model, cfg.train, seed=cfg.seed)
+        result = run_training(cfg.model, cfg.train, cfg.ingest, cfg.tracking, seed=cfg.seed)
     except (SchemaError, ValueError) as e:  # bad input: a clear message, no traceback
         print(f"blip2 train: {e}", file=sys.stderr)
         return 2

@@ -42,7 +42,7 @@ def test_bad_input_is_a_clear_error(ray_local, tmp_path, corpus, capsys):
 def _tiny_overrides(tiny_models, data: Path, out: Path) -> list[str]:
     return [f"model.vision_path={tiny_models['vision']}", f"model.qformer_init={tiny_models['bert']}",
             f"model.llm_path={tiny_models['opt']}", f"train.input={data}", f"train.output={out}",
-            "train.batch_size=4", "train.checkpoint_every=2", "train.warmup_steps=1", "train.map_batch_size=8"]
+            "train.batch_size=4", "train.checkpoint_every=2", "train.warmup_steps=1", "ingest.map_batch_size=8"]
 
 
 @pytest.mark.slow

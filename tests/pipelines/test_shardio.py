@@ -82,8 +82,8 @@ def test_redact_strips_passwords_from_url_values():
 def test_blip2_config_prints_no_password(capsys):
     from orchestration.cli import main
 
-    assert main(["config", "--config", "tiny", "train.wandb_project=", "download.url_prefix=http://u:SENTINEL@h/"]) == 0
+    assert main(["config", "--config", "tiny", "tracking.wandb_project=", "download.url_prefix=http://u:SENTINEL@h/"]) == 0
     out = capsys.readouterr().out
     assert "SENTINEL" not in out and "http://u:<redacted>@h/" in out
-    assert main(["config", "--config", "tiny", "train.mlflow_tracking_uri=http://u:SENTINEL@127.0.0.1:9/"]) == 2
+    assert main(["config", "--config", "tiny", "tracking.mlflow_tracking_uri=http://u:SENTINEL@127.0.0.1:9/"]) == 2
     assert "MLFLOW_TRACKING_PASSWORD" in capsys.readouterr().err

@@ -20,18 +20,21 @@ from tests.helpers.cluster_train import WORKER_ENV, train_on_cluster
 from tests.helpers.fake_cluster import FakeCluster, fake_twin, load_cluster
 from tests.training.train_fixtures import run_training_with_hooks, write_capfilt
 from training.config import ModelConfig, TrainConfig
+from training.ingest import IngestConfig
 from training.metrics import read_metrics
 from training.optim import lr_at
 
 pytestmark = pytest.mark.slow
 TOY = "tests.training.toy_model:ToyModel"
+MODEL = ModelConfig(image_size=32)  # what ingest crops to (the toy model takes any size)
+INGEST = IngestConfig(map_batch_size=8, shuffle_window=2)
 STEPS = 6  # 48 samples / global batch 8: exactly one epoch
 
 
 def _cfg(root, name: str, **kw) -> TrainConfig:
     base = dict(input=str(root / "capfilt"), output=str(root / "runs"), name=name, steps=STEPS, batch_size=4,
                 global_batch=8, num_workers=2, checkpoint_every=1, log_every=1, warmup_steps=2, lr=1e-3,
-                min_lr=1e-4, image_size=32, map_batch_size=8, shuffle_window=2)
+                min_lr=1e-4)
     cfg = TrainConfig(**{**base, **kw})
     cfg.validate()
     return cfg
@@ -54,9 +57,10 @@ def _assert_epoch_exactly_once(rows: list[dict]) -> None:
 
 def test_resume_with_fewer_workers_continues_with_the_next_unseen_sample(root, ray_local):
     cfg = _cfg(root, "resized")
-    first = run_training_with_hooks(ModelConfig(), TrainConfig(**{**cfg.__dict__, "stop_after": 3}), model_class=TOY)
+    first = run_training_with_hooks(MODEL, TrainConfig(**{**cfg.__dict__, "stop_after": 3}), INGEST,
+                                    model_class=TOY)
     assert first.error is None, first.error
-    second = run_training_with_hooks(ModelConfig(), TrainConfig(**{**cfg.__dict__, "num_workers": 1}),
+    second = run_training_with_hooks(MODEL, TrainConfig(**{**cfg.__dict__, "num_workers": 1}), INGEST,
                                      model_class=TOY)
     assert second.error is None, second.error
     rows = read_metrics(str(root / "runs" / "resized"))
@@ -68,7 +72,7 @@ def test_resume_with_fewer_workers_continues_with_the_next_unseen_sample(root, r
 def test_elastic_run_survives_a_killed_worker(root, ray_local):
     marker = root / "killed.marker"
     cfg = _cfg(root, "elastic", num_workers=(1, 2), max_failures=1)
-    result = run_training_with_hooks(ModelConfig(), cfg, model_class=TOY, kill=f"step=4,marker={marker}")
+    result = run_training_with_hooks(MODEL, cfg, INGEST, model_class=TOY, kill=f"step=4,marker={marker}")
     assert marker.exists() and "at step 4" in marker.read_text()    # a worker really died mid-epoch ...
     assert result.error is None, result.error                       # ... and Ray Train carried on
     assert result.checkpoint.path.endswith(f"elastic/checkpoint_{STEPS:08d}")

@@ -64,3 +64,11 @@ def test_frozen_weights_all_casts_every_parameter(towers):
     assert tower(pixels(1)).dtype == torch.float16
     with pytest.raises(ValueError, match="frozen_weights"):
         FrozenImageEncoder.from_pretrained("eva_vit_g", str(towers["eva_vit_g"]), "float16", weights="some")
+
+
+def test_a_tower_built_for_another_resolution_is_refused_naming_the_key(towers):
+    """``model.image_size`` is the one resolution (ingest, eval, preprocess): a tower whose
+    position embeddings expect another one is refused when it is loaded."""
+    assert FrozenImageEncoder.from_pretrained("clip_vit_l", str(towers["clip_vit_l"]), "float32", image_size=64)
+    with pytest.raises(ValueError, match=r"model\.image_size=32 .* built for 64 px: set model\.image_size=64"):
+        FrozenImageEncoder.from_pretrained("clip_vit_l", str(towers["clip_vit_l"]), "float32", image_size=32)

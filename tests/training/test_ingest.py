@@ -11,7 +11,7 @@ from PIL import Image
 
 from pipelines.schema import SchemaError
 from tests.training.train_fixtures import write_capfilt
-from training.ingest import (CLIP_MEAN, CLIP_STD, Augment, EpochOrder, IngestSpec, ShardRows, augment_image,
+from training.ingest import (CLIP_MEAN, CLIP_STD, Augment, EpochOrder, IngestConfig, IngestSpec, ShardRows, augment_image,
                              iter_epoch, list_shards, rank_picks, rank_read_tasks, read_rows,
                              sample_rng, step_split, steps_per_epoch)
 
@@ -107,18 +107,18 @@ def test_resume_at_another_world_size_continues_with_the_next_unseen_sample():
     order = EpochOrder(SHARDS, seed=0, epoch=0, window=4)
 
     def consumed(world, start, end):
-        return sorted(p for r in range(world) for pos, _, _ in rank_picks(order, g, b, world, r, start, end)
+        return sorted(p for r in range(world) for pos, _, _ in rank_picks(order, step_split(g, b, world), r, start, end)
                       for p in pos.tolist())
 
     assert consumed(2, 0, stop) == consumed(3, 0, stop) == list(range(stop))
     assert consumed(2, 0, 5 * g) + consumed(1, 5 * g, stop) == list(range(stop))     # 2 -> 1 worker at step 5
     # every round of a step is a contiguous run of the order, whatever the world size
     for world in (1, 2, 3):
-        rounds = list(zip(*(list(rank_picks(order, g, b, world, r, 0, 2 * g)) for r in range(world))))
+        rounds = list(zip(*(list(rank_picks(order, step_split(g, b, world), r, 0, 2 * g)) for r in range(world))))
         los = [sorted(p for pos, _, _ in rnd for p in pos.tolist()) for rnd in rounds]
         assert [x for lo in los for x in lo] == list(range(2 * g))
     # what the read tasks hand over is exactly the picked samples, in each rank's order
-    picks = list(rank_picks(order, g, b, 2, 1, 5 * g, 8 * g))
+    picks = list(rank_picks(order, step_split(g, b, 2), 1, 5 * g, 8 * g))
     want = [(SHARDS[s].url, r) for _, shard, row in picks for s, r in zip(shard.tolist(), row.tolist())]
     tasks = rank_read_tasks(order, picks)
     assert [(t["urls"][c], t["starts"][c] + o) for t in tasks for c, o in zip(t["chunk"], t["offset"])] == want
@@ -129,7 +129,7 @@ def test_each_rank_reads_only_its_share_of_a_windows_row_groups():
     order = EpochOrder(shards, seed=0, epoch=0, window=32)
     g, b, world = 1024, 128, 8
     stop = steps_per_epoch(shards, g) * g
-    reads = [sum(len(t["urls"]) for t in rank_read_tasks(order, rank_picks(order, g, b, world, r, 0, stop)))
+    reads = [sum(len(t["urls"]) for t in rank_read_tasks(order, rank_picks(order, step_split(g, b, world), r, 0, stop)))
              for r in range(world)]
     assert sum(reads) < 2 * 400                 # ~1.5 readers per row group (all 8 without the grouping)
 
@@ -149,16 +149,17 @@ def test_ray_data_epoch_stream_fixed_batches_resume_and_s3(ray_local, corpus, s3
     resuming at a step boundary with another world size continues exactly."""
     uri = f"{s3_bucket}/capfilt"
     write_capfilt(uri, corpus, rows_per_shard=12, bad={5})
-    spec = IngestSpec(tuple(list_shards(uri)), seed=0, batch_size=4, image_size=32, min_scale=0.5,
-                      max_words=50, map_batch_size=8, shuffle_window=2, global_batch=8)
-    per_rank = {r: list(iter_epoch(spec, epoch=0, rank=r, world=2)) for r in (0, 1)}
+    spec = IngestSpec(IngestConfig(map_batch_size=8, shuffle_window=2), tuple(list_shards(uri)), seed=0,
+                      image_size=32)
+    two = step_split(8, 4, 2)                                              # global batch 8, micro-batch 4
+    per_rank = {r: list(iter_epoch(spec, epoch=0, rank=r, split=two)) for r in (0, 1)}
     assert all(len(b) == 6 for b in per_rank.values())                     # 48 // 8 steps, one batch each
     assert all(b["pixel_values"].shape == (4, 3, 32, 32) for bs in per_rank.values() for b in bs)
     keys = [k for r in (0, 1) for b in per_rank[r] for k in b["key"]]
     assert sorted(keys) == [f"{i:06d}" for i in range(48)]                  # each sample once
     assert sum(b["replaced"] for bs in per_rank.values() for b in bs) == 1  # the bad JPEG, counted
     step_keys = [per_rank[0][s]["key"] + per_rank[1][s]["key"] for s in range(6)]
-    resumed = list(iter_epoch(spec, epoch=0, rank=0, world=1, start=16))   # 1 worker from step 2: 2 rounds
+    resumed = list(iter_epoch(spec, epoch=0, rank=0, split=step_split(8, 4, 1), start=16))   # 1 worker from step 2: 2 rounds
     assert [len(b["key"]) for b in resumed] == [4] * 8
     assert [sorted(resumed[2 * i]["key"] + resumed[2 * i + 1]["key"]) for i in range(4)] == \
         [sorted(k) for k in step_keys[2:]]                                  # the same samples in each step
@@ -168,7 +169,7 @@ def test_ray_data_epoch_stream_fixed_batches_resume_and_s3(ray_local, corpus, s3
         for k, t, px in zip(b["key"], b["text"], b["pixel_values"]):
             if k != "000005":
                 assert by_key[k][0] == t and (by_key[k][1] == px).all()
-    next_epoch = [k for b in iter_epoch(spec, epoch=1, rank=1, world=2) for k in b["key"]]
+    next_epoch = [k for b in iter_epoch(spec, epoch=1, rank=1, split=two) for k in b["key"]]
     assert next_epoch != [k for b in per_rank[1] for k in b["key"]]         # reshuffled
 
 
@@ -204,3 +205,18 @@ def test_augment_cleans_captions_as_lavis():
              "captions": np.array([["A man's dog, running on the beach!"]], dtype=object)}
     out = Augment(seed=0, epoch=0, image_size=32, min_scale=0.5, max_words=4)(batch)
     assert out["text"].tolist() == ["a man's dog, running"]
+
+
+def test_workers_read_the_ingest_section_as_is_at_the_models_resolution():
+    """No copy: a rank's spec holds the user's ``ingest`` section itself, and crops to
+    ``model.image_size`` (the one resolution key, also read by eval and preprocess)."""
+    from training.config import ModelConfig, TrainConfig
+    from training.loop import WorkerConfig
+    from training.trackers import TrackingConfig
+
+    ingest = IngestConfig(shuffle_window=3)
+    wc = WorkerConfig(ModelConfig(image_size=48), TrainConfig(), ingest, TrackingConfig(), shards=(), seed=7,
+                      run_uri="unused")
+    spec = wc.data()
+    assert spec.cfg is ingest and (spec.image_size, spec.seed) == (48, 7)
+    assert wc.params()["ingest"]["shuffle_window"] == 3 and "shuffle_window" not in wc.params()["train"]

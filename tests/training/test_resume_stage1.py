@@ -46,6 +46,7 @@ import torch
 from tests.training.stage1_helpers import CAPTIONS, build_model, model_config, pixels
 from tests.training.train_fixtures import run_training_with_hooks, write_capfilt
 from training.config import TrainConfig
+from training.ingest import IngestConfig
 from training.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -54,18 +55,18 @@ STEPS, PER_EPOCH = 8, 6
 LOSSES = ("loss", "loss_itc", "loss_itm", "loss_itg")
 
 
+INGEST = IngestConfig(map_batch_size=8)  # caption_pick=random and hflip=True: the paper's draws (defaults)
+
+
 def _model(tiny_models):
     return model_config(tiny_models, vision="clip_vit_l", vision_path=str(tiny_models["vision"]))
 
 
 def _cfg(root: Path, data: str, name: str, **kw) -> TrainConfig:
-    # the stage's default model Blip2Stage1; caption_pick=random and hflip=True (defaults)
+    # the stage's default model Blip2Stage1
     base = dict(stage=1, input=data, output=str(root / "runs"), name=name, steps=STEPS, batch_size=4,
-                num_workers=2, checkpoint_every=2, warmup_steps=2, lr=1e-3, min_lr=1e-4, image_size=64,
-                map_batch_size=8)
-    cfg = TrainConfig(**{**base, **kw})
-    assert cfg.caption_pick == "random" and cfg.hflip
-    return cfg
+                num_workers=2, checkpoint_every=2, warmup_steps=2, lr=1e-3, min_lr=1e-4)
+    return TrainConfig(**{**base, **kw})
 
 
 def test_forward_draws_from_the_global_torch_rng(tiny_models):
@@ -94,7 +95,7 @@ def data(tmp_path_factory, corpus):
 
 @pytest.fixture(scope="module")
 def reference(ray_local, data, tiny_models):
-    result = run_training_with_hooks(_model(tiny_models), _cfg(data, str(data / "capfilt"), "reference"))
+    result = run_training_with_hooks(_model(tiny_models), _cfg(data, str(data / "capfilt"), "reference"), INGEST)
     assert result.error is None
     return read_metrics(str(data / "runs" / "reference"))
 
@@ -136,7 +137,7 @@ def test_stop_rerun_and_worker_kill_replay_the_uninterrupted_stage1_run(referenc
     cfg = _cfg(data, f"{s3_bucket}/capfilt", "resumed", output=f"{s3_bucket}/runs", max_failures=1)
     run, fs = f"{s3_bucket}/runs/resumed", fsspec.filesystem("s3")
     model = _model(tiny_models)
-    first = run_training_with_hooks(model, TrainConfig(**{**cfg.__dict__, "stop_after": 3}))
+    first = run_training_with_hooks(model, TrainConfig(**{**cfg.__dict__, "stop_after": 3}), INGEST)
     assert first.error is None and first.checkpoint.path.endswith("resumed/checkpoint_00000003")
     files = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{run}/checkpoint_00000003")}
     assert {"trainable.safetensors", "optimizer.pt", "scheduler.pt", "scaler.pt", "state.json",
@@ -145,7 +146,7 @@ def test_stop_rerun_and_worker_kill_replay_the_uninterrupted_stage1_run(referenc
     assert state["step"] == 3 and (state["data"]["epoch"], state["data"]["consumed"]) == (0, 24)
     assert not fs.exists(f"{run}/final") and not marker.exists()
 
-    second = run_training_with_hooks(model, cfg, kill=f"step=5,marker={marker}")  # same output + name: resumes
+    second = run_training_with_hooks(model, cfg, INGEST, kill=f"step=5,marker={marker}")  # same output + name: resumes
     assert marker.exists() and "at step 5" in marker.read_text()      # a worker really died ...
     assert second.error is None                                         # ... and the run finished anyway
     assert second.checkpoint.path.endswith("resumed/checkpoint_00000008")

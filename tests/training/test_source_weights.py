@@ -1,4 +1,4 @@
-"""Per-source sampling weights (``train.source_weights``): the weighted epoch order as a pure
+"""Per-source sampling weights (``ingest.source_weights``): the weighted epoch order as a pure
 function, its split over ranks on resume, the shards' source runs, config checks, the realised
 mix, and one run through ``run_training`` whose metrics hold it."""
 from __future__ import annotations
@@ -11,7 +11,8 @@ import pytest
 
 from tests.training.train_fixtures import run_training_with_hooks, write_capfilt
 from training.config import ModelConfig, TrainConfig
-from training.ingest import Augment, EpochOrder, ShardRows, list_shards, rank_picks, rank_read_tasks, steps_per_epoch
+from training.ingest import (Augment, EpochOrder, IngestConfig, ShardRows, list_shards, rank_picks, rank_read_tasks,
+                             step_split, steps_per_epoch)
 from training.metrics import read_metrics
 from training.source_weights import check_weight_names
 
@@ -91,15 +92,15 @@ def test_unknown_and_negative_weights_are_clear_errors(tmp_path, corpus):
         check_weight_names({"laoin": 0.5, "a": 1}, SHARDS)
     for bad in (-1, float("nan"), "x"):
         with pytest.raises(ValueError, match="source_weights.coco must be a number >= 0"):
-            TrainConfig(source_weights={"coco": bad}).validate()
+            IngestConfig(source_weights={"coco": bad}).validate()
     # through run_training: refused on the driver once the shard set is read, before Ray Train starts
     from training.loop import run_training
 
     write_capfilt(str(tmp_path / "cf"), corpus, source=lambda i: "coco" if i < 24 else "laion")
-    cfg = TrainConfig(input=str(tmp_path / "cf"), output=str(tmp_path / "runs"), source_weights={"coc": 2})
+    cfg = TrainConfig(input=str(tmp_path / "cf"), output=str(tmp_path / "runs"))
     cfg.validate()
     with pytest.raises(ValueError, match=r"\['coc'\].*\['coco', 'laion'\]"):
-        run_training(ModelConfig(), cfg)
+        run_training(ModelConfig(), cfg, IngestConfig(source_weights={"coc": 2}))
     assert not (tmp_path / "runs").exists()
 
 
@@ -110,7 +111,7 @@ def test_resume_at_another_world_size_consumes_exactly_the_remaining_weighted_en
     assert stop == order.total - order.total % g
 
     def consumed(world, start, end):
-        return sorted(p for r in range(world) for pos, _, _ in rank_picks(order, g, b, world, r, start, end)
+        return sorted(p for r in range(world) for pos, _, _ in rank_picks(order, step_split(g, b, world), r, start, end)
                       for p in pos.tolist())
 
     cut = 37 * g                                                                     # a mid-epoch step
@@ -119,7 +120,7 @@ def test_resume_at_another_world_size_consumes_exactly_the_remaining_weighted_en
     # the read tasks of the resumed ranks hand over exactly the remaining entries, copy numbers included
     handed = Counter()
     for r in range(3):
-        for t in rank_read_tasks(order, rank_picks(order, g, b, 3, r, cut, stop)):
+        for t in rank_read_tasks(order, rank_picks(order, step_split(g, b, 3), r, cut, stop)):
             handed.update((t["urls"][c], t["starts"][c] + o, k) for c, o, k in zip(t["chunk"], t["offset"], t["copy"]))
     want = Counter((SHARDS[s].url, row, c) for s, row, _, c in _entries(order, cut, stop))
     assert handed == want
@@ -154,13 +155,12 @@ def test_source_mix_is_the_plan_and_the_cumulative_counts_of_the_orders(capsys):
     from training.ingest import IngestSpec
     from training.source_weights import SourceMix
 
-    spec = IngestSpec(tuple(SHARDS), seed=0, batch_size=8, image_size=32, min_scale=0.5, max_words=50,
-                      global_batch=64, source_weights=(("a", 2.0), ("b", 0.5)))
-    first = SourceMix(spec).metrics(0, 64)
-    plan0 = spec.order(0).source_counts(spec.epoch_stop(spec.order(0))).tolist()
+    spec = IngestSpec(IngestConfig(source_weights={"a": 2.0, "b": 0.5}), tuple(SHARDS), seed=0, image_size=32)
+    first = SourceMix(spec, global_batch=64).metrics(0, 64)
+    plan0 = spec.order(0).source_counts(spec.epoch_stop(spec.order(0), 64)).tolist()
     assert [first["plan/a"], first["plan/b"]] == plan0 and first["samples/a"] + first["samples/b"] == 64
     assert "epoch 0 source mix" in capsys.readouterr().out
-    later = SourceMix(spec).metrics(1, 128)                                       # a resumed run, epoch 1
+    later = SourceMix(spec, global_batch=64).metrics(1, 128)                                       # a resumed run, epoch 1
     now = spec.order(1).source_counts(128).tolist()
     assert [later["samples/a"], later["samples/b"]] == [plan0[0] + now[0], plan0[1] + now[1]]
     assert "plan/a" not in later
@@ -172,10 +172,10 @@ def test_run_training_logs_the_realised_mix(tmp_path, corpus, ray_local):
     epoch, and metrics.jsonl holds the epoch's plan and the cumulative per-source counts."""
     write_capfilt(str(tmp_path / "cf"), corpus, source=lambda i: "coco" if i < 24 else "laion")
     cfg = TrainConfig(input=str(tmp_path / "cf"), output=str(tmp_path / "runs"), name="mix", steps=6, batch_size=8,
-                      global_batch=8, num_workers=1, checkpoint_every=6, log_every=1, warmup_steps=1,
-                      image_size=32, map_batch_size=8, shuffle_window=2, source_weights={"coco": 2, "laion": 0})
+                      global_batch=8, num_workers=1, checkpoint_every=6, log_every=1, warmup_steps=1)
     cfg.validate()
-    result = run_training_with_hooks(ModelConfig(), cfg, model_class="tests.training.toy_model:ToyModel")
+    ingest = IngestConfig(map_batch_size=8, shuffle_window=2, source_weights={"coco": 2, "laion": 0})
+    result = run_training_with_hooks(ModelConfig(image_size=32), cfg, ingest, model_class="tests.training.toy_model:ToyModel")
     assert result.error is None, result.error
     rows = read_metrics(str(tmp_path / "runs" / "mix"))
     assert [r["step"] for r in rows] == list(range(1, 7))

@@ -18,9 +18,9 @@ import pytest
 
 from tests.training.train_fixtures import write_capfilt
 from training.config import ModelConfig, TrainConfig
+from training.ingest import IngestConfig
 from training.metrics import read_metrics
-from training.trackers import IDS_FILE
-from training.tracking_packages import PACKAGES, MissingBackendError, require
+from training.trackers import IDS_FILE, PACKAGES, MissingBackendError, TrackingConfig, require
 
 STEPS = 4
 LOSSES = ("loss", "loss_itc", "loss_aux")
@@ -34,14 +34,17 @@ def tracked_run(tmp_path_factory, corpus, ray_local):
     write_capfilt(str(root / "capfilt"), corpus, rows_per_shard=12)
     cfg = TrainConfig(input=str(root / "capfilt"), output=str(root / "runs"), name="tracked", steps=STEPS,
                       batch_size=4, num_workers=2, checkpoint_every=2, log_every=1, warmup_steps=1, lr=1e-3,
-                      min_lr=1e-4, image_size=32, map_batch_size=8,
-                      tensorboard=True, mlflow_tracking_uri=(root / "mlruns").as_uri(),
-                      mlflow_experiment="blip2-test", wandb_project="blip2-test", wandb_mode="offline")
+                      min_lr=1e-4)
     cfg.validate()
+    tracking = TrackingConfig(tensorboard=True, mlflow_tracking_uri=(root / "mlruns").as_uri(),
+                              mlflow_experiment="blip2-test", wandb_project="blip2-test", wandb_mode="offline")
+    tracking.validate()
     toy = "tests.training.toy_model:ToyModel"
-    first = run_training_with_hooks(ModelConfig(), TrainConfig(**{**cfg.__dict__, "stop_after": 2}), model_class=toy)
+    first = run_training_with_hooks(ModelConfig(image_size=32), TrainConfig(**{**cfg.__dict__, "stop_after": 2}),
+                                    IngestConfig(map_batch_size=8), tracking, model_class=toy)
     assert first.error is None, first.error
-    second = run_training_with_hooks(ModelConfig(), cfg, model_class=toy)
+    second = run_training_with_hooks(ModelConfig(image_size=32), cfg, IngestConfig(map_batch_size=8), tracking,
+                                     model_class=toy)
     assert second.error is None, second.error
     run = root / "runs" / "tracked"
     rows = read_metrics(str(run))
@@ -139,7 +142,7 @@ def test_s3_run_dir_is_staged_uploaded_and_resumed_with_purge(s3_bucket, tmp_pat
     from training.trackers import Trackers
 
     run = f"{s3_bucket}/runs/remote"
-    cfg = TrainConfig(tensorboard=True, wandb_project="blip2-test", wandb_mode="offline")
+    cfg = TrackingConfig(tensorboard=True, wandb_project="blip2-test", wandb_mode="offline")
     first = Trackers(run, cfg, start_step=0, params={"seed": 0})
     for step in (1, 2, 3):
         first.log({"step": step, "loss": 10.0 + step, "keys": ["000001"]})
@@ -163,21 +166,26 @@ def test_s3_run_dir_is_staged_uploaded_and_resumed_with_purge(s3_bucket, tmp_pat
 
 
 def test_missing_backend_package_is_a_clear_error():
-    with pytest.raises(MissingBackendError, match=r"train\.tensorboard .*'no-such-pkg'.*pip install no-such-pkg"):
-        require("blip2_no_such_module", "no-such-pkg", "train.tensorboard")
-    require("json", "json", "train.tensorboard")  # an importable module passes
+    with pytest.raises(MissingBackendError, match=r"tracking\.tensorboard .*'no-such-pkg'.*pip install no-such-pkg"):
+        require("tracking.tensorboard", "blip2_no_such_module", "no-such-pkg")
+    require("tracking.tensorboard", "json", "json")  # an importable module passes
 
 
-def test_config_refuses_a_backend_whose_package_is_missing(monkeypatch):
-    """`blip2 train ... train.wandb_project=p` without wandb installed: refused when the config is
-    built, naming the key and the pip package (a module name that does not exist stands in)."""
+def test_run_training_refuses_a_backend_whose_package_is_missing_before_any_work(monkeypatch, tmp_path):
+    """`blip2 train ... tracking.wandb_project=p` without wandb installed: the config is a document
+    (`blip2 config` prints it), and run_training refuses before reading the input or starting Ray
+    Train, naming the key and the pip package (a module name that does not exist stands in)."""
     from orchestration.config import ConfigError, build
+    from training.loop import run_training
 
-    monkeypatch.setitem(PACKAGES, "wandb", ("blip2_wandb_not_installed", "wandb"))
-    with pytest.raises(ConfigError, match=r"train\.wandb_project .*'wandb' is not installed.*pip install wandb"):
-        build(TrainConfig, {"wandb_project": "p"}, "train.")
-    assert build(TrainConfig, {"wandb_project": ""}, "train.").wandb_project == ""  # off: nothing needed
-    with pytest.raises(ConfigError, match="wandb_mode must be online or offline"):
-        build(TrainConfig, {"wandb_mode": "cloud"}, "train.")
+    monkeypatch.setitem(PACKAGES, "wandb", ("tracking.wandb_project", "blip2_wandb_not_installed", "wandb"))
+    tracking = build(TrackingConfig, {"wandb_project": "p"}, "tracking.")
+    train = TrainConfig(input=str(tmp_path / "no-input"), output=str(tmp_path / "runs"))
+    with pytest.raises(MissingBackendError, match=r"tracking\.wandb_project .*'wandb' is not installed.*pip install wandb"):
+        run_training(ModelConfig(), train, tracking=tracking)
+    assert not (tmp_path / "runs").exists()
+    TrackingConfig(wandb_project="").check_installed()                               # off: nothing needed
+    with pytest.raises(ConfigError, match="tracking: wandb_mode must be online or offline"):
+        build(TrackingConfig, {"wandb_mode": "cloud"}, "tracking.")
     with pytest.raises(ConfigError, match="absolute path"):
-        build(TrainConfig, {"mlflow_tracking_uri": "mlruns"}, "train.")
+        build(TrackingConfig, {"mlflow_tracking_uri": "mlruns"}, "tracking.")

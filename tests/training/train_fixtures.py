@@ -61,8 +61,8 @@ def write_trainer_checkpoint(ckpt: Path, model, step: int, stage: int) -> Path:
     return ckpt
 
 
-def run_training_with_hooks(model, cfg, seed: int = 0, *, log_keys: bool = True, kill: str = "",
-                            model_class: str = ""):
+def run_training_with_hooks(model, cfg, ingest=None, tracking=None, *, seed: int = 0, log_keys: bool = True,
+                            kill: str = "", model_class: str = ""):
     """``run_training`` with the test-only hooks of :mod:`training.hooks` set in the environment
     (the driver reads them once): per-step sample keys in the metrics, and a worker SIGKILL
     (``kill="step=5,marker=/path"``)."""
@@ -76,4 +76,4 @@ def run_training_with_hooks(model, cfg, seed: int = 0, *, log_keys: bool = True,
             mp.setenv("BLIP2_FAULT_INJECT", kill)
         else:
             mp.delenv("BLIP2_FAULT_INJECT", raising=False)
-        return run_training(model, cfg, seed=seed, model_class_spec=model_class)
+        return run_training(model, cfg, ingest, tracking, seed=seed, model_class_spec=model_class)
