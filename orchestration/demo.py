@@ -134,7 +134,7 @@ def run_demo(workdir: Path, images: int, heldout: int, stage1_steps: int, stage2
     from orchestration.config import load_config
     from orchestration.ray_session import ensure_ray, logs_dir
     from orchestration.tiny_models import build_tiny_models
-    from orchestration.tiny_teacher import names_the_image, teach_tiny_models
+    from orchestration.tiny_teacher import TAUGHT, names_the_image, teach_tiny_models
     from pipelines.synthetic import make_corpus, serve_directory
 
     t0 = time.time()
@@ -151,7 +151,7 @@ def run_demo(workdir: Path, images: int, heldout: int, stage1_steps: int, stage2
     _banner("1/10 tiny models (save_pretrained layout), captioner/CLIP/OPT taught the shapes world")
     s = time.time()
     random_models = build_tiny_models(models_dir, seed=seed)
-    steps = None if teach_steps is None else {name: teach_steps for name in ("captioner", "ranker", "opt")}
+    steps = None if teach_steps is None else {name: teach_steps for name in TAUGHT}
     models = teach_tiny_models(random_models, models_dir / "taught", prompt=cfg.capfilt.prompt, seed=seed, steps=steps)
     for name in ("captioner", "ranker", "opt", "vision_eva", "bert", "aesthetic"):
         print(f"  {name:>11}: {models[name]}")

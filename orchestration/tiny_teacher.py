@@ -26,9 +26,9 @@ import torch
 from PIL import Image
 
 from pipelines.synthetic import COLORS, RELATIONS, SHAPES, Item, make_corpus
+from training.stage2 import IGNORE, causal_lm_batch
 
 TAUGHT = ("captioner", "ranker", "opt")
-IGNORE = -100
 
 
 @dataclass(frozen=True)
@@ -130,8 +130,6 @@ def teach_ranker(src: Path, out: Path, lesson: Lesson, steps: int, seed: int) ->
 def teach_reading_llm(src: Path, out: Path, lesson: Lesson, steps: int, seed: int) -> dict:
     """Continue ``[caption words] [BOS]`` with ``caption`` + EOS (text only, all weights)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from training.stage2 import causal_lm_batch
 
     lm = AutoModelForCausalLM.from_pretrained(src)
     tok = AutoTokenizer.from_pretrained(src)
