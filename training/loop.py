@@ -174,7 +174,6 @@ def train_loop_per_worker(config: dict) -> None:
 
     raw.train()
     target = min(train.steps, train.stop_after or train.steps)
-    preempt_saved = False
     while state.step < target:
         t0 = time.perf_counter()
         losses, keys, texts, replaced = {}, [], [], 0
@@ -225,21 +224,43 @@ def train_loop_per_worker(config: dict) -> None:
             log.log(row)
 
         last = state.step == target
-        # a node about to be pre-empted (Ray Core drains it): checkpoint now, once. The call is a
-        # barrier over all ranks, hence only every log_every steps
-        notice = state.step % train.log_every == 0 and not preempt_saved and ray.train.get_preemption_info()
-        if notice:
-            preempt_saved = True
-            print(f"[blip2] rank {rank}: pre-emption notice ({notice}): checkpoint at step {state.step}", flush=True)
+        # a node about to be pre-empted (Ray Core drains it): checkpoint now, then hold. The call
+        # is a barrier over all ranks, hence only every log_every steps
+        notice = not last and state.step % train.log_every == 0 and ray.train.get_preemption_info()
         if state.step % train.checkpoint_every == 0 or last or notice:
             _report_checkpoint(wc, raw, optimizer, scheduler, scaler, state, rank, row, log)
         elif state.step % train.log_every == 0:
             ray.train.report({k: v for k, v in row.items() if k != "keys"})
+        if notice:
+            _hold_for_reclaim(notice, rank, state.step)
 
     if rank == 0:
         log.close()
         if state.step >= train.steps:
             save_final(raw, f"{wc.run_uri}/final")
+
+
+HOLD_PAST_DEADLINE_S = 60.0
+
+
+def _hold_for_reclaim(info, rank: int, step: int) -> None:
+    """After the pre-emption checkpoint, wait for the node to go instead of training on.
+
+    Steps taken now would be redone from that checkpoint anyway, and a collective that loses
+    its peer mid-step fails the surviving ranks, which Ray Train counts against ``max_failures``.
+    Idle ranks let it see only the reclaimed node's workers die (a pre-emption, retried without
+    limit) and restart the group at the deadline, from the checkpoint; the raise only bounds a
+    controller that does not."""
+    from ray.train.v2._internal.constants import DEFAULT_PREEMPTION_DEADLINE_S
+
+    deadline = info.deadline_ms / 1000 if info.deadline_ms else time.time() + DEFAULT_PREEMPTION_DEADLINE_S
+    print(f"[blip2] rank {rank}: pre-emption of {info.preempted_node_ids} (ranks {info.preempted_ranks}): "
+          f"checkpointed step {step}, holding until the restart ({deadline - time.time():.0f} s to the deadline)",
+          flush=True)
+    while time.time() < deadline + HOLD_PAST_DEADLINE_S:
+        time.sleep(0.5)
+    raise RuntimeError(f"pre-emption deadline passed {HOLD_PAST_DEADLINE_S:.0f} s ago and Ray Train has not "
+                       f"restarted the worker group; giving up (the run resumes from step {step})")
 
 
 def _report_checkpoint(wc: WorkerConfig, model, optimizer, scheduler, scaler, state: TrainState, rank: int,

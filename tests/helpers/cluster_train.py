@@ -4,8 +4,11 @@
 (its own process: the test's pytest process may hold a local Ray), runs ``run_training`` and,
 from a thread, watches the cluster: every worker node seen alive, and once Ray Train has
 registered the checkpoint of step ``kill_after``, it SIGKILLs a node that hosts training workers
-(:func:`tests.helpers.fake_cluster.kill_node`). It prints one ``RESULT {json}`` line.
-:func:`train_on_cluster` is the test side.
+(:func:`tests.helpers.fake_cluster.kill_node`). With ``drain_s``, it first gives the node a
+spot reclaim notice instead — the GCS request of ``ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION``
+with that deadline, once step ``kill_after`` is logged — and SIGKILLs the node at the deadline, as the
+cloud takes the VM (Ray Core calls a drained node that dies after its deadline pre-empted, one that
+dies before it failed). It prints one ``RESULT {json}`` line. :func:`train_on_cluster` is the test side.
 """
 from __future__ import annotations
 
@@ -28,17 +31,20 @@ WORKER_ENV = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "NO_ALBUMENTATION
 # its placement group (default 60 s); after an abrupt node loss the first restart asks for the
 # old size (the autoscaling coordinator's view of the cluster is refreshed every 20 s), and only
 # the retry after this timeout fits the nodes that are left. The controller polls its workers,
-# and so takes their reports, every 0.5 s instead of 2 s: a checkpointed step waits for a poll.
-DRIVER_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+# and so takes their reports, every 0.5 s instead of 2 s: a checkpointed step waits for a poll;
+# its pre-emption watcher polls Ray Core's drain state every 0.5 s instead of 5 s.
+DRIVER_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+              "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5"}
 
 
 def train_on_cluster(cluster, train, model_class: str, kill_after: int, timeout: float,
-                     log: Path | None = None) -> dict:
+                     drain_s: float | None = None, log: Path | None = None) -> dict:
     """Run the driver against ``cluster`` (a FakeCluster, maybe still starting) with sample keys
-    logged; its RESULT dict. ``log``: where to keep the driver's output."""
+    logged; its RESULT dict. ``drain_s``: drain the node with this deadline before the kill.
+    ``log``: where to keep the driver's output."""
     spec = Path(cluster.temp_dir) / "train_spec.json"
     spec.write_text(json.dumps({"train": dataclasses.asdict(train), "model_class": model_class,
-                                "kill_after": kill_after}))
+                                "kill_after": kill_after, "drain_s": drain_s}))
     go = spec.with_suffix(".go")
     env = {**cluster.env, **DRIVER_ENV, "BLIP2_LOG_KEYS": "1"}
     env.pop("BLIP2_FAULT_INJECT", None)
@@ -70,16 +76,20 @@ def _wait_for(path: Path, timeout: float) -> None:
 
 class NodeWatcher(threading.Thread):
     """Records worker nodes as they come and go; kills a training node once checkpoint
-    ``kill_after`` is registered (so the restart has it to resume from)."""
+    ``kill_after`` is registered (so the restart has it to resume from) or, with ``drain_s``,
+    drains one once step ``kill_after`` is logged and kills it at the drain's deadline."""
 
-    def __init__(self, run_uri: str, kill_after: int, period: float = 0.25):
+    def __init__(self, address: str, run_uri: str, kill_after: int, drain_s: float | None = None,
+                 period: float = 0.25):
         super().__init__(name="node-watcher", daemon=True)
         import ray
 
-        self.run_uri, self.kill_after, self.period = run_uri, kill_after, period
+        self.address, self.run_uri, self.kill_after, self.drain_s = address, run_uri, kill_after, drain_s
+        self.period = period
         self.head = ray.get_runtime_context().get_node_id()
         self.seen: dict[str, float] = {}        # worker node id -> first time seen alive
         self.lost: dict[str, float] = {}        # worker node id -> first time seen dead
+        self.drain: dict = {}
         self.kill: dict = {}
         self.done = threading.Event()
 
@@ -100,14 +110,42 @@ class NodeWatcher(threading.Thread):
                 self.seen.setdefault(nid, now)
             elif nid in self.seen:
                 self.lost.setdefault(nid, now)
-        if not self.kill and _registered_step(self.run_uri) >= self.kill_after:
-            self._kill({nid: n for nid, n in nodes.items() if n["Alive"]})
+        alive = {nid: n for nid, n in nodes.items() if n["Alive"]}
+        if self.kill:
+            return
+        if self.drain_s is None:
+            if _registered_step(self.run_uri) >= self.kill_after:
+                self._kill(alive)
+        elif not self.drain:
+            if _last_step(self.run_uri) >= self.kill_after:
+                self._drain(alive)
+        elif now >= self.drain["deadline"] and self.drain["node"] in alive:
+            self._kill(alive, self.drain["node"])
 
-    def _kill(self, alive: dict) -> None:
+    def _drain(self, alive: dict) -> None:
         hosts = [nid for nid in _training_nodes() if nid in alive]
         if not hosts:
-            return  # the worker group is being (re)placed: try at the next poll
-        node = hosts[0]
+            return
+        node, t = hosts[0], time.time()
+        # what `ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION --deadline-remaining-seconds`
+        # sends, without the CLI's seconds of start-up
+        import ray
+        from ray.core.generated import autoscaler_pb2
+
+        accepted, why = ray._raylet.GcsClient(address=self.address).drain_node(
+            node, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"), "spot reclaim (test)",
+            int((t + self.drain_s) * 1000))
+        assert accepted, why
+        self.drain = {"node": node, "time": t, "deadline": t + self.drain_s, "step": _last_step(self.run_uri),
+                      "checkpoint": _registered_step(self.run_uri)}
+        print(f"[watcher] drained node {node[:12]} after step {self.drain['step']}", file=sys.stderr, flush=True)
+
+    def _kill(self, alive: dict, node: str | None = None) -> None:
+        hosts = [nid for nid in _training_nodes() if nid in alive]
+        if node is None:
+            if not hosts:
+                return  # the worker group is being (re)placed: try at the next poll
+            node = hosts[0]
         pids = kill_node(alive[node]["RayletSocketName"])
         t = time.time()
         self.kill = {"node": node, "time": t, "pids": len(pids), "step": _last_step(self.run_uri, before=t),
@@ -160,7 +198,7 @@ def main(address: str, spec_path: str) -> None:
     train = build(TrainConfig, spec["train"])
     _wait_for(Path(spec_path).with_suffix(".go"), 180)
     ray.init(address=address, log_to_driver=False)
-    watcher = NodeWatcher(run_uri(train), spec["kill_after"])
+    watcher = NodeWatcher(address, run_uri(train), spec["kill_after"], spec["drain_s"])
     watcher.start()
     t0, error = time.time(), None
     try:
@@ -171,7 +209,8 @@ def main(address: str, spec_path: str) -> None:
     watcher.done.set()
     watcher.join(10)
     print("RESULT " + json.dumps({"error": error, "wall_s": time.time() - t0, "t0": t0, "seen": watcher.seen,
-                                  "lost": watcher.lost, "kill": watcher.kill}), flush=True)
+                                  "lost": watcher.lost, "drain": watcher.drain, "kill": watcher.kill}),
+          flush=True)
     ray.shutdown()
 
 

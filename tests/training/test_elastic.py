@@ -10,7 +10,12 @@ not the model, is what these runs cost).
 * the same elastic run on an autoscaling cluster (Ray's fake multi-node provider, head with no
   CPUs as in ``ray_cluster.yaml``) brings up worker nodes for its workers; the node hosting them
   is SIGKILLed mid-epoch (raylet, workers and agents) and the run continues on a node that is
-  left and finishes, with the same checks.
+  left and finishes, with the same checks;
+* on the same cluster, a node that gets a spot reclaim notice first (``ray drain-node --reason
+  DRAIN_NODE_REASON_PREEMPTION`` with a deadline) makes the loop checkpoint at once, off the
+  ``checkpoint_every`` schedule, and hold; the node is killed at the deadline, and the run
+  resumes from that checkpoint with nothing redone, Ray Train counting the loss as a
+  pre-emption, not as one of ``max_failures`` (0 here).
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from training.optim import lr_at
 
 pytestmark = pytest.mark.slow
 TOY = "tests.training.toy_model:ToyModel"
+SLOW_TOY = "tests.training.toy_model:SlowToyModel"
 MODEL = ModelConfig(image_size=32)  # what ingest crops to (the toy model takes any size)
 INGEST = IngestConfig(map_batch_size=8, shuffle_window=2)
 STEPS = 6  # 48 samples / global batch 8: exactly one epoch
@@ -123,3 +129,27 @@ def test_elastic_run_on_an_autoscaling_cluster_survives_a_lost_node(root, tmp_pa
           f"{resumed[0]['time'] - kill['time']:.1f} s later; worlds {[r['world_size'] for r in rows]}; "
           f"driver {out['wall_s']:.1f} s")
     assert (root / "runs" / "autoscaled" / "final" / "model.safetensors").exists()
+
+
+def test_a_reclaim_notice_checkpoints_at_once_and_the_run_resumes_from_it(root, tmp_path):
+    # no scheduled checkpoint before the final one: any other registered checkpoint is the notice's
+    cfg = _cfg(root, "drained", num_workers=(1, 2), max_failures=0, cpus_per_worker=2, checkpoint_every=100)
+    with FakeCluster(_training_twin, tmp_path, head_cpus=0, env={**WORKER_ENV, **FAST_NODE_DEATH}) as cluster:
+        out = train_on_cluster(cluster, cfg, model_class=SLOW_TOY, kill_after=1, drain_s=20, timeout=300,
+                               log=tmp_path / "driver.log")
+    drain, kill = out["drain"], out["kill"]
+    assert drain and kill and kill["node"] == drain["node"], out      # drained, then reclaimed
+    assert out["error"] is None, out["error"]     # finished with max_failures=0: the loss was a pre-emption
+    notice = kill["checkpoint"]
+    assert drain["step"] <= notice < STEPS, out   # the notice made a checkpoint no schedule asked for,
+    assert kill["step"] == notice, out            # the ranks held from it to the reclaim (nothing to redo) ...
+    rows = read_metrics(str(root / "runs" / "drained"))
+    _assert_epoch_exactly_once(rows)
+    resumed = [r for r in rows if r["time"] > kill["time"]]
+    assert resumed and resumed[0]["step"] == notice + 1, (kill, rows)  # ... and the run resumed from it
+    saved = rows[notice - 1]["time"]
+    print(f"reclaim notice after step {drain['step']}: checkpoint at step {notice} {saved - drain['time']:.1f} s "
+          f"after the drain, then idle to the deadline ({kill['time'] - saved:.1f} s); node killed after step "
+          f"{kill['step']} ({kill['step'] - notice} step(s) redone); first step after the loss "
+          f"{resumed[0]['time'] - kill['time']:.1f} s later; worlds {[r['world_size'] for r in rows]}")
+    assert (root / "runs" / "drained" / "final" / "model.safetensors").exists()

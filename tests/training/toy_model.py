@@ -7,6 +7,7 @@ plus dropout so RNG restore matters.
 from __future__ import annotations
 
 import json
+import time
 import zlib
 from pathlib import Path
 
@@ -70,3 +71,12 @@ class ToyModel(nn.Module):
         m = cls()
         m.load_trainable_state_dict(load_file(str(Path(d) / "model.safetensors")))
         return m
+
+
+class SlowToyModel(ToyModel):
+    """A toy whose forward takes a second, like a real step: long enough for a signal that arrives
+    mid-run (a reclaim notice) to land between steps of a 6-step run."""
+
+    def forward(self, pixel_values: torch.Tensor, texts: list[str]) -> dict[str, torch.Tensor]:
+        time.sleep(1.0)
+        return super().forward(pixel_values, texts)
