@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.helpers.servers import free_port, pids_running
+from tests.helpers.servers import free_port, pids_running, stop_group
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_YAML = REPO / "ray_cluster.yaml"
@@ -100,21 +100,6 @@ class FakeCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def stop_group(proc: subprocess.Popen, grace: float = 20) -> None:
-    """SIGTERM the head's process group (ray start + GCS + monitor + fake nodes), SIGKILL after ``grace``."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # stragglers of the group (GCS, monitor)
-    except ProcessLookupError:
-        pass
-    proc.wait(10)
 
 
 def _sigkill(pid: int) -> None:

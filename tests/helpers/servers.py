@@ -250,13 +250,23 @@ class RayHead:
         raise TimeoutError("Ray head did not come up")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        stop_group(self.proc, grace=5)  # `ray start --block` outlasts a SIGTERM grace of 30 s
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 20) -> None:
+    """SIGTERM a `ray start --head` process group (ray start + GCS + raylet + monitor + fake nodes),
+    SIGKILL what is left after ``grace``."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # stragglers of the group (GCS, monitor)
+    except ProcessLookupError:
+        pass
+    proc.wait(10)
 
 
 def pids_running(text: str) -> list[int]:
