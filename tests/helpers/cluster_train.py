@@ -123,7 +123,7 @@ class NodeWatcher(threading.Thread):
             self._kill(alive, self.drain["node"])
 
     def _drain(self, alive: dict) -> None:
-        hosts = [nid for nid in _training_nodes() if nid in alive]
+        hosts = _training_nodes(alive)
         if not hosts:
             return
         node, t = hosts[0], time.time()
@@ -136,12 +136,11 @@ class NodeWatcher(threading.Thread):
             node, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"), "spot reclaim (test)",
             int((t + self.drain_s) * 1000))
         assert accepted, why
-        self.drain = {"node": node, "time": t, "deadline": t + self.drain_s, "step": _last_step(self.run_uri),
-                      "checkpoint": _registered_step(self.run_uri)}
+        self.drain = {"node": node, "time": t, "deadline": t + self.drain_s, "step": _last_step(self.run_uri)}
         print(f"[watcher] drained node {node[:12]} after step {self.drain['step']}", file=sys.stderr, flush=True)
 
     def _kill(self, alive: dict, node: str | None = None) -> None:
-        hosts = [nid for nid in _training_nodes() if nid in alive]
+        hosts = _training_nodes(alive)
         if node is None:
             if not hosts:
                 return  # the worker group is being (re)placed: try at the next poll
@@ -154,12 +153,12 @@ class NodeWatcher(threading.Thread):
               file=sys.stderr, flush=True)
 
 
-def _training_nodes() -> list[str]:
-    """Nodes holding bundles of a placed placement group (Ray Train's worker group)."""
+def _training_nodes(alive: dict) -> list[str]:
+    """The ``alive`` nodes holding bundles of a placed placement group (Ray Train's worker group)."""
     from ray.util import placement_group_table
 
     return sorted({nid for pg in placement_group_table().values() if pg["state"] == "CREATED"
-                   for nid in pg["bundles_to_node_id"].values()})
+                   for nid in pg["bundles_to_node_id"].values() if nid in alive})
 
 
 def _registered_step(run_uri: str) -> int:
