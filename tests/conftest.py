@@ -10,6 +10,10 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Ray Train's controller takes its workers' reports, and so registers their checkpoints, once per
+# poll: every 2 s by default, where the tests' short runs checkpoint every step or two. It reads
+# this from the driver's environment; every Ray the tests start inherits it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 from tests.helpers.servers import RayHead, free_port, start_http_server, start_recording_server  # noqa: E402
 

@@ -1,14 +1,17 @@
-"""A training driver on a running Ray cluster, with a watcher that kills a training node mid-run.
+"""A training driver on a running Ray cluster, with a watcher that plays a spot node's ends on it.
 
 ``python -m tests.helpers.cluster_train ADDRESS SPEC.json`` connects with ``ray.init(address)``
 (its own process: the test's pytest process may hold a local Ray), runs ``run_training`` and,
-from a thread, watches the cluster: every worker node seen alive, and once Ray Train has
-registered the checkpoint of step ``kill_after``, it SIGKILLs a node that hosts training workers
-(:func:`tests.helpers.fake_cluster.kill_node`). With ``drain_s``, it first gives the node a
-spot reclaim notice instead — the GCS request of ``ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION``
-with that deadline, once step ``kill_after`` is logged — and SIGKILLs the node at the deadline, as the
-cloud takes the VM (Ray Core calls a drained node that dies after its deadline pre-empted, one that
-dies before it failed). It prints one ``RESULT {json}`` line. :func:`train_on_cluster` is the test side.
+from a thread, watches the cluster: every worker node seen alive and, in turn,
+
+* the *reclaim*: once step ``drain_after`` is logged, a spot reclaim notice to a node that hosts
+  training workers (the GCS request of ``ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION``
+  with a ``drain_s`` deadline), and its SIGKILL at the deadline, as the cloud takes the VM (Ray
+  Core calls a drained node that dies after its deadline pre-empted, one that dies before it failed);
+* the *loss*: once Ray Train has registered the checkpoint of step ``kill_after``, the SIGKILL
+  of a training node with no notice at all (:func:`tests.helpers.fake_cluster.kill_node`).
+
+It prints one ``RESULT {json}`` line. :func:`train_on_cluster` is the test side.
 """
 from __future__ import annotations
 
@@ -30,27 +33,25 @@ WORKER_ENV = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "NO_ALBUMENTATION
 # Ray Train's controller (it reads the driver's environment). A group start waits this long for
 # its placement group (default 60 s); after an abrupt node loss the first restart asks for the
 # old size (the autoscaling coordinator's view of the cluster is refreshed every 20 s), and only
-# the retry after this timeout fits the nodes that are left. The controller polls its workers,
-# and so takes their reports, every 0.5 s instead of 2 s: a checkpointed step waits for a poll;
-# its pre-emption watcher polls Ray Core's drain state every 0.5 s instead of 5 s.
-DRIVER_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
-              "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5"}
+# the retry after this timeout fits the nodes that are left. Its pre-emption watcher polls Ray
+# Core's drain state every 0.5 s instead of 5 s. (tests/conftest.py sets its worker poll.)
+DRIVER_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10", "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5"}
 
 
-def train_on_cluster(cluster, train, model_class: str, kill_after: int, timeout: float,
-                     drain_s: float | None = None, log: Path | None = None) -> dict:
+def train_on_cluster(cluster, train, model_class: str, drain_after: int, drain_s: float, kill_after: int,
+                     timeout: float, log: Path | None = None) -> dict:
     """Run the driver against ``cluster`` (a FakeCluster, maybe still starting) with sample keys
-    logged; its RESULT dict. ``drain_s``: drain the node with this deadline before the kill.
-    ``log``: where to keep the driver's output."""
+    logged; its RESULT dict. ``log``: where to keep the driver's output."""
     spec = Path(cluster.temp_dir) / "train_spec.json"
     spec.write_text(json.dumps({"train": dataclasses.asdict(train), "model_class": model_class,
-                                "kill_after": kill_after, "drain_s": drain_s}))
+                                "drain_after": drain_after, "drain_s": drain_s, "kill_after": kill_after}))
     go = spec.with_suffix(".go")
     env = {**cluster.env, **DRIVER_ENV, "BLIP2_LOG_KEYS": "1"}
     env.pop("BLIP2_FAULT_INJECT", None)
     # the driver's imports (torch, Ray Train) overlap the head's start; it connects on `go`
     proc = subprocess.Popen([sys.executable, "-m", "tests.helpers.cluster_train", cluster.address, str(spec)],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout = stderr = ""
     try:
         cluster.wait_ready()
         go.touch()
@@ -58,9 +59,9 @@ def train_on_cluster(cluster, train, model_class: str, kill_after: int, timeout:
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
-    if log is not None:
-        Path(log).write_text(stdout + stderr)
+            stdout, stderr = proc.communicate()
+        if log is not None:
+            Path(log).write_text(stdout + stderr)
     line = [x for x in stdout.splitlines() if x.startswith("RESULT ")]
     assert line, f"driver rc {proc.returncode}\n{stdout[-3000:]}\n{stderr[-5000:]}"
     return json.loads(line[-1][len("RESULT "):])
@@ -75,22 +76,23 @@ def _wait_for(path: Path, timeout: float) -> None:
 
 
 class NodeWatcher(threading.Thread):
-    """Records worker nodes as they come and go; kills a training node once checkpoint
-    ``kill_after`` is registered (so the restart has it to resume from) or, with ``drain_s``,
-    drains one once step ``kill_after`` is logged and kills it at the drain's deadline."""
+    """Records worker nodes as they come and go; drains a training node once step ``drain_after``
+    is logged and kills it at the drain's deadline (the reclaim), then kills a training node once
+    checkpoint ``kill_after`` is registered, so the restart has it to resume from (the loss)."""
 
-    def __init__(self, address: str, run_uri: str, kill_after: int, drain_s: float | None = None,
+    def __init__(self, address: str, run_uri: str, drain_after: int, drain_s: float, kill_after: int,
                  period: float = 0.25):
         super().__init__(name="node-watcher", daemon=True)
         import ray
 
-        self.address, self.run_uri, self.kill_after, self.drain_s = address, run_uri, kill_after, drain_s
-        self.period = period
+        self.address, self.run_uri, self.period = address, run_uri, period
+        self.drain_after, self.drain_s, self.kill_after = drain_after, drain_s, kill_after
         self.head = ray.get_runtime_context().get_node_id()
         self.seen: dict[str, float] = {}        # worker node id -> first time seen alive
         self.lost: dict[str, float] = {}        # worker node id -> first time seen dead
         self.drain: dict = {}
-        self.kill: dict = {}
+        self.reclaim: dict = {}
+        self.loss: dict = {}
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -111,21 +113,21 @@ class NodeWatcher(threading.Thread):
             elif nid in self.seen:
                 self.lost.setdefault(nid, now)
         alive = {nid: n for nid, n in nodes.items() if n["Alive"]}
-        if self.kill:
-            return
-        if self.drain_s is None:
-            if _registered_step(self.run_uri) >= self.kill_after:
-                self._kill(alive)
-        elif not self.drain:
-            if _last_step(self.run_uri) >= self.kill_after:
-                self._drain(alive)
-        elif now >= self.drain["deadline"] and self.drain["node"] in alive:
-            self._kill(alive, self.drain["node"])
+        if not self.drain:
+            if _last_step(self.run_uri) >= self.drain_after:
+                self.drain = self._drain(alive)
+        elif not self.reclaim:
+            if now >= self.drain["deadline"] and self.drain["node"] in alive:
+                self.reclaim = self._kill(alive, self.drain["node"])
+        elif not self.loss and _registered_step(self.run_uri) >= self.kill_after:
+            hosts = _training_nodes(alive)
+            if hosts:  # else the worker group is being (re)placed: try at the next poll
+                self.loss = self._kill(alive, hosts[0])
 
-    def _drain(self, alive: dict) -> None:
+    def _drain(self, alive: dict) -> dict:
         hosts = _training_nodes(alive)
         if not hosts:
-            return
+            return {}
         node, t = hosts[0], time.time()
         # what `ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION --deadline-remaining-seconds`
         # sends, without the CLI's seconds of start-up
@@ -136,21 +138,19 @@ class NodeWatcher(threading.Thread):
             node, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"), "spot reclaim (test)",
             int((t + self.drain_s) * 1000))
         assert accepted, why
-        self.drain = {"node": node, "time": t, "deadline": t + self.drain_s, "step": _last_step(self.run_uri)}
-        print(f"[watcher] drained node {node[:12]} after step {self.drain['step']}", file=sys.stderr, flush=True)
+        step = _last_step(self.run_uri)
+        print(f"[watcher] drained node {node[:12]} after step {step}", file=sys.stderr, flush=True)
+        return {"node": node, "time": t, "deadline": t + self.drain_s, "step": step}
 
-    def _kill(self, alive: dict, node: str | None = None) -> None:
+    def _kill(self, alive: dict, node: str) -> dict:
         hosts = _training_nodes(alive)
-        if node is None:
-            if not hosts:
-                return  # the worker group is being (re)placed: try at the next poll
-            node = hosts[0]
         pids = kill_node(alive[node]["RayletSocketName"])
         t = time.time()
-        self.kill = {"node": node, "time": t, "pids": len(pids), "step": _last_step(self.run_uri, before=t),
-                     "checkpoint": _registered_step(self.run_uri), "training_nodes": hosts}
-        print(f"[watcher] killed node {node[:12]} ({len(pids)} processes) after step {self.kill['step']}",
+        kill = {"node": node, "time": t, "pids": len(pids), "step": _last_step(self.run_uri, before=t),
+                "checkpoint": _registered_step(self.run_uri), "training_nodes": hosts}
+        print(f"[watcher] killed node {node[:12]} ({len(pids)} processes) after step {kill['step']}",
               file=sys.stderr, flush=True)
+        return kill
 
 
 def _training_nodes(alive: dict) -> list[str]:
@@ -197,7 +197,7 @@ def main(address: str, spec_path: str) -> None:
     train = build(TrainConfig, spec["train"])
     _wait_for(Path(spec_path).with_suffix(".go"), 180)
     ray.init(address=address, log_to_driver=False)
-    watcher = NodeWatcher(address, run_uri(train), spec["kill_after"], spec["drain_s"])
+    watcher = NodeWatcher(address, run_uri(train), spec["drain_after"], spec["drain_s"], spec["kill_after"])
     watcher.start()
     t0, error = time.time(), None
     try:
@@ -208,7 +208,8 @@ def main(address: str, spec_path: str) -> None:
     watcher.done.set()
     watcher.join(10)
     print("RESULT " + json.dumps({"error": error, "wall_s": time.time() - t0, "t0": t0, "seen": watcher.seen,
-                                  "lost": watcher.lost, "drain": watcher.drain, "kill": watcher.kill}),
+                                  "lost": watcher.lost, "drain": watcher.drain, "reclaim": watcher.reclaim,
+                                  "loss": watcher.loss}),
           flush=True)
     ray.shutdown()
 

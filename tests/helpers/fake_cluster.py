@@ -60,6 +60,7 @@ class FakeCluster:
 
     def __init__(self, twin, workdir: Path, head_cpus: int = 1, env: dict | None = None):
         self.port = free_port()
+        self.workdir = Path(workdir)
         self.address = f"127.0.0.1:{self.port}"
         config = Path(workdir) / "fake_cluster.yaml"
         config.write_text(yaml.safe_dump(twin(self.address)))
@@ -93,6 +94,9 @@ class FakeCluster:
         # fake nodes a crash left outside the group: every process names this temp dir
         for pid in pids_running(str(self.temp_dir)):
             _sigkill(pid)
+        # the autoscaler's view of the run, for a failed test to show (the temp dir goes)
+        for log in self.logs().glob("monitor*"):
+            shutil.copy(log, self.workdir / log.name)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def __enter__(self) -> "FakeCluster":

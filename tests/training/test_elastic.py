@@ -8,14 +8,15 @@ not the model, is what these runs cost).
   by Ray Train from the last checkpoint and finishes; the same exactly-once and fixed-global-
   batch checks hold, and the final model is written;
 * the same elastic run on an autoscaling cluster (Ray's fake multi-node provider, head with no
-  CPUs as in ``ray_cluster.yaml``) brings up worker nodes for its workers; the node hosting them
-  is SIGKILLed mid-epoch (raylet, workers and agents) and the run continues on a node that is
-  left and finishes, with the same checks;
-* on the same cluster, a node that gets a spot reclaim notice first (``ray drain-node --reason
-  DRAIN_NODE_REASON_PREEMPTION`` with a deadline) makes the loop checkpoint at once, off the
-  ``checkpoint_every`` schedule, and hold; the node is killed at the deadline, and the run
-  resumes from that checkpoint with nothing redone, Ray Train counting the loss as a
-  pre-emption, not as one of ``max_failures`` (0 here).
+  CPUs as in ``ray_cluster.yaml``) lives through a spot node's two ends, one after the other.
+  First a reclaim notice (``ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`` with a
+  deadline) to a node hosting its workers: the loop checkpoints at once, off the
+  ``checkpoint_every`` schedule, and holds; the node is killed at the deadline, and the run
+  resumes from that checkpoint with nothing redone. Later a node hosting its workers is SIGKILLed
+  with no notice (raylet, workers and agents): the run resumes from the last registered
+  checkpoint, on a node that is left or one the autoscaler brings up. With ``max_failures=1`` the
+  run finishes only if Ray Train counted the first loss as a pre-emption, not a failure; the same
+  exactly-once and fixed-global-batch checks hold.
 """
 from __future__ import annotations
 
@@ -100,56 +101,44 @@ FAST_NODE_DEATH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeo
 
 
 def _training_twin(gcs: str) -> dict:
-    """Head without CPUs (like ray_cluster.yaml's); cpu_worker nodes of 3 CPUs: one 2-CPU training
-    worker each, plus a CPU for the ingest tasks; idle nodes kept a minute, past the run."""
-    return fake_twin(load_cluster(), gcs, resources={"cpu_worker": {"CPU": 3}}, max_workers=2, head_cpus=0,
+    """Head without CPUs (like ray_cluster.yaml's); up to 3 cpu_worker nodes of 3 CPUs: one 2-CPU
+    training worker each, plus a CPU for the ingest tasks; idle nodes kept a minute, past the run."""
+    return fake_twin(load_cluster(), gcs, resources={"cpu_worker": {"CPU": 3}}, max_workers=3, head_cpus=0,
                      idle_timeout_minutes=1)
 
 
-def test_elastic_run_on_an_autoscaling_cluster_survives_a_lost_node(root, tmp_path):
-    cfg = _cfg(root, "autoscaled", num_workers=(1, 2), max_failures=1, cpus_per_worker=2, checkpoint_every=2)
+def test_spot_nodes_reclaimed_with_notice_then_lost_without_one_lose_no_sample(root, tmp_path):
+    # checkpoints are scheduled at step 4 and at the end only: one between is the notice's
+    cfg = _cfg(root, "spot", num_workers=(1, 2), max_failures=1, cpus_per_worker=2, checkpoint_every=4)
     with FakeCluster(_training_twin, tmp_path, head_cpus=0, env={**WORKER_ENV, **FAST_NODE_DEATH}) as cluster:
-        out = train_on_cluster(cluster, cfg, model_class=TOY, kill_after=2, timeout=300)
-    kill = out["kill"]
-    assert kill and kill["node"] in out["seen"], out                 # the run's node came up, and was killed ...
-    assert kill["node"] in out["lost"], out                          # ... and the GCS saw it go
-    assert out["error"] is None, out["error"]                        # the run carried on and finished
-    rows = read_metrics(str(root / "runs" / "autoscaled"))
+        out = train_on_cluster(cluster, cfg, model_class=SLOW_TOY, drain_after=1, drain_s=12, kill_after=4,
+                               timeout=300, log=tmp_path / "driver.log")
+    drain, reclaim, loss = out["drain"], out["reclaim"], out["loss"]
+    assert drain and reclaim and reclaim["node"] == drain["node"], out    # drained, then reclaimed ...
+    assert loss and loss["node"] in out["seen"] and loss["node"] in out["lost"], out  # ... later one lost
+    assert out["error"] is None, out["error"]     # 2 losses, max_failures=1: the reclaim was a pre-emption
+    rows = read_metrics(str(root / "runs" / "spot"))
     _assert_epoch_exactly_once(rows)
     assert set(r["world_size"] for r in rows) <= {1, 2}
-    resumed = [r for r in rows if r["time"] > kill["time"]]
-    assert resumed and kill["step"] < STEPS, (kill, rows)           # the kill landed mid-epoch
-    resumed_from = resumed[0]["step"] - 1                            # a registered checkpoint (a later one may
-    assert kill["checkpoint"] <= resumed_from <= kill["step"]        # be registered just after the kill)
-    redone = kill["step"] - resumed_from
-    assert redone <= cfg.checkpoint_every
-    print(f"autoscaled run: {len(out['seen'])} worker node(s) launched; killed one after step {kill['step']} "
-          f"(resumed from checkpoint {resumed_from}: {redone} step(s) redone); GCS declared it dead "
-          f"{out['lost'][kill['node']] - kill['time']:.1f} s later; first step after the loss "
-          f"{resumed[0]['time'] - kill['time']:.1f} s later; worlds {[r['world_size'] for r in rows]}; "
-          f"driver {out['wall_s']:.1f} s")
-    assert (root / "runs" / "autoscaled" / "final" / "model.safetensors").exists()
 
+    notice = reclaim["checkpoint"]
+    assert drain["step"] <= notice < STEPS and notice % cfg.checkpoint_every, out  # a checkpoint no schedule
+    assert reclaim["step"] == notice, out    # asked for; the ranks held from it to the reclaim (nothing to redo)
+    after_reclaim = [r for r in rows if r["time"] > reclaim["time"]]
+    assert after_reclaim[0]["step"] == notice + 1, (reclaim, rows)        # ... and the run resumed from it
 
-def test_a_reclaim_notice_checkpoints_at_once_and_the_run_resumes_from_it(root, tmp_path):
-    # no scheduled checkpoint before the final one: any other registered checkpoint is the notice's
-    cfg = _cfg(root, "drained", num_workers=(1, 2), max_failures=0, cpus_per_worker=2, checkpoint_every=100)
-    with FakeCluster(_training_twin, tmp_path, head_cpus=0, env={**WORKER_ENV, **FAST_NODE_DEATH}) as cluster:
-        out = train_on_cluster(cluster, cfg, model_class=SLOW_TOY, kill_after=1, drain_s=20, timeout=300,
-                               log=tmp_path / "driver.log")
-    drain, kill = out["drain"], out["kill"]
-    assert drain and kill and kill["node"] == drain["node"], out      # drained, then reclaimed
-    assert out["error"] is None, out["error"]     # finished with max_failures=0: the loss was a pre-emption
-    notice = kill["checkpoint"]
-    assert drain["step"] <= notice < STEPS, out   # the notice made a checkpoint no schedule asked for,
-    assert kill["step"] == notice, out            # the ranks held from it to the reclaim (nothing to redo) ...
-    rows = read_metrics(str(root / "runs" / "drained"))
-    _assert_epoch_exactly_once(rows)
-    resumed = [r for r in rows if r["time"] > kill["time"]]
-    assert resumed and resumed[0]["step"] == notice + 1, (kill, rows)  # ... and the run resumed from it
+    after_loss = [r for r in rows if r["time"] > loss["time"]]
+    assert after_loss and loss["step"] < STEPS, (loss, rows)             # the loss landed mid-epoch
+    resumed_from = after_loss[0]["step"] - 1      # a registered checkpoint (a later one may be registered
+    assert loss["checkpoint"] <= resumed_from <= loss["step"]            # just after the kill)
+    assert loss["step"] - resumed_from <= cfg.checkpoint_every
     saved = rows[notice - 1]["time"]
-    print(f"reclaim notice after step {drain['step']}: checkpoint at step {notice} {saved - drain['time']:.1f} s "
-          f"after the drain, then idle to the deadline ({kill['time'] - saved:.1f} s); node killed after step "
-          f"{kill['step']} ({kill['step'] - notice} step(s) redone); first step after the loss "
-          f"{resumed[0]['time'] - kill['time']:.1f} s later; worlds {[r['world_size'] for r in rows]}")
-    assert (root / "runs" / "drained" / "final" / "model.safetensors").exists()
+    print(f"spot run: {len(out['seen'])} worker node(s) launched. Reclaim notice after step {drain['step']}: "
+          f"checkpoint at step {notice} {saved - drain['time']:.1f} s after it, idle to the deadline "
+          f"({reclaim['time'] - saved:.1f} s), 0 steps redone, first step "
+          f"{after_reclaim[0]['time'] - reclaim['time']:.1f} s after the reclaim. Loss after step {loss['step']}: "
+          f"resumed from checkpoint {resumed_from} ({loss['step'] - resumed_from} step(s) redone), GCS declared the "
+          f"node dead {out['lost'][loss['node']] - loss['time']:.1f} s later, first step "
+          f"{after_loss[0]['time'] - loss['time']:.1f} s after the loss; worlds {[r['world_size'] for r in rows]}; "
+          f"driver {out['wall_s']:.1f} s")
+    assert (root / "runs" / "spot" / "final" / "model.safetensors").exists()
