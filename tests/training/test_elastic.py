@@ -24,18 +24,17 @@ import pytest
 
 from tests.helpers.cluster_train import WORKER_ENV, train_on_cluster
 from tests.helpers.fake_cluster import FakeCluster, fake_twin, load_cluster
-from tests.training.train_fixtures import run_training_with_hooks, write_capfilt
+from tests.training.train_fixtures import TOY, TOY_EPOCH_STEPS, run_training_with_hooks, write_capfilt
 from training.config import ModelConfig, TrainConfig
 from training.ingest import IngestConfig
 from training.metrics import read_metrics
 from training.optim import lr_at
 
 pytestmark = pytest.mark.slow
-TOY = "tests.training.toy_model:ToyModel"
 SLOW_TOY = "tests.training.toy_model:SlowToyModel"
 MODEL = ModelConfig(image_size=32)  # what ingest crops to (the toy model takes any size)
 INGEST = IngestConfig(map_batch_size=8, shuffle_window=2)
-STEPS = 6  # 48 samples / global batch 8: exactly one epoch
+STEPS = TOY_EPOCH_STEPS
 
 
 def _cfg(root, name: str, **kw) -> TrainConfig:
@@ -62,18 +61,11 @@ def _assert_epoch_exactly_once(rows: list[dict]) -> None:
     assert [r["lr"] for r in rows] == pytest.approx([lr_at(s, 1e-3, 1e-4, 2, STEPS) for s in range(STEPS)])
 
 
-def test_resume_with_fewer_workers_continues_with_the_next_unseen_sample(root, ray_local):
-    cfg = _cfg(root, "resized")
-    first = run_training_with_hooks(MODEL, TrainConfig(**{**cfg.__dict__, "stop_after": 3}), INGEST,
-                                    model_class=TOY)
-    assert first.error is None, first.error
-    second = run_training_with_hooks(MODEL, TrainConfig(**{**cfg.__dict__, "num_workers": 1}), INGEST,
-                                     model_class=TOY)
-    assert second.error is None, second.error
-    rows = read_metrics(str(root / "runs" / "resized"))
+def test_resume_with_fewer_workers_continues_with_the_next_unseen_sample(resized_toy_run):
+    run, rows, _, _ = resized_toy_run   # 2 workers to step 3, then resumed on 1
     _assert_epoch_exactly_once(rows)
     assert [(r["world_size"], r["accum"]) for r in rows] == [(2, 1)] * 3 + [(1, 2)] * 3
-    assert (root / "runs" / "resized" / "final" / "model.safetensors").exists()
+    assert (run / "final" / "model.safetensors").exists()
 
 
 def test_elastic_run_survives_a_killed_worker(root, ray_local):

@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from tests.training.train_fixtures import run_training_with_hooks, write_capfilt
+from tests.training.train_fixtures import TOY, run_training_with_hooks, write_capfilt
 from training.config import ModelConfig, TrainConfig
 from training.ingest import (Augment, EpochOrder, IngestConfig, ShardRows, list_shards, rank_picks, rank_read_tasks,
                              step_split, steps_per_epoch)
@@ -175,7 +175,7 @@ def test_run_training_logs_the_realised_mix(tmp_path, corpus, ray_local):
                       global_batch=8, num_workers=1, checkpoint_every=6, log_every=1, warmup_steps=1)
     cfg.validate()
     ingest = IngestConfig(map_batch_size=8, shuffle_window=2, source_weights={"coco": 2, "laion": 0})
-    result = run_training_with_hooks(ModelConfig(image_size=32), cfg, ingest, model_class="tests.training.toy_model:ToyModel")
+    result = run_training_with_hooks(ModelConfig(image_size=32), cfg, ingest, model_class=TOY)
     assert result.error is None, result.error
     rows = read_metrics(str(tmp_path / "runs" / "mix"))
     assert [r["step"] for r in rows] == list(range(1, 7))

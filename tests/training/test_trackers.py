@@ -1,11 +1,11 @@
 """Experiment tracking (training/trackers.py): TensorBoard, MLflow and W&B hold metrics.jsonl's values.
 
-One real Ray Train run (toy model, 2 workers, 4 steps) with all three backends on — TensorBoard
-event files, MLflow's file store under tmp_path, W&B in offline mode — stopped after step 2
-(``train.stop_after``) and run again with the same output/name, so it resumes from checkpoint 2.
-Each backend is read back with its own reader and must hold, per step 1..4, the loss values of
+The resized toy run of ``tests/training/conftest.py`` (real Ray Train, all three backends on —
+TensorBoard event files, MLflow's file store, W&B in offline mode — stopped after step 3 and
+run again with the same output/name on another world size, so it resumes from checkpoint 3).
+Each backend is read back with its own reader and must hold, per step 1..6, the loss values of
 ``metrics.jsonl``, exactly once (only rank 0 logs), in one MLflow run / one W&B run id.
-(About 60 s on the 2-core machine: two short Ray Train runs.) The missing-package tests are instant.
+The missing-package tests are instant.
 """
 from __future__ import annotations
 
@@ -16,40 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.training.train_fixtures import write_capfilt
+from tests.training.train_fixtures import TOY_EPOCH_STEPS
 from training.config import ModelConfig, TrainConfig
-from training.ingest import IngestConfig
-from training.metrics import read_metrics
 from training.trackers import IDS_FILE, PACKAGES, MissingBackendError, TrackingConfig, require
 
-STEPS = 4
 LOSSES = ("loss", "loss_itc", "loss_aux")
 
 
 @pytest.fixture(scope="module")
-def tracked_run(tmp_path_factory, corpus, ray_local):
-    from tests.training.train_fixtures import run_training_with_hooks
-
-    root = tmp_path_factory.mktemp("trackers")
-    write_capfilt(str(root / "capfilt"), corpus, rows_per_shard=12)
-    cfg = TrainConfig(input=str(root / "capfilt"), output=str(root / "runs"), name="tracked", steps=STEPS,
-                      batch_size=4, num_workers=2, checkpoint_every=2, log_every=1, warmup_steps=1, lr=1e-3,
-                      min_lr=1e-4)
-    cfg.validate()
-    tracking = TrackingConfig(tensorboard=True, mlflow_tracking_uri=(root / "mlruns").as_uri(),
-                              mlflow_experiment="blip2-test", wandb_project="blip2-test", wandb_mode="offline")
-    tracking.validate()
-    toy = "tests.training.toy_model:ToyModel"
-    first = run_training_with_hooks(ModelConfig(image_size=32), TrainConfig(**{**cfg.__dict__, "stop_after": 2}),
-                                    IngestConfig(map_batch_size=8), tracking, model_class=toy)
-    assert first.error is None, first.error
-    second = run_training_with_hooks(ModelConfig(image_size=32), cfg, IngestConfig(map_batch_size=8), tracking,
-                                     model_class=toy)
-    assert second.error is None, second.error
-    run = root / "runs" / "tracked"
-    rows = read_metrics(str(run))
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    return run, rows, json.loads((run / IDS_FILE).read_text()), root
+def tracked_run(resized_toy_run):
+    run, rows, ids, root = resized_toy_run
+    assert [r["step"] for r in rows] == list(range(1, TOY_EPOCH_STEPS + 1))
+    return run, rows, ids, root
 
 
 @pytest.mark.slow
@@ -77,7 +55,7 @@ def test_mlflow_run_holds_the_jsonl_losses_in_one_resumed_run(tracked_run, monke
     experiment = client.get_experiment_by_name("blip2-test")
     runs = client.search_runs([experiment.experiment_id])
     assert [r.info.run_id for r in runs] == [ids["mlflow"]["run_id"]]  # the re-run continued the same run
-    assert runs[0].info.status == "FINISHED" and runs[0].info.run_name == "tracked"
+    assert runs[0].info.status == "FINISHED" and runs[0].info.run_name == "resized"
     assert runs[0].data.params["train/lr"] == "0.001" and runs[0].data.params["seed"] == "0"
     for key in LOSSES:
         history = sorted(client.get_metric_history(ids["mlflow"]["run_id"], key), key=lambda m: m.step)

@@ -11,6 +11,9 @@ import pyarrow as pa
 from pipelines.schema import CAPFILT
 from pipelines.shardio import ShardSet
 
+TOY = "tests.training.toy_model:ToyModel"
+TOY_EPOCH_STEPS = 6  # the 48-sample corpus at global batch 8
+
 
 def capfilt_table(corpus_dir: Path, items, start: int, stop: int, bad: set[int] = frozenset(),
                   source: Callable[[int], str] = lambda index: "synthetic") -> pa.Table:
