@@ -17,6 +17,23 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 from tests.helpers.servers import RayHead, free_port, start_http_server, start_recording_server  # noqa: E402
 
+_background: list = []
+
+
+def pytest_collection_finish(session):
+    """Start the selected tests' background parts (tests.helpers.background) right away."""
+    if session.config.option.collectonly:
+        return
+    from tests.helpers.background import start_marked
+
+    root = session.config._tmp_path_factory.mktemp("background", numbered=True)
+    _background.extend(start_marked(session.items, root))
+
+
+def pytest_sessionfinish(session):
+    for handle in _background:
+        handle.stop()
+
 
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():

@@ -11,7 +11,7 @@ from a thread, watches the cluster: every worker node seen alive and, in turn,
 * the *loss*: once Ray Train has registered the checkpoint of step ``kill_after``, the SIGKILL
   of a training node with no notice at all (:func:`tests.helpers.fake_cluster.kill_node`).
 
-It prints one ``RESULT {json}`` line. :func:`train_on_cluster` is the test side.
+It prints one ``RESULT {json}`` line. :class:`ClusterRun` is the test side.
 """
 from __future__ import annotations
 
@@ -38,33 +38,58 @@ WORKER_ENV = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "NO_ALBUMENTATION
 DRIVER_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10", "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5"}
 
 
-def train_on_cluster(cluster, train, model_class: str, drain_after: int, drain_s: float, kill_after: int,
-                     timeout: float, log: Path | None = None) -> dict:
-    """Run the driver against ``cluster`` (a FakeCluster, maybe still starting) with sample keys
-    logged; its RESULT dict. ``log``: where to keep the driver's output."""
-    spec = Path(cluster.temp_dir) / "train_spec.json"
-    spec.write_text(json.dumps({"train": dataclasses.asdict(train), "model_class": model_class,
-                                "drain_after": drain_after, "drain_s": drain_s, "kill_after": kill_after}))
-    go = spec.with_suffix(".go")
-    env = {**cluster.env, **DRIVER_ENV, "BLIP2_LOG_KEYS": "1"}
-    env.pop("BLIP2_FAULT_INJECT", None)
-    # the driver's imports (torch, Ray Train) overlap the head's start; it connects on `go`
-    proc = subprocess.Popen([sys.executable, "-m", "tests.helpers.cluster_train", cluster.address, str(spec)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    stdout = stderr = ""
-    try:
-        cluster.wait_ready()
-        go.touch()
-        stdout, stderr = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            stdout, stderr = proc.communicate()
-        if log is not None:
-            Path(log).write_text(stdout + stderr)
-    line = [x for x in stdout.splitlines() if x.startswith("RESULT ")]
-    assert line, f"driver rc {proc.returncode}\n{stdout[-3000:]}\n{stderr[-5000:]}"
-    return json.loads(line[-1][len("RESULT "):])
+class ClusterRun:
+    """The driver against ``cluster`` (a FakeCluster, maybe still starting) with sample keys
+    logged, in the background: :meth:`result` waits for its RESULT dict. The cluster is stopped
+    as soon as the driver ends. ``log``: where to keep the driver's output."""
+
+    def __init__(self, cluster, train, model_class: str, drain_after: int, drain_s: float, kill_after: int,
+                 timeout: float, log: Path | None = None):
+        self.cluster, self.train, self.timeout, self.log = cluster, train, timeout, log
+        spec = Path(cluster.temp_dir) / "train_spec.json"
+        spec.write_text(json.dumps({"train": dataclasses.asdict(train), "model_class": model_class,
+                                    "drain_after": drain_after, "drain_s": drain_s, "kill_after": kill_after}))
+        self.go = spec.with_suffix(".go")
+        env = {**cluster.env, **DRIVER_ENV, "BLIP2_LOG_KEYS": "1"}
+        env.pop("BLIP2_FAULT_INJECT", None)
+        # the driver's imports (torch, Ray Train) overlap the head's start; it connects on `go`
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.helpers.cluster_train", cluster.address,
+                                      str(spec)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.stdout = self.stderr = ""
+        self.error: BaseException | None = None
+        self._waiter = threading.Thread(target=self._wait, name="cluster-run", daemon=True)
+        self._waiter.start()
+
+    def _wait(self) -> None:
+        try:
+            self.cluster.wait_ready()
+            self.go.touch()
+            self.stdout, self.stderr = self.proc.communicate(timeout=self.timeout)
+        except BaseException as e:  # noqa: BLE001 - raised again by result()
+            self.error = e
+            if self.proc.poll() is None:
+                self.proc.kill()
+            out, err = self.proc.communicate()
+            self.stdout, self.stderr = self.stdout + out, self.stderr + err
+        finally:
+            if self.log is not None:
+                Path(self.log).write_text(self.stdout + self.stderr)
+            self.cluster.stop()
+
+    def stop(self) -> None:
+        """Kill the driver if it still runs, and wait until the cluster is down."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self._waiter.join(120)
+
+    def result(self) -> dict:
+        self._waiter.join()
+        if self.error is not None:
+            raise self.error
+        line = [x for x in self.stdout.splitlines() if x.startswith("RESULT ")]
+        assert line, f"driver rc {self.proc.returncode}\n{self.stdout[-3000:]}\n{self.stderr[-5000:]}"
+        return json.loads(line[-1][len("RESULT "):])
 
 
 def _wait_for(path: Path, timeout: float) -> None:

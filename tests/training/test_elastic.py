@@ -16,13 +16,17 @@ not the model, is what these runs cost).
   with no notice (raylet, workers and agents): the run resumes from the last registered
   checkpoint, on a node that is left or one the autoscaler brings up. With ``max_failures=1`` the
   run finishes only if Ray Train counted the first loss as a pre-emption, not a failure; the same
-  exactly-once and fixed-global-batch checks hold.
+  exactly-once and fixed-global-batch checks hold. Its run starts with the session
+  (tests/helpers/background.py): it mostly waits, and the tests before it use the time.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from tests.helpers.cluster_train import WORKER_ENV, train_on_cluster
+from tests.helpers.background import handle
+from tests.helpers.cluster_train import WORKER_ENV, ClusterRun
 from tests.helpers.fake_cluster import FakeCluster, fake_twin, load_cluster
 from tests.training.train_fixtures import TOY, TOY_EPOCH_STEPS, run_training_with_hooks, write_capfilt
 from training.config import ModelConfig, TrainConfig
@@ -99,17 +103,30 @@ def _training_twin(gcs: str) -> dict:
                      idle_timeout_minutes=1)
 
 
-def test_spot_nodes_reclaimed_with_notice_then_lost_without_one_lose_no_sample(root, tmp_path):
+def _start_spot_run(workdir: Path) -> ClusterRun:
+    """The spot test's run, on its own fake cluster: it starts with the session, because most of
+    its ~2.5 min is waiting (the drain's deadline, health checks, restarts)."""
+    from pipelines.synthetic import make_corpus
+
+    write_capfilt(str(workdir / "capfilt"), (workdir / "corpus", make_corpus(workdir / "corpus", n=48, seed=0)),
+                  rows_per_shard=12)
     # checkpoints are scheduled at step 4 and at the end only: one between is the notice's
-    cfg = _cfg(root, "spot", num_workers=(1, 2), max_failures=1, cpus_per_worker=2, checkpoint_every=4)
-    with FakeCluster(_training_twin, tmp_path, head_cpus=0, env={**WORKER_ENV, **FAST_NODE_DEATH}) as cluster:
-        out = train_on_cluster(cluster, cfg, model_class=SLOW_TOY, drain_after=1, drain_s=12, kill_after=4,
-                               timeout=300, log=tmp_path / "driver.log")
+    cfg = _cfg(workdir, "spot", num_workers=(1, 2), max_failures=1, cpus_per_worker=2, checkpoint_every=4)
+    cluster = FakeCluster(_training_twin, workdir, head_cpus=0, env={**WORKER_ENV, **FAST_NODE_DEATH})
+    return ClusterRun(cluster, cfg, model_class=SLOW_TOY, drain_after=1, drain_s=12, kill_after=4, timeout=420,
+                      log=workdir / "driver.log")
+
+
+@pytest.mark.background(start=_start_spot_run)
+def test_spot_nodes_reclaimed_with_notice_then_lost_without_one_lose_no_sample(request):
+    run = handle(request)
+    out, cfg = run.result(), run.train
+    run_dir = Path(cfg.output) / "spot"
     drain, reclaim, loss = out["drain"], out["reclaim"], out["loss"]
     assert drain and reclaim and reclaim["node"] == drain["node"], out    # drained, then reclaimed ...
     assert loss and loss["node"] in out["seen"] and loss["node"] in out["lost"], out  # ... later one lost
     assert out["error"] is None, out["error"]     # 2 losses, max_failures=1: the reclaim was a pre-emption
-    rows = read_metrics(str(root / "runs" / "spot"))
+    rows = read_metrics(str(run_dir))
     _assert_epoch_exactly_once(rows)
     assert set(r["world_size"] for r in rows) <= {1, 2}
 
@@ -133,4 +150,4 @@ def test_spot_nodes_reclaimed_with_notice_then_lost_without_one_lose_no_sample(r
           f"node dead {out['lost'][loss['node']] - loss['time']:.1f} s later, first step "
           f"{after_loss[0]['time'] - loss['time']:.1f} s after the loss; worlds {[r['world_size'] for r in rows]}; "
           f"driver {out['wall_s']:.1f} s")
-    assert (root / "runs" / "spot" / "final" / "model.safetensors").exists()
+    assert (run_dir / "final" / "model.safetensors").exists()
