@@ -4,7 +4,8 @@ start that part when the session starts, so the waiting overlaps the tests run b
 ``@pytest.mark.background(start=f)``: once the session is collected (and only for selected
 tests), ``f(workdir)`` is called with a fresh directory and returns a handle with
 ``result()`` and ``stop()``; the test takes it with :func:`handle` and asks for ``result()``.
-Handles still running when the session ends are stopped (tests/conftest.py)."""
+Handles still running when the session ends are stopped (tests/conftest.py). A start that
+raises fails its test, not the session."""
 from __future__ import annotations
 
 import re
@@ -23,9 +24,23 @@ def start_marked(items, root: Path) -> list:
         if mark is not None:
             workdir = Path(root) / re.sub(r"\W+", "_", item.name)[:80]
             workdir.mkdir(parents=True)
-            item.stash[HANDLE] = mark.kwargs["start"](workdir)
+            try:
+                item.stash[HANDLE] = mark.kwargs["start"](workdir)
+            except Exception as e:  # noqa: BLE001 - raised again by the test's result()
+                item.stash[HANDLE] = _FailedStart(e)
             handles.append(item.stash[HANDLE])
     return handles
+
+
+class _FailedStart:
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def result(self):
+        raise self.error
+
+    def stop(self) -> None:
+        pass
 
 
 def handle(request):

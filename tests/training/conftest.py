@@ -11,6 +11,7 @@ from training.ingest import IngestConfig
 from training.metrics import read_metrics
 from training.trackers import IDS_FILE, TrackingConfig
 
+
 @pytest.fixture(scope="session")
 def resized_toy_run(tmp_path_factory, corpus, ray_local):
     """One toy run (global batch 8, a checkpoint every step) started with 2 workers, stopped after
