@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests.training.train_fixtures import TOY, TOY_EPOCH_STEPS, run_training_with_hooks, write_capfilt
+from tests.training.train_fixtures import TOY, run_training_with_hooks, toy_train_config, write_capfilt
 from training.config import ModelConfig, TrainConfig
 from training.ingest import IngestConfig
 from training.metrics import read_metrics
@@ -22,10 +22,7 @@ def resized_toy_run(tmp_path_factory, corpus, ray_local):
     Returns (run dir, metrics rows, tracker ids, root)."""
     root = tmp_path_factory.mktemp("resized")
     write_capfilt(str(root / "capfilt"), corpus, rows_per_shard=12)
-    cfg = TrainConfig(input=str(root / "capfilt"), output=str(root / "runs"), name="resized", steps=TOY_EPOCH_STEPS,
-                      batch_size=4, global_batch=8, num_workers=2, checkpoint_every=1, log_every=1, warmup_steps=2,
-                      lr=1e-3, min_lr=1e-4)
-    cfg.validate()
+    cfg = toy_train_config(root, "resized")
     tracking = TrackingConfig(tensorboard=True, mlflow_tracking_uri=(root / "mlruns").as_uri(),
                               mlflow_experiment="blip2-test", wandb_project="blip2-test", wandb_mode="offline")
     tracking.validate()

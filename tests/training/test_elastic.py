@@ -28,8 +28,9 @@ import pytest
 from tests.helpers.background import handle
 from tests.helpers.cluster_train import WORKER_ENV, ClusterRun
 from tests.helpers.fake_cluster import FakeCluster, fake_twin, load_cluster
-from tests.training.train_fixtures import TOY, TOY_EPOCH_STEPS, run_training_with_hooks, write_capfilt
-from training.config import ModelConfig, TrainConfig
+from tests.training.train_fixtures import (TOY, TOY_EPOCH_STEPS, run_training_with_hooks, toy_train_config,
+                                          write_capfilt)
+from training.config import ModelConfig
 from training.ingest import IngestConfig
 from training.metrics import read_metrics
 from training.optim import lr_at
@@ -39,15 +40,6 @@ SLOW_TOY = "tests.training.toy_model:SlowToyModel"
 MODEL = ModelConfig(image_size=32)  # what ingest crops to (the toy model takes any size)
 INGEST = IngestConfig(map_batch_size=8, shuffle_window=2)
 STEPS = TOY_EPOCH_STEPS
-
-
-def _cfg(root, name: str, **kw) -> TrainConfig:
-    base = dict(input=str(root / "capfilt"), output=str(root / "runs"), name=name, steps=STEPS, batch_size=4,
-                global_batch=8, num_workers=2, checkpoint_every=1, log_every=1, warmup_steps=2, lr=1e-3,
-                min_lr=1e-4)
-    cfg = TrainConfig(**{**base, **kw})
-    cfg.validate()
-    return cfg
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +66,7 @@ def test_resume_with_fewer_workers_continues_with_the_next_unseen_sample(resized
 
 def test_elastic_run_survives_a_killed_worker(root, ray_local):
     marker = root / "killed.marker"
-    cfg = _cfg(root, "elastic", num_workers=(1, 2), max_failures=1)
+    cfg = toy_train_config(root, "elastic", num_workers=(1, 2), max_failures=1)
     result = run_training_with_hooks(MODEL, cfg, INGEST, model_class=TOY, kill=f"step=4,marker={marker}")
     assert marker.exists() and "at step 4" in marker.read_text()    # a worker really died mid-epoch ...
     assert result.error is None, result.error                       # ... and Ray Train carried on
@@ -111,7 +103,7 @@ def _start_spot_run(workdir: Path) -> ClusterRun:
     write_capfilt(str(workdir / "capfilt"), (workdir / "corpus", make_corpus(workdir / "corpus", n=48, seed=0)),
                   rows_per_shard=12)
     # checkpoints are scheduled at step 4 and at the end only: one between is the notice's
-    cfg = _cfg(workdir, "spot", num_workers=(1, 2), max_failures=1, cpus_per_worker=2, checkpoint_every=4)
+    cfg = toy_train_config(workdir, "spot", num_workers=(1, 2), max_failures=1, cpus_per_worker=2, checkpoint_every=4)
     cluster = FakeCluster(_training_twin, workdir, head_cpus=0, env={**WORKER_ENV, **FAST_NODE_DEATH})
     return ClusterRun(cluster, cfg, model_class=SLOW_TOY, drain_after=1, drain_s=12, kill_after=4, timeout=420,
                       log=workdir / "driver.log")

@@ -15,6 +15,19 @@ TOY = "tests.training.toy_model:ToyModel"
 TOY_EPOCH_STEPS = 6  # the 48-sample corpus at global batch 8
 
 
+def toy_train_config(root: Path, name: str, **kw):
+    """The toy runs' TrainConfig: one epoch of ``root/capfilt`` at global batch 8 on 2 workers, a
+    checkpoint every step, into ``root/runs/<name>``; ``kw`` overrides."""
+    from training.config import TrainConfig
+
+    base = dict(input=str(root / "capfilt"), output=str(root / "runs"), name=name, steps=TOY_EPOCH_STEPS,
+                batch_size=4, global_batch=8, num_workers=2, checkpoint_every=1, log_every=1, warmup_steps=2,
+                lr=1e-3, min_lr=1e-4)
+    cfg = TrainConfig(**{**base, **kw})
+    cfg.validate()
+    return cfg
+
+
 def capfilt_table(corpus_dir: Path, items, start: int, stop: int, bad: set[int] = frozenset(),
                   source: Callable[[int], str] = lambda index: "synthetic") -> pa.Table:
     """Rows [start, stop) of the corpus as CapFilt rows; indices in ``bad`` get undecodable bytes;
