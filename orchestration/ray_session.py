@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 from orchestration.config import RayConfig
 
@@ -22,10 +23,21 @@ def ensure_ray(cfg: RayConfig):
         ray.init(address=cfg.address or os.environ["RAY_ADDRESS"], log_to_driver=cfg.log_to_driver)
     else:
         # address="local": never join a stray cluster by accident; 127.0.0.1 keeps Ray's own
-        # traffic on loopback on a laptop or CI box.
-        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False,
-                 _node_ip_address="127.0.0.1", **kwargs)
+        # traffic on loopback on a laptop or CI box. Ray Train's placement-group cleaner asks the
+        # State API (the dashboard) whether the run's controller lives; without a dashboard named
+        # to the workers it falls back to the newest `ray start` cluster on the machine, stale or
+        # another one, and stalls every run's end on its timeouts.
+        port = _free_port()
+        kwargs["runtime_env"]["env_vars"] = {**WORKER_ENV, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=port, _node_ip_address="127.0.0.1", **kwargs)
     return ray
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def logs_dir() -> str:

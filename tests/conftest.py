@@ -126,10 +126,10 @@ def s3_bucket(s3_server):
 @pytest.fixture(scope="session")
 def ray_local(s3_server):
     """A local Ray instance for the session (started after moto so workers inherit its env)."""
-    import ray
+    from orchestration.config import RayConfig
+    from orchestration.ray_session import ensure_ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}})
+    ray = ensure_ray(RayConfig(num_cpus=4, log_to_driver=False))  # as every command starts local Ray
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False

@@ -1,0 +1,25 @@
+"""The local Ray every command starts: its workers' State API is its own, whatever else runs here."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def test_state_api_in_local_workers_answers_for_this_cluster_beside_a_ray_start_head(ray_head, ray_local):
+    # `ray start --head` (the fixture) makes itself the machine's default cluster. Ray Train's
+    # placement-group cleaner, in a worker of the local cluster, asks the State API whether the
+    # run's controller lives: it must reach this cluster, not the other one (which knows no such
+    # actor and so reads as dead, or hangs when that cluster is gone).
+    assert Path("/tmp/ray/ray_current_cluster").read_text().strip().endswith(ray_head.address.split(":")[1])
+    ray = ray_local
+
+    @ray.remote(num_cpus=0)
+    class Probe:
+        def own_state(self):
+            from ray.util.state import get_actor
+
+            return get_actor(ray.get_runtime_context().get_actor_id(), timeout=10)
+
+    probe = Probe.remote()
+    state = ray.get(probe.own_state.remote(), timeout=60)
+    assert state is not None and state.state == "ALIVE" and state.class_name.endswith("Probe")
+    ray.kill(probe)
