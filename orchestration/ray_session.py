@@ -16,7 +16,6 @@ def ensure_ray(cfg: RayConfig):
 
     if ray.is_initialized():
         return ray
-    kwargs = {"runtime_env": {"env_vars": WORKER_ENV}, "log_to_driver": cfg.log_to_driver}
     if cfg.address or os.environ.get("RAY_ADDRESS"):
         # Joining a cluster (typically as a `ray job submit` entrypoint): the job's runtime_env,
         # set by `blip2 submit`, already carries WORKER_ENV; passing another one would conflict.
@@ -28,9 +27,10 @@ def ensure_ray(cfg: RayConfig):
         # to the workers it falls back to the newest `ray start` cluster on the machine, stale or
         # another one, and stalls every run's end on its timeouts.
         port = _free_port()
-        kwargs["runtime_env"]["env_vars"] = {**WORKER_ENV, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+        env = {**WORKER_ENV, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
         ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=port, _node_ip_address="127.0.0.1", **kwargs)
+                 dashboard_port=port, _node_ip_address="127.0.0.1", runtime_env={"env_vars": env},
+                 log_to_driver=cfg.log_to_driver)
     return ray
 
 
