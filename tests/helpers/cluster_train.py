@@ -7,7 +7,9 @@ from a thread, watches the cluster: every worker node seen alive and, in turn,
 * the *reclaim*: once step ``drain_after`` is logged, a spot reclaim notice to a node that hosts
   training workers (the GCS request of ``ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION``
   with a ``drain_s`` deadline), and its SIGKILL at the deadline, as the cloud takes the VM (Ray
-  Core calls a drained node that dies after its deadline pre-empted, one that dies before it failed);
+  Core calls a drained node that dies after its deadline pre-empted, one that dies before it failed).
+  Ray Train restarts its group at the deadline as well, and a drained raylet left idle shuts itself
+  down: whichever comes first, the node's end is recorded at the time it was seen gone;
 * the *loss*: once Ray Train has registered the checkpoint of step ``kill_after``, the SIGKILL
   of a training node with no notice at all (:func:`tests.helpers.fake_cluster.kill_node`).
 
@@ -142,8 +144,13 @@ class NodeWatcher(threading.Thread):
             if _last_step(self.run_uri) >= self.drain_after:
                 self.drain = self._drain(alive)
         elif not self.reclaim:
-            if now >= self.drain["deadline"] and self.drain["node"] in alive:
-                self.reclaim = self._kill(alive, self.drain["node"])
+            node = self.drain["node"]
+            if now >= self.drain["deadline"] and node in alive:
+                self.reclaim = self._kill(alive, node)
+            elif node in self.lost:
+                # Ray Train restarts the group at the deadline too; a drained raylet left with no
+                # work shuts itself down, and may do so before this poll comes round
+                self.reclaim = self._record_loss(node, self.lost[node], pids=0, training_nodes=[node])
         elif not self.loss and _registered_step(self.run_uri) >= self.kill_after:
             hosts = _training_nodes(alive)
             if hosts:  # else the worker group is being (re)placed: try at the next poll
@@ -170,12 +177,14 @@ class NodeWatcher(threading.Thread):
     def _kill(self, alive: dict, node: str) -> dict:
         hosts = _training_nodes(alive)
         pids = kill_node(alive[node]["RayletSocketName"])
-        t = time.time()
-        kill = {"node": node, "time": t, "pids": len(pids), "step": _last_step(self.run_uri, before=t),
-                "checkpoint": _registered_step(self.run_uri), "training_nodes": hosts}
-        print(f"[watcher] killed node {node[:12]} ({len(pids)} processes) after step {kill['step']}",
+        return self._record_loss(node, time.time(), pids=len(pids), training_nodes=hosts)
+
+    def _record_loss(self, node: str, t: float, pids: int, training_nodes: list[str]) -> dict:
+        loss = {"node": node, "time": t, "pids": pids, "step": _last_step(self.run_uri, before=t),
+                "checkpoint": _registered_step(self.run_uri), "training_nodes": training_nodes}
+        print(f"[watcher] node {node[:12]} gone ({pids} processes killed) after step {loss['step']}",
               file=sys.stderr, flush=True)
-        return kill
+        return loss
 
 
 def _training_nodes(alive: dict) -> list[str]:

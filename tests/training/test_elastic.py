@@ -11,8 +11,9 @@ not the model, is what these runs cost).
   CPUs as in ``ray_cluster.yaml``) lives through a spot node's two ends, one after the other.
   First a reclaim notice (``ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`` with a
   deadline) to a node hosting its workers: the loop checkpoints at once, off the
-  ``checkpoint_every`` schedule, and holds; the node is killed at the deadline, and the run
-  resumes from that checkpoint with nothing redone. Later a node hosting its workers is SIGKILLed
+  ``checkpoint_every`` schedule, and holds; the node goes at the deadline (killed, or shut down by
+  its own raylet once Ray Train restarts the group off it), and the run resumes from that
+  checkpoint with nothing redone. Later a node hosting its workers is SIGKILLed
   with no notice (raylet, workers and agents): the run resumes from the last registered
   checkpoint, on a node that is left or one the autoscaler brings up. With ``max_failures=1`` the
   run finishes only if Ray Train counted the first loss as a pre-emption, not a failure; the same
@@ -116,6 +117,7 @@ def test_spot_nodes_reclaimed_with_notice_then_lost_without_one_lose_no_sample(r
     run_dir = Path(cfg.output) / "spot"
     drain, reclaim, loss = out["drain"], out["reclaim"], out["loss"]
     assert drain and reclaim and reclaim["node"] == drain["node"], out    # drained, then reclaimed ...
+    assert reclaim["time"] >= drain["deadline"], out                     # ... at its deadline, not before
     assert loss and loss["node"] in out["seen"] and loss["node"] in out["lost"], out  # ... later one lost
     assert out["error"] is None, out["error"]     # 2 losses, max_failures=1: the reclaim was a pre-emption
     rows = read_metrics(str(run_dir))
