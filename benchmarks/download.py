@@ -33,6 +33,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from orchestration.ray_session import free_port  # noqa: E402
 
 
 def make_web_corpus(root: Path, n: int, seed: int = 0) -> list[str]:
@@ -64,18 +67,9 @@ def make_web_corpus(root: Path, n: int, seed: int = 0) -> list[str]:
 
 
 def make_small_corpus(root: Path, n: int) -> list[str]:
-    sys.path.insert(0, str(REPO))
     from pipelines.synthetic import make_corpus
 
     return [it.file for it in make_corpus(root, n=n, seed=0, size=320)]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_server(root: Path, kind: str) -> tuple[subprocess.Popen, str]:

@@ -26,7 +26,7 @@ def ensure_ray(cfg: RayConfig):
         # State API (the dashboard) whether the run's controller lives; without a dashboard named
         # to the workers it falls back to the newest `ray start` cluster on the machine, stale or
         # another one, and stalls every run's end on its timeouts.
-        port = _free_port()
+        port = free_port()
         env = {**WORKER_ENV, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
         ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=port, _node_ip_address="127.0.0.1", runtime_env={"env_vars": env},
@@ -34,7 +34,8 @@ def ensure_ray(cfg: RayConfig):
     return ray
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -15,7 +15,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # this from the driver's environment; every Ray the tests start inherits it.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
-from tests.helpers.servers import RayHead, free_port, start_http_server, start_recording_server  # noqa: E402
+from orchestration.ray_session import free_port  # noqa: E402
+from tests.helpers.servers import RayHead, start_http_server, start_recording_server  # noqa: E402
 
 _background: list = []
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from tests.helpers.servers import free_port, pids_running, stop_group
+from orchestration.ray_session import free_port
+from tests.helpers.servers import pids_running, stop_group
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_YAML = REPO / "ray_cluster.yaml"

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,13 +15,8 @@ from http.server import (
 )
 from pathlib import Path
 
+from orchestration.ray_session import free_port
 from pipelines.synthetic import serve_directory
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class HostileHandler(SimpleHTTPRequestHandler):

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.helpers.servers import free_port
+from orchestration.ray_session import free_port
 from tests.training.stage1_helpers import CAPTIONS, build_model, model_config, pixels
 from training import distributed as D
 from training.config import ModelConfig
