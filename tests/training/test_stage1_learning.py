@@ -12,7 +12,7 @@ from orchestration.tiny_models import CLIP_MEAN, CLIP_STD
 from pipelines.synthetic import make_corpus
 from tests.training.stage1_helpers import build_model, model_config
 
-STEPS, BATCH, HELD_OUT, TRAIN, LR = 300, 32, 32, 320, 2e-3
+STEPS, BATCH, HELD_OUT, TRAIN, LR = 200, 32, 32, 320, 2e-3
 
 
 def load_pixels(root, items, size: int = 64) -> torch.Tensor:
