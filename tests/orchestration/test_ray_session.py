@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DEFAULT_CLUSTER_FILE = Path("/tmp/ray/ray_current_cluster")  # what `ray start` writes and `ray stop` removes
+DEFAULT_CLUSTER_FILE = Path("/tmp/ray/ray_current_cluster")  # `ray start` writes it; `ray stop` and a `ray start --block` that ends remove it
 
 
 def test_state_api_in_local_workers_answers_for_this_cluster_beside_a_ray_start_head(ray_head, ray_local):
