@@ -150,7 +150,7 @@ class NodeWatcher(threading.Thread):
             elif node in self.lost:
                 # Ray Train restarts the group at the deadline too; a drained raylet left with no
                 # work shuts itself down, and may do so before this poll comes round
-                self.reclaim = self._record_loss(node, self.lost[node], pids=0, training_nodes=[node])
+                self.reclaim = self._record_loss(node, self.lost[node], pids=0, training_nodes=_training_nodes(alive))
         elif not self.loss and _registered_step(self.run_uri) >= self.kill_after:
             hosts = _training_nodes(alive)
             if hosts:  # else the worker group is being (re)placed: try at the next poll
