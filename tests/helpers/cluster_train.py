@@ -87,11 +87,25 @@ class ClusterRun:
 
     def result(self) -> dict:
         self._waiter.join()
-        if self.error is not None:
-            raise self.error
         line = [x for x in self.stdout.splitlines() if x.startswith("RESULT ")]
-        assert line, f"driver rc {self.proc.returncode}\n{self.stdout[-3000:]}\n{self.stderr[-5000:]}"
+        if self.error is not None or not line:
+            raise AssertionError(f"driver rc {self.proc.returncode}: {self.error!r}\n{self.diagnostics()}")
         return json.loads(line[-1][len("RESULT "):])
+
+    def diagnostics(self) -> str:
+        """What a failed run leaves to read: the watcher's lines, the driver's last words, and the
+        autoscaler's and Ray Train controller's logs (copied by FakeCluster.stop)."""
+        watcher = [x for x in self.stderr.splitlines() if x.startswith("[watcher]")]
+        tail = [x for x in (self.stdout + self.stderr).splitlines() if x.strip() and "[state-dump]" not in x][-30:]
+        parts = ["watcher:", *watcher, "driver output (end):", *tail]
+        workdir = self.cluster.workdir
+        for log in sorted(workdir.glob("controller-*.err")):
+            parts += [f"{log.name} (end):", *log.read_text(errors="replace").splitlines()[-25:]]
+        monitor = workdir / "monitor.log"
+        if monitor.exists():
+            parts += ["autoscaler events:", *[x for x in monitor.read_text(errors="replace").splitlines()
+                                              if "event_summary" in x or "Queue" in x][-25:]]
+        return "\n".join(parts)
 
 
 def _wait_for(path: Path, timeout: float) -> None:

@@ -95,9 +95,12 @@ class FakeCluster:
         # fake nodes a crash left outside the group: every process names this temp dir
         for pid in pids_running(str(self.temp_dir)):
             _sigkill(pid)
-        # the autoscaler's view of the run, for a failed test to show (the temp dir goes)
+        # the autoscaler's and Ray Train's view of the run, for a failed test to show (the temp dir goes)
         for log in self.logs().glob("monitor*"):
             shutil.copy(log, self.workdir / log.name)
+        for log in self.logs().glob("worker-*.err"):
+            if b":actor_name:TrainController" in log.read_bytes()[:200]:
+                shutil.copy(log, self.workdir / f"controller-{log.stem.rsplit('-', 1)[-1]}.err")
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def __enter__(self) -> "FakeCluster":
