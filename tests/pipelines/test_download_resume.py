@@ -12,6 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
+from orchestration.cli import main
 from pipelines.schema import DOWNLOAD
 from pipelines.shardio import ShardSet
 
@@ -19,10 +20,9 @@ REPO = Path(__file__).resolve().parents[2]
 N_URLS, ROWS_PER_SHARD = 48, 6
 
 
-def cli(list_path: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "orchestration.cli", "download", "--config", "tiny",
-            "--input", str(list_path), "--source", "cc12m", "--output", str(out), "--no-progress",
-            f"download.rows_per_shard={ROWS_PER_SHARD}", "download.threads=2", "ray.num_cpus=2"]
+def download_args(list_path: Path, out: Path) -> list[str]:
+    return ["download", "--config", "tiny", "--input", str(list_path), "--source", "cc12m", "--output", str(out),
+            "--no-progress", f"download.rows_per_shard={ROWS_PER_SHARD}", "download.threads=2", "ray.num_cpus=2"]
 
 
 def child_env() -> dict:
@@ -32,7 +32,9 @@ def child_env() -> dict:
 
 
 @pytest.mark.slow
-def test_kill_9_mid_run_then_resume(tmp_path, http_server, corpus):
+def test_kill_9_mid_run_then_resume(tmp_path, http_server, corpus, ray_local, capsys):
+    """The driver is killed between shards; the same command run again (in this process, on the
+    session's Ray) commits the rest."""
     items = corpus[1]
     # Slow responses keep the job running long enough to be killed between shards.
     lines = [f"{http_server.base_url}/sleep/0.4/{items[i % len(items)].file}?copy={i}\t{items[i % len(items)].caption}"
@@ -40,7 +42,8 @@ def test_kill_9_mid_run_then_resume(tmp_path, http_server, corpus):
     (tmp_path / "list.tsv").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
 
-    proc = subprocess.Popen(cli(tmp_path / "list.tsv", out), cwd=REPO, env=child_env(),
+    args = download_args(tmp_path / "list.tsv", out)
+    proc = subprocess.Popen([sys.executable, "-m", "orchestration.cli", *args], cwd=REPO, env=child_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 240
@@ -59,10 +62,11 @@ def test_kill_9_mid_run_then_resume(tmp_path, http_server, corpus):
     assert 1 <= committed_at_kill < total_shards
     assert not (out / "_manifest.json").exists()
 
-    done = subprocess.run(cli(tmp_path / "list.tsv", out), cwd=REPO, env=child_env(),
-                          capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "complete" in done.stdout and "ok" in done.stdout
+    capsys.readouterr()
+    rc = main(args)
+    stdout, stderr = capsys.readouterr()
+    assert rc == 0, stderr[-3000:]
+    assert "complete" in stdout and "ok" in stdout
 
     shards = ShardSet(str(out))
     table = pa.concat_tables([shards.read_shard(n, DOWNLOAD) for n in shards.committed()])
