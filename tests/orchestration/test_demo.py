@@ -8,8 +8,11 @@ import sys
 
 import pytest
 
+from safetensors.torch import load_file
+
 from pipelines.schema import CAPFILT, DOWNLOAD
 from pipelines.shardio import ShardSet
+from training.metrics import read_metrics
 
 
 @pytest.mark.slow
@@ -48,6 +51,22 @@ def test_demo_runs_the_whole_chain(tmp_path):
     for path in [summary["report"], *summary["loss_curves"]]:
         assert os.path.getsize(path) > 1000, path
     assert (work / "train" / "stage2" / "final" / "blip2_config.json").exists()
+
+    # `blip2 train --stage 1` (1 worker here): per-step metrics of every loss, their CSV and curve,
+    # a checkpoint of the trainable weights only (the frozen tower is not saved), the final model
+    run1 = work / "train" / "stage1"
+    rows = read_metrics(str(run1))
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(k in rows[0] for k in ("loss_itc", "loss_itm", "loss_itg", "lr", "samples_per_s", "tokens_per_s",
+                                      "data_wait_s"))
+    assert all(abs(r["loss"] - (r["loss_itc"] + r["loss_itm"] + r["loss_itg"])) < 1e-4 for r in rows)
+    assert (run1 / "metrics.csv").read_text().splitlines()[0].startswith("step,epoch,lr,loss")
+    assert (run1 / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ckpt = sorted(run1.glob("checkpoint_0*"))[-1]
+    assert ckpt.name == "checkpoint_00000004" and (ckpt / "rng_rank0.safetensors").exists()
+    assert not any(k.startswith("vision.") for k in load_file(str(ckpt / "trainable.safetensors")))
+    assert (run1 / "final" / "blip2_config.json").exists()
+    assert "loss_itc" in screen and "final model:" in screen and "resuming" not in screen
 
     # taught copies of the captioner, ranker and OPT, cached for the next run
     for name in ("captioner", "ranker", "opt"):
