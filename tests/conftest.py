@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny models, the synthetic corpus, the HTTP server, moto S3, local Ray."""
+"""Shared fixtures: tiny models, the synthetic corpus, the HTTP server, moto S3, local Ray.
+(The `ray start --head` node for job submission is tests/orchestration/conftest.py's.)"""
 from __future__ import annotations
 
 import os
@@ -16,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 from orchestration.ray_session import free_port  # noqa: E402
-from tests.helpers.servers import RayHead, start_http_server, start_recording_server  # noqa: E402
+from tests.helpers.servers import start_http_server, start_recording_server  # noqa: E402
 
 _background: list = []
 
@@ -136,14 +137,3 @@ def ray_local(s3_server):
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
-
-
-@pytest.fixture(scope="session")
-def ray_head(s3_server):
-    """A `ray start --head` node with the job server, for `ray job submit` tests."""
-    head = RayHead(num_cpus=2)
-    try:
-        head.wait_ready()
-        yield head
-    finally:
-        head.stop()
