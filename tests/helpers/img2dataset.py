@@ -12,16 +12,20 @@ import pyarrow.parquet as pq
 FORMATS = ("webdataset", "parquet", "files")
 
 
-def run_img2dataset(url_list: Path, out: Path, fmt: str, per_shard: int = 5) -> None:
+def start_img2dataset(url_list: Path, out: Path, fmt: str, per_shard: int = 5) -> subprocess.Popen:
     exe = str(Path(sys.executable).with_name("img2dataset"))
     cmd = [exe, "--url_list", str(url_list), "--input_format", "parquet", "--url_col", "url", "--caption_col", "caption",
            "--output_format", fmt, "--output_folder", str(out), "--processes_count", "1", "--thread_count", "4",
            "--image_size", "64", "--number_sample_per_shard", str(per_shard), "--distributor", "multiprocessing",
            "--save_additional_columns", "['punsafe', 'similarity']"]
-    proc = subprocess.run(cmd, env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.Popen(cmd, env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> None:
+    _, err = proc.communicate(timeout=300)
     if proc.returncode != 0:
-        raise RuntimeError(f"img2dataset exited {proc.returncode}: {proc.stderr[-2000:]}")
+        raise RuntimeError(f"img2dataset exited {proc.returncode}: {err[-2000:]}")
 
 
 def img2dataset_folders(root: Path, base_url: str, items) -> tuple[dict[str, Path], dict[str, str]]:
@@ -30,8 +34,14 @@ def img2dataset_folders(root: Path, base_url: str, items) -> tuple[dict[str, Pat
     captions = [it.caption for it in items[:12]] + ["gone", "refused"]
     pq.write_table(pa.table({"url": urls, "caption": captions, "punsafe": [i / 100 for i in range(len(urls))],
                              "similarity": [0.3] * len(urls)}), root / "list.parquet")
-    folders = {}
-    for fmt in FORMATS:
-        run_img2dataset(root / "list.parquet", root / fmt, fmt)
-        folders[fmt] = root / fmt
+    folders = {fmt: root / fmt for fmt in FORMATS}
+    runs = [start_img2dataset(root / "list.parquet", folder, fmt) for fmt, folder in folders.items()]
+    try:
+        for proc in runs:  # side by side: each mostly waits on its own start-up and the loopback server
+            finish(proc)
+    finally:
+        for proc in runs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     return folders, dict(zip(urls[:12], captions[:12]))
