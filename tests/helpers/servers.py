@@ -229,7 +229,11 @@ class RayHead:
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
 
     def wait_ready(self, timeout: float = 240) -> None:
+        """Until the job server answers and `ray start` has named this head the machine's default
+        cluster, its last start-up step: a job's driver finds its cluster through that file."""
         import urllib.request
+
+        from ray._private.utils import read_ray_address
 
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -237,14 +241,20 @@ class RayHead:
                 raise RuntimeError("ray start --head exited early")
             try:
                 with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2) as r:
-                    if r.status == 200:
+                    if r.status == 200 and (read_ray_address() or "").endswith(f":{self.port}"):
                         return
             except OSError:
-                time.sleep(1)
+                pass
+            time.sleep(0.5)
         raise TimeoutError("Ray head did not come up")
 
     def stop(self) -> None:
+        from ray._common.utils import reset_ray_address
+        from ray._private.utils import read_ray_address
+
         stop_group(self.proc, grace=5)  # `ray start --block` outlasts a SIGTERM grace of 30 s
+        if (read_ray_address() or "").endswith(f":{self.port}"):
+            reset_ray_address()  # killed, it leaves its address behind for the next `auto` to find
 
 
 def stop_group(proc: subprocess.Popen, grace: float = 20) -> None:
