@@ -212,7 +212,7 @@ def test_human_rows_pass_through_with_every_caption_and_web_rows_are_ranked(ray_
               [download_row("vg/9", human["vg/9"][0], img[3], source="vg", policy="human", captions=human["vg/9"]),
                download_row("laion/1", "another alt text", img[4], source="laion")]]
     src = write_set(str(tmp_path / "dl"), DOWNLOAD, shards)
-    cfg = job_config(tiny_models, src.uri, str(tmp_path / "out"))
+    cfg = job_config(tiny_models, src.uri, str(tmp_path / "out"), colocate_ranker=True)
     summary = run_capfilt(cfg, seed=3, log=lambda m: None)
     rows = {r["key"]: r for r in read_set(cfg.output).to_pylist()}
     assert sorted(rows) == ["coco/0", "coco/3", "laion/0", "laion/1", "vg/9"]
