@@ -2,10 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +11,6 @@ from PIL import Image
 from orchestration import api
 from training.config import ModelConfig
 from training.stage2 import Blip2Stage2
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def cfg_for(tiny_models, eva, family: str) -> ModelConfig:
@@ -115,24 +109,23 @@ def test_bad_image_is_a_clear_error(exported, tmp_path):
         api.caption(42, model=exported["opt"])
 
 
-def _cli(*args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "orchestration.cli", *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+def test_cli_caption_and_vqa(exported, images, tmp_path, capsys):
+    from orchestration.cli import main
 
-
-def test_cli_caption_and_vqa(exported, images, tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
-    out = _cli("caption", images[0], tmp_path / "broken.jpg", images[2], "--model", exported["opt"], "--json")
-    assert out.returncode == 1, out.stderr  # one bad image: reported, counted, the others still captioned
-    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    rc = main(["caption", str(images[0]), str(tmp_path / "broken.jpg"), str(images[2]), "--model", str(exported["opt"]),
+               "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 1, err  # one bad image: reported, counted, the others still captioned
+    rows = [json.loads(line) for line in out.splitlines()]
     assert [r["image"] for r in rows] == [str(images[0]), str(images[2])]
     assert rows[0]["pred_caption"] == api.caption(str(images[0]), model=exported["opt"])["pred_caption"]
-    assert "broken.jpg" in out.stderr and "1 of 3 images failed" in out.stderr
+    assert "broken.jpg" in err and "1 of 3 images failed" in err
 
-    out = _cli("vqa", images[1], "--question", "what shape is it?", "--model", exported["t5"])
-    assert out.returncode == 0, out.stderr
-    image, answer = out.stdout.rstrip("\n").split("\t")
+    rc = main(["vqa", str(images[1]), "--question", "what shape is it?", "--model", str(exported["t5"])])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    image, answer = out.rstrip("\n").split("\t")
     assert image == str(images[1])
     assert answer == api.vqa(str(images[1]), "what shape is it?", model=exported["t5"])["pred_answer"]
 
