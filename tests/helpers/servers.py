@@ -233,27 +233,30 @@ class RayHead:
         cluster, its last start-up step: a job's driver finds its cluster through that file."""
         import urllib.request
 
-        from ray._private.utils import read_ray_address
-
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError("ray start --head exited early")
             try:
                 with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2) as r:
-                    if r.status == 200 and (read_ray_address() or "").endswith(f":{self.port}"):
+                    if r.status == 200 and self.is_default_cluster():
                         return
             except OSError:
                 pass
             time.sleep(0.5)
         raise TimeoutError("Ray head did not come up")
 
-    def stop(self) -> None:
-        from ray._common.utils import reset_ray_address
+    def is_default_cluster(self) -> bool:
+        """Whether the machine's default-cluster file (``ray start`` writes it) names this head."""
         from ray._private.utils import read_ray_address
 
+        return (read_ray_address() or "").endswith(f":{self.port}")
+
+    def stop(self) -> None:
+        from ray._common.utils import reset_ray_address
+
         stop_group(self.proc, grace=5)  # `ray start --block` outlasts a SIGTERM grace of 30 s
-        if (read_ray_address() or "").endswith(f":{self.port}"):
+        if self.is_default_cluster():
             reset_ray_address()  # killed, it leaves its address behind for the next `auto` to find
 
 

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from safetensors.torch import load_file
 
 from pipelines.schema import CAPFILT, DOWNLOAD
