@@ -33,11 +33,12 @@ def load_cluster() -> dict:
 
 
 def fake_twin(cfg: dict, gcs_address: str, resources: dict | None = None, max_workers: int = 1,
-              head_cpus: int = 1, idle_timeout_minutes: float = 0.1) -> dict:
+              head_cpus: int = 1, idle_timeout_minutes: float = 0.1, min_workers: int = 0) -> dict:
     """The same node types on Ray's fake provider: resources spelled out (logical GPUs), tiny sizes.
     ``resources`` maps a node type to its resources; only those types are kept."""
     resources = resources or DEFAULT_RESOURCES
-    types = {name: {"resources": resources[name], "node_config": {}, "min_workers": 0, "max_workers": max_workers,
+    types = {name: {"resources": resources[name], "node_config": {}, "min_workers": min_workers,
+                    "max_workers": max_workers,
                     **({"idle_timeout_s": 5} if "idle_timeout_s" in t else {})}
              for name, t in cfg["available_node_types"].items() if name in resources}
     types["ray.head.default"] = {"resources": {"CPU": head_cpus}, "node_config": {}, "max_workers": 0}

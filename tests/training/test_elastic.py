@@ -60,12 +60,14 @@ FAST_NODE_DEATH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeo
 
 
 def _training_twin(gcs: str) -> dict:
-    """Head without CPUs (like ray_cluster.yaml's); up to 4 cpu_worker nodes of 3 CPUs: one 2-CPU
-    training worker each, plus a CPU for the ingest tasks; idle nodes kept a minute, past the run.
-    The fake provider keeps counting a SIGKILLed node, so 4 leaves room for a replacement after
-    both losses, however the autoscaler placed the first nodes."""
-    return fake_twin(load_cluster(), gcs, resources={"cpu_worker": {"CPU": 3}}, max_workers=4, head_cpus=0,
-                     idle_timeout_minutes=1)
+    """Head without CPUs (like ray_cluster.yaml's); a pool of 2 to 4 cpu_worker nodes of 3 CPUs: one
+    2-CPU training worker each, plus a CPU for the ingest tasks; idle nodes kept a minute, past the
+    run. The pool's two nodes start with the cluster, as a warm spot pool's would (an elastic group
+    waiting for nodes to launch keeps Ray Train's controller spinning, see the README); the
+    autoscaler replaces a lost one. The fake provider keeps counting a SIGKILLed node, so 4 leaves
+    room for a replacement after both losses, however the autoscaler placed the nodes."""
+    return fake_twin(load_cluster(), gcs, resources={"cpu_worker": {"CPU": 3}}, min_workers=2, max_workers=4,
+                     head_cpus=0, idle_timeout_minutes=1)
 
 
 def _start_spot_run(workdir: Path) -> ClusterRun:
