@@ -34,8 +34,8 @@ def test_submit_without_an_address_is_a_clear_error(capsys, monkeypatch):
 def test_a_failing_job_streams_its_error_and_returns_its_exit_status(ray_head, tmp_path, capsys):
     """The job's own output streams back and its exit status is the submit's (a job that succeeds,
     `blip2 submit train --stage 2`: tests/orchestration/test_train_cmd.py)."""
-    assert main(["submit", "--address", ray_head.dashboard_url, "--python", sys.executable, "--timeout", "120", "capfilt",
-                 "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "never")]) == 2
+    assert main(["submit", "--address", ray_head.dashboard_url, "--python", sys.executable, "--timeout", "120",
+                 "capfilt", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "never")]) == 2
     out = capsys.readouterr().out
     assert "submitted" in out and "missing does not exist" in out
     assert not (tmp_path / "never").exists()
