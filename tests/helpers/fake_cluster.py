@@ -90,9 +90,7 @@ class FakeCluster:
         return next(self.temp_dir.glob("session_*/logs"), self.temp_dir)
 
     def stop(self) -> None:
-        # short grace: with fake nodes up, `ray start --block` can outlast a long SIGTERM grace,
-        # and a throwaway cluster needs no graceful shutdown
-        stop_group(self.proc, grace=5)
+        stop_group(self.proc)
         # fake nodes a crash left outside the group: every process names this temp dir
         for pid in pids_running(str(self.temp_dir)):
             _sigkill(pid)

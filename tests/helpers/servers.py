@@ -255,14 +255,16 @@ class RayHead:
     def stop(self) -> None:
         from ray._common.utils import reset_ray_address
 
-        stop_group(self.proc, grace=5)  # `ray start --block` outlasts a SIGTERM grace of 30 s
+        stop_group(self.proc)
         if self.is_default_cluster():
             reset_ray_address()  # killed, it leaves its address behind for the next `auto` to find
 
 
-def stop_group(proc: subprocess.Popen, grace: float = 20) -> None:
+def stop_group(proc: subprocess.Popen, grace: float = 2) -> None:
     """SIGTERM a `ray start --head` process group (ray start + GCS + raylet + monitor + fake nodes),
-    SIGKILL what is left after ``grace``."""
+    SIGKILL what is left after ``grace``. A short grace: `ray start --block` shuts its processes
+    down one by one on SIGTERM and outlasts even 30 s, and a throwaway test cluster needs no
+    graceful end (its children have had the SIGTERM too)."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
