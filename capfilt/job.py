@@ -30,7 +30,7 @@ from capfilt.embeddings import write_embeddings
 from capfilt.preprocess import OK, TOO_LARGE, UNDECODABLE, ZERO_SIZE, Preprocess
 from pipelines.adapters import DownloadSource, open_download_source
 from pipelines.storage import local_dir
-from pipelines.schema import CAPFILT
+from pipelines.schema import CAPFILT, HUMAN
 from pipelines.shardio import ShardSet, shard_name
 
 STATS_DIR = "_capfilt_stats"
@@ -40,7 +40,6 @@ DECODE_FAILURES = (UNDECODABLE, ZERO_SIZE, TOO_LARGE)
 COUNTERS = ("rows_in", "rows_not_ok", "images_in", "images_out", "undecodable", "zero_size", "too_large",
             TOO_FEW, "empty_captions", "truncated_captions", "captions_generated", "kept_score_sum",
             "kept_scores", "original_kept", "web_images_out", "human_images_out", "human_captions_out")
-HUMAN = "human"
 
 
 # -- input ----------------------------------------------------------------------------------

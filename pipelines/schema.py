@@ -34,7 +34,8 @@ DOWNLOAD_STATUSES = (
     "task_failed",      # the partition's task died download.task_retries + 1 times (e.g. out of memory)
 )
 # How a source's captions are treated (pipelines.sources declares each source's policy).
-POLICIES = ("web", "human")
+WEB, HUMAN = "web", "human"
+POLICIES = (WEB, HUMAN)
 
 # Per-image metadata some lists publish (LAION: CLIP similarity, NSFW and watermark probabilities,
 # original size, license), typed; null where the list has no such column. Sources map their own

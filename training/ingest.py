@@ -10,8 +10,9 @@ weights), a two-level shuffle in the spirit of MosaicML Streaming's py1b/py1br, 
 row groups instead of whole shards:
 
   1. every shard is cut into chunks of ``READ_CHUNK_ROWS`` rows (one row group each); with
-     ``ingest.source_weights`` each chunk appears as often as its source's weight says
-     (:mod:`training.source_weights`), so the epoch's length is that of the weighted list;
+     ``ingest.source_weights`` each chunk appears as often as its source's weight says, and a
+     human image with k captions k times (``ingest.human_captions``, LAVIS' share; see
+     :mod:`training.source_weights`), so the epoch's length is that of the weighted list;
   2. all chunks of the shard set are permuted (seed, epoch): a chunk's neighbours come
      from anywhere in the corpus;
   3. consecutive runs of ``window`` permuted chunks form a window; the samples inside a
@@ -43,15 +44,16 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from pipelines.schema import CAPFILT, validate
+from pipelines.schema import CAPFILT, HUMAN, validate
 from pipelines.shardio import ShardSet
-from training.source_weights import (SourceRuns, check_weight_values, chunk_parts, known_sources, part_copies,
-                                     read_source_runs)
+from training.source_weights import (CaptionRuns, SourceRuns, check_weight_values, chunk_parts,
+                                     known_sources, part_copies, read_caption_runs, read_source_runs)
 from training.text import pre_caption
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 READ_CHUNK_ROWS = 256          # rows per Ray Data read task (one Parquet row group)
+READ_COLUMNS = ("key", "policy", "image", "captions")   # what training reads of a CapFilt row
 
 
 @dataclass
@@ -67,6 +69,9 @@ class IngestConfig:
     max_words: int = 50
     hflip: bool = True                 # random horizontal flip (paper); off where captions say left/right
     caption_pick: str = "random"       # random: one of the kept captions per sample (paper) | first: the best
+    # each: a human row (COCO, VG) with k captions is seen k times per epoch, each time with another
+    # of them (LAVIS/BLIP: one item per caption) | one: once per epoch, one caption drawn at random
+    human_captions: str = "each"
     map_batch_size: int = 32           # rows per decode/augment task batch
     cpus_per_task: float = 1.0         # CPU per read and decode/augment task
 
@@ -78,6 +83,8 @@ class IngestConfig:
             raise ValueError(f"min_scale must be in (0, 1], got {self.min_scale}")
         if self.caption_pick not in ("random", "first"):
             raise ValueError(f"caption_pick must be random or first, got {self.caption_pick!r}")
+        if self.human_captions not in ("each", "one"):
+            raise ValueError(f"human_captions must be each or one, got {self.human_captions!r}")
 
 
 # -- pure per-sample transforms --------------------------------------------------------------
@@ -87,6 +94,13 @@ def sample_rng(seed: int, epoch: int, key: str, copy: int = 0) -> random.Random:
     name = f"{seed}/{epoch}/{key}" + (f"/{copy}" if copy else "")
     digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
     return random.Random(int.from_bytes(digest, "little"))
+
+
+def caption_for(seed: int, epoch: int, key: str, copy: int, k: int) -> int:
+    """Which of a human row's k usable captions its copy ``copy`` trains on: a seeded permutation
+    of them per (seed, epoch, key), so the k copies of an epoch see every caption once."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{key}/captions".encode(), digest_size=8).digest()
+    return random.Random(int.from_bytes(digest, "little")).sample(range(k), k)[copy % k]
 
 
 def random_resized_crop(img: Image.Image, rng: random.Random, size: int, min_scale: float,
@@ -124,6 +138,7 @@ class Augment:
 
     Output columns: ``pixel_values`` float32 [n, 3, size, size], ``text`` (str), ``key`` (str),
     ``replaced`` (bool: the image was undecodable and another sample of the batch stands in).
+    With ``human_captions="each"`` a human row's copies take its captions in turn (:func:`caption_for`).
     """
     seed: int
     epoch: int
@@ -132,17 +147,23 @@ class Augment:
     max_words: int
     hflip: bool = True
     caption_pick: str = "random"   # random | first
+    human_captions: str = "each"   # each | one
 
     def __call__(self, batch: dict) -> dict:
         keys = [str(k) for k in batch["key"]]
         copies = batch["copy"] if "copy" in batch else [0] * len(keys)
+        policies = batch["policy"] if "policy" in batch else ["web"] * len(keys)
         pixels: list[np.ndarray | None] = []
         texts, ok = [], []
-        for key, copy, image, captions in zip(keys, copies, batch["image"], batch["captions"]):
+        for key, copy, policy, image, captions in zip(keys, copies, policies, batch["image"], batch["captions"]):
             rng = sample_rng(self.seed, self.epoch, key, int(copy))
             caps = [c for c in list(captions) if c] or [""]
-            pick = rng.randrange(len(caps))  # drawn either way, so both modes replay the same pixels
-            texts.append(pre_caption(caps[pick if self.caption_pick == "random" else 0], self.max_words))
+            pick = rng.randrange(len(caps))  # drawn either way, so all modes replay the same pixels
+            if policy == HUMAN and self.human_captions == "each":
+                pick = caption_for(self.seed, self.epoch, key, int(copy), len(caps))
+            elif self.caption_pick == "first":
+                pick = 0
+            texts.append(pre_caption(caps[pick], self.max_words))
             try:
                 pixels.append(augment_image(bytes(image), rng, self.image_size, self.min_scale, self.hflip))
                 ok.append(True)
@@ -170,12 +191,14 @@ class Augment:
 class ShardRows:
     url: str
     rows: int
-    sources: SourceRuns = ()       # (start, stop, source) runs; read only when source weights are set
+    sources: SourceRuns = ()       # (start, stop, source) runs; read with list_shards(..., sources=True)
+    captions: CaptionRuns = ()     # (start, stop, k) runs of human rows with k != 1 captions; read likewise
 
 
 def list_shards(uri: str, sources: bool = False) -> list[ShardRows]:
     """Committed CapFilt shards of ``uri`` with their row counts (schema checked once) and, with
-    ``sources``, which source each row holds (a footer read per shard)."""
+    ``sources``, which source each row holds and how many captions each human row has (a footer
+    read per shard, plus the ``captions`` of row groups that hold human rows)."""
     import pyarrow.parquet as pq
 
     shards = ShardSet(uri)
@@ -186,7 +209,8 @@ def list_shards(uri: str, sources: bool = False) -> list[ShardRows]:
         if not sources:
             return ShardRows(shards.url(name), rows)
         with shards.fs.open(shards.path(name), "rb") as f:
-            return ShardRows(shards.url(name), rows, read_source_runs(pq.ParquetFile(f)))
+            pf = pq.ParquetFile(f)
+            return ShardRows(shards.url(name), rows, read_source_runs(pf), read_caption_runs(pf))
 
     return shards.map_members(describe, shards.committed())
 
@@ -198,14 +222,16 @@ def _rng(seed: int, *words: int) -> np.random.Generator:
 class EpochOrder:
     """The seeded global sample order of one epoch (see the module doc).
 
-    Positions map to (shard index, row); windows are materialised lazily, one at a time. With
-    ``weights`` (source → weight) the chunk list is the weighted one, a chunk may appear several
-    times, and each position also has a source index (into ``sources``) and a copy number."""
+    Positions map to (shard index, row); windows are materialised lazily, one at a time. Shards
+    listed with their sources give the weighted chunk list (``weights``: source → weight, and
+    with ``each_caption`` a human row's caption count): a chunk may appear several times, and each
+    position also has a source index (into ``sources``) and a copy number."""
 
     def __init__(self, shards: tuple[ShardRows, ...] | list[ShardRows], seed: int, epoch: int, window: int,
-                 chunk: int = READ_CHUNK_ROWS, weights: dict | tuple = ()):
+                 chunk: int = READ_CHUNK_ROWS, weights: dict | tuple = (), each_caption: bool = False):
         self.shards, self.seed, self.epoch, self.window = tuple(shards), seed, epoch, max(1, window)
-        self.weights = dict(weights)
+        self.weights, self.each_caption = dict(weights), each_caption
+        self.weighted = bool(self.weights) or any(s.sources for s in self.shards)
         self.sources = known_sources(self.shards)
         parts = self._parts(chunk)
         perm = _rng(seed, epoch, 1).permutation(len(parts)) if parts else []
@@ -221,13 +247,14 @@ class EpochOrder:
 
     def _parts(self, chunk: int) -> list[tuple[int, tuple[tuple[int, int], ...], int, int]]:
         """Every appearance of a chunk (or, weighted, of a chunk's rows of one source), in chunk order."""
-        if not self.weights:
+        if not self.weighted:
             return [(i, ((a, min(a + chunk, s.rows)),), -1, 0)
                     for i, s in enumerate(self.shards) for a in range(0, s.rows, chunk)]
         parts = chunk_parts(self.shards, chunk)
-        copies = part_copies([src for _, _, src in parts], self.weights, _rng(self.seed, self.epoch, 3))
+        copies = part_copies([(src, k) for _, _, src, k in parts], self.weights, _rng(self.seed, self.epoch, 3),
+                             self.each_caption)
         index = {src: k for k, src in enumerate(self.sources)}
-        return [(i, ranges, index[src], c) for (i, ranges, src), n in zip(parts, copies) for c in range(n)]
+        return [(i, ranges, index[src], c) for (i, ranges, src, _), n in zip(parts, copies) for c in range(n)]
 
     def window_start(self, w: int) -> int:
         return int(self.window_ends[w - 1]) if w else 0
@@ -267,7 +294,7 @@ class EpochOrder:
         """The copy number of each given position (any order)."""
         pos = np.asarray(pos, np.int64)
         out = np.zeros(len(pos), np.int64)
-        if not self.weights:
+        if not self.weighted:
             return out
         win = np.searchsorted(self.window_ends, pos, side="right")
         for w in np.unique(win).tolist():
@@ -277,7 +304,7 @@ class EpochOrder:
 
     def source_counts(self, hi: int) -> np.ndarray:
         """Samples of each source (in ``sources`` order) among the first ``hi`` positions (weighted orders)."""
-        if not self.weights:
+        if not self.weighted:
             raise ValueError("source counts need a weighted order (shards listed with their sources)")
         if self._window_counts is None:
             per = np.zeros((len(self.window_ends), len(self.sources)), np.int64)
@@ -369,14 +396,13 @@ def read_window(task: dict) -> dict:
     """One read task: whole row-group reads of the needed chunks, then the picked rows in order."""
     chunks = [read_rows({"url": u, "start": a, "stop": b})
               for u, a, b in zip(task["urls"], task["starts"], task["stops"])]
-    rows = {c: [chunks[j][c][o] for j, o in zip(task["chunk"], task["offset"])] for c in ("key", "image", "captions")}
+    rows = {c: [chunks[j][c][o] for j, o in zip(task["chunk"], task["offset"])] for c in READ_COLUMNS}
     return {**rows, "copy": task["copy"]}
 
 
 def read_rows(task: dict) -> dict:
     """One read task: rows [start, stop) of one shard (only the row groups that hold them)."""
     import fsspec
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     fs, path = fsspec.core.url_to_fs(task["url"])
@@ -390,13 +416,12 @@ def read_rows(task: dict) -> dict:
                 groups.append(g)
                 first = seen if first is None else first
             seen += n
-        table = pf.read_row_groups(groups, columns=["key", "image", "captions"]) if groups else None
+        table = pf.read_row_groups(groups, columns=list(READ_COLUMNS)) if groups else None
     if table is None:
-        table = pa.table({"key": pa.array([], pa.string()), "image": pa.array([], pa.binary()),
-                          "captions": pa.array([], pa.list_(pa.string()))})
+        table = CAPFILT.schema.empty_table().select(list(READ_COLUMNS))
     else:
         table = table.slice(task["start"] - first, task["stop"] - task["start"])
-    return {c: table.column(c).to_pylist() for c in ("key", "image", "captions")}
+    return {c: table.column(c).to_pylist() for c in READ_COLUMNS}
 
 
 @dataclass(frozen=True)
@@ -408,15 +433,21 @@ class IngestSpec:
     seed: int
     image_size: int
 
+    @property
+    def by_source(self) -> bool:
+        """The shards were listed with their sources: the order is weighted, its mix countable."""
+        return any(s.sources for s in self.shards)
+
     def order(self, epoch: int) -> EpochOrder:
-        return EpochOrder(self.shards, self.seed, epoch, self.cfg.shuffle_window, weights=self.cfg.source_weights)
+        return EpochOrder(self.shards, self.seed, epoch, self.cfg.shuffle_window, weights=self.cfg.source_weights,
+                          each_caption=self.cfg.human_captions == "each")
 
     def epoch_stop(self, order: EpochOrder, global_batch: int) -> int:
         """Positions of ``order`` the epoch consumes: whole global batches (at least one)."""
         stop = steps_per_epoch(order, global_batch) * global_batch
         if stop == 0:
             raise ValueError(f"{order.total} samples cannot fill one global batch of {global_batch}"
-                             + (f" (epoch {order.epoch}, weighted by source)" if order.weights else ""))
+                             + (f" (epoch {order.epoch}, weighted by source)" if order.weighted else ""))
         return stop
 
 
@@ -434,7 +465,8 @@ def build_epoch_dataset(spec: IngestSpec, epoch: int, rank: int, split: list[lis
     if not tasks:
         return None
     cfg = spec.cfg
-    augment = Augment(spec.seed, epoch, spec.image_size, cfg.min_scale, cfg.max_words, cfg.hflip, cfg.caption_pick)
+    augment = Augment(spec.seed, epoch, spec.image_size, cfg.min_scale, cfg.max_words, cfg.hflip, cfg.caption_pick,
+                      cfg.human_captions)
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     ds = ds.flat_map(lambda t: _rows(read_window(t)), num_cpus=cfg.cpus_per_task)
     return ds.map_batches(augment, batch_size=cfg.map_batch_size, batch_format="numpy",

@@ -169,7 +169,7 @@ def train_loop_per_worker(config: dict) -> None:
     state.global_batch = global_batch
     data = wc.data()
     stream = step_batches(data, state.data, rank, split)
-    mix = SourceMix(data, global_batch) if rank == 0 and wc.ingest.source_weights else None
+    mix = SourceMix(data, global_batch) if rank == 0 and data.by_source else None
     trainable = [p for p in raw.parameters() if p.requires_grad]
 
     raw.train()
@@ -318,7 +318,7 @@ def run_training(model: ModelConfig, train: TrainConfig, ingest: IngestConfig | 
 
     ingest, tracking = ingest or IngestConfig(), tracking or TrackingConfig()
     tracking.check_installed()  # a backend asked for but not installed: name its package before any work
-    shards = list_shards(train.input, sources=bool(ingest.source_weights))
+    shards = list_shards(train.input, sources=True)  # the per-source mix and each human row's captions
     check_weight_names(ingest.source_weights, shards)  # fail here, not in every retry
     wc = WorkerConfig(model=model, train=train, ingest=ingest, tracking=tracking, shards=tuple(shards),
                       seed=seed, run_uri=run_uri(train), model_class=model_class_spec, hooks=Hooks.from_env())

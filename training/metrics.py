@@ -112,4 +112,9 @@ def summary(rows: list[dict]) -> str:
     lines.append(f"  samples/s {avg('samples_per_s'):.1f}  tokens/s {avg('tokens_per_s'):.1f}  "
                  f"data wait {avg('data_wait_s') * 1000:.1f} ms/step  replaced samples "
                  f"{sum(r.get('replaced', 0) for r in rows)}")
+    mix = {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("samples/")}
+    if mix:  # the realised per-source mix of the whole run (human rows count once per caption seen)
+        total = sum(mix.values()) or 1
+        lines.append("  samples per source: " + ", ".join(f"{s} {n} ({100 * n / total:.2f} %)"
+                                                         for s, n in sorted(mix.items())))
     return "\n".join(lines)

@@ -15,6 +15,7 @@ from training.ingest import (Augment, EpochOrder, IngestConfig, ShardRows, list_
                              step_split, steps_per_epoch)
 from training.metrics import read_metrics
 from training.source_weights import check_weight_names
+from training.text import pre_caption
 
 # a: 8 shards of 600 rows (a partial chunk each); b: 30 shards of 10 full chunks; one shard mixes
 # both sources inside each of its two chunks
@@ -140,6 +141,74 @@ def test_copies_of_a_row_are_augmented_differently(corpus):
     assert (plain["pixel_values"][0] == out["pixel_values"][0]).all()               # copy 0: the unweighted view
 
 
+# -- human rows at LAVIS' share (ingest.human_captions) -----------------------------------------
+# coco: 300 human rows, rows 0..99 with 5 captions, 100..149 with 7, 150..199 with 1, 200..299 with 3;
+# one shard mixes web laion rows (0..49) with 2-caption human vg rows (50..99)
+HUMAN_SHARDS = [ShardRows("h", 300, ((0, 300, "coco"),), ((0, 100, 5), (100, 150, 7), (200, 300, 3))),
+                ShardRows("w", 600, ((0, 600, "laion"),)),
+                ShardRows("m", 100, ((0, 50, "laion"), (50, 100, "vg")), ((50, 100, 2),))]
+CAPTIONS_OF = {0: [5] * 100 + [7] * 50 + [1] * 50 + [3] * 100, 1: [1] * 600, 2: [1] * 50 + [2] * 50}
+
+
+def test_a_human_image_with_k_captions_appears_k_times_per_epoch_times_its_weight():
+    for weights, each, factor in (({}, True, 1), ({"coco": 2, "vg": 0.5}, True, None), ({}, False, 0)):
+        for epoch in range(3):
+            order = EpochOrder(HUMAN_SHARDS, seed=1, epoch=epoch, window=3, weights=weights, each_caption=each)
+            seen = Counter((s, r) for s, r, _, _ in _entries(order))
+            copies = {(s, r): sorted(c for s2, r2, _, c in _entries(order) if (s2, r2) == (s, r)) for s, r in seen}
+            for s, ks in CAPTIONS_OF.items():
+                for r, k in enumerate(ks):
+                    src = HUMAN_SHARDS[s].sources[0][2] if s != 2 else ("laion" if r < 50 else "vg")
+                    want = k if each else 1
+                    if factor is None and src == "coco":
+                        want *= 2
+                    if factor is None and src == "vg":           # weight 0.5 × 2 captions: one copy
+                        want = 1
+                    assert seen[(s, r)] == want, (weights, each, s, r)
+                    assert copies[(s, r)] == list(range(want))   # copies 0..n-1, each its own view
+    order = EpochOrder(HUMAN_SHARDS, seed=1, epoch=0, window=3, each_caption=True)
+    assert order.total == 100 * 5 + 50 * 7 + 50 + 100 * 3 + 600 + 50 + 50 * 2
+    # COCO at LAVIS' share: 5 samples per 5-caption image, against 1 per web image
+    assert order.source_counts(order.total).tolist() == [1200, 650, 100]   # coco, laion, vg
+
+
+def test_the_copies_of_a_human_row_train_on_each_of_its_captions_once(corpus):
+    root, items = corpus
+    image = (root / items[0].file).read_bytes()
+    caps = ["A man, riding.", "two dogs", "", "a red bus", "the sky"]        # the empty one is never drawn
+    n = 8                                                                    # 4 usable captions, 2 epochs' worth
+    batch = {"key": np.array(["k"] * n, dtype=object), "image": np.array([image] * n, dtype=object),
+             "captions": np.array([caps] * n, dtype=object), "copy": np.arange(n),
+             "policy": np.array(["human"] * n, dtype=object)}
+    texts = Augment(seed=0, epoch=0, image_size=32, min_scale=0.5, max_words=50)(batch)["text"].tolist()
+    usable = [pre_caption(c, 50) for c in caps if c]
+    assert sorted(texts[:4]) == sorted(usable) and texts[4:] == texts[:4]   # each once per k copies
+    perms = {tuple(Augment(0, epoch, 32, 0.5, 50)(batch)["text"].tolist()[:4]) for epoch in range(6)}
+    assert all(sorted(p) == sorted(usable) for p in perms) and len(perms) > 1   # a new permutation by epoch
+    # "one": the human row draws like a web row; a web row never follows the human rule
+    one = Augment(0, 0, 32, 0.5, 50, human_captions="one")(batch)["text"].tolist()
+    web = Augment(0, 0, 32, 0.5, 50)({**batch, "policy": np.array(["web"] * n, dtype=object)})["text"].tolist()
+    assert one == web and set(one) <= set(usable)
+
+
+def test_list_shards_counts_the_captions_of_human_rows(tmp_path, corpus):
+    def human(i):  # rows 0..11 web; 12..23 human with 1 + i % 4 captions (one of them empty at i % 4 == 3)
+        if i < 12:
+            return None
+        return ["x"] * (i % 4) + [""] if i % 4 == 3 else ["c"] * (1 + i % 4)
+
+    write_capfilt(str(tmp_path / "cf"), corpus, rows_per_shard=24, source=lambda i: "coco" if i >= 12 else "laion",
+                  human=human)
+    first = list_shards(str(tmp_path / "cf"), sources=True)[0]
+    ks = [1] * 12 + [min(4, 1 + i % 4) if i % 4 != 3 else 3 for i in range(12, 24)]
+    want = [(r, r + 1, k) for r, k in enumerate(ks) if k != 1]
+    merged = []
+    for a, b, k in want:
+        merged = merged[:-1] + [(merged[-1][0], b, k)] if merged and merged[-1][1:] == (a, k) else merged + [(a, b, k)]
+    assert first.captions == tuple(merged)
+    assert first.sources == ((0, 12, "laion"), (12, 24, "coco"))
+
+
 def test_list_shards_reads_each_rows_source(tmp_path, corpus):
     def source(i):  # shard 0: coco; shard 1: laion; shard 2 (rows 40..47): mixed
         return "coco" if i < 20 or i in (42, 43) else "laion"
@@ -168,19 +237,24 @@ def test_source_mix_is_the_plan_and_the_cumulative_counts_of_the_orders(capsys):
 
 @pytest.mark.slow
 def test_run_training_logs_the_realised_mix(tmp_path, corpus, ray_local):
-    """coco up-weighted 2×, laion dropped: each coco sample is trained on exactly twice in the
-    epoch, and metrics.jsonl holds the epoch's plan and the cumulative per-source counts."""
-    write_capfilt(str(tmp_path / "cf"), corpus, source=lambda i: "coco" if i < 24 else "laion")
-    cfg = TrainConfig(input=str(tmp_path / "cf"), output=str(tmp_path / "runs"), name="mix", steps=6, batch_size=8,
-                      global_batch=8, num_workers=1, checkpoint_every=6, log_every=1, warmup_steps=1)
+    """coco (human rows, 2 captions each) up-weighted 2×, laion dropped: each coco image is trained
+    on exactly 2 × 2 times in the epoch, metrics.jsonl holds the epoch's plan and the cumulative
+    per-source counts, and the run's summary shows the realised mix."""
+    from training.metrics import summary
+
+    write_capfilt(str(tmp_path / "cf"), corpus, source=lambda i: "coco" if i < 24 else "laion",
+                  human=lambda i: [f"first caption {i}", f"second caption {i}"] if i < 24 else None)
+    cfg = TrainConfig(input=str(tmp_path / "cf"), output=str(tmp_path / "runs"), name="mix", steps=12, batch_size=8,
+                      global_batch=8, num_workers=1, checkpoint_every=12, log_every=1, warmup_steps=1)
     cfg.validate()
     ingest = IngestConfig(map_batch_size=8, shuffle_window=2, source_weights={"coco": 2, "laion": 0})
     result = run_training_with_hooks(ModelConfig(image_size=32), cfg, ingest, model_class=TOY)
     assert result.error is None, result.error
     rows = read_metrics(str(tmp_path / "runs" / "mix"))
-    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert [r["step"] for r in rows] == list(range(1, 13))
     keys = Counter(k for r in rows for k in r["keys"])
-    assert keys == {f"{i:06d}": 2 for i in range(24)}                               # coco twice, laion never
-    assert (rows[0]["plan/coco"], rows[0]["plan/laion"]) == (48, 0)
-    assert [r["samples/coco"] for r in rows] == [8 * s for s in range(1, 7)]
+    assert keys == {f"{i:06d}": 4 for i in range(24)}                               # coco 2 × 2, laion never
+    assert (rows[0]["plan/coco"], rows[0]["plan/laion"]) == (96, 0)
+    assert [r["samples/coco"] for r in rows] == [8 * s for s in range(1, 13)]
     assert all(r["samples/laion"] == 0 for r in rows) and "plan/coco" not in rows[1]
+    assert "samples per source: coco 96 (100.00 %), laion 0 (0.00 %)" in summary(rows)

@@ -29,33 +29,38 @@ def toy_train_config(root: Path, name: str, **kw):
 
 
 def capfilt_table(corpus_dir: Path, items, start: int, stop: int, bad: set[int] = frozenset(),
-                  source: Callable[[int], str] = lambda index: "synthetic") -> pa.Table:
+                  source: Callable[[int], str] = lambda index: "synthetic",
+                  human: Callable[[int], list[str] | None] = lambda index: None) -> pa.Table:
     """Rows [start, stop) of the corpus as CapFilt rows; indices in ``bad`` get undecodable bytes;
-    ``source(index)`` names each row's source."""
+    ``source(index)`` names each row's source; a row for which ``human(index)`` gives a caption
+    list is a human row with those captions (scores null-free zeros, as CapFilt passes them)."""
     rows = items[start:stop]
     images = [b"not an image" if it.index in bad else (corpus_dir / it.file).read_bytes() for it in rows]
+    humans = [human(it.index) for it in rows]
     return pa.Table.from_pydict({
         "key": [f"{it.index:06d}" for it in rows],
         "source": [source(it.index) for it in rows],
-        "policy": ["web"] * len(rows),
+        "policy": ["web" if h is None else "human" for h in humans],
         "url": [f"http://127.0.0.1:1/{it.file}" for it in rows],
         "sha256": [hashlib.sha256(data).hexdigest() for data in images],
         "meta": [None] * len(rows),
         "image": images,
-        "captions": [[it.caption, f"a picture of {it.caption}!"] for it in rows],
-        "scores": [[0.31, 0.29] for _ in rows],
+        "captions": [[it.caption, f"a picture of {it.caption}!"] if h is None else h for it, h in zip(rows, humans)],
+        "scores": [[0.31, 0.29] if h is None else [0.0] * len(h) for h in humans],
         "candidates": [None] * len(rows),
         "original_caption": [it.caption for it in rows],
     }, schema=CAPFILT.schema)
 
 
 def write_capfilt(uri: str, corpus, rows_per_shard: int = 12, bad: set[int] = frozenset(),
-                  source: Callable[[int], str] = lambda index: "synthetic") -> ShardSet:
+                  source: Callable[[int], str] = lambda index: "synthetic",
+                  human: Callable[[int], list[str] | None] = lambda index: None) -> ShardSet:
     """The corpus as a committed CapFilt shard set at ``uri`` (local path or s3://)."""
     corpus_dir, items = corpus
     shards = ShardSet(uri)
     for i, start in enumerate(range(0, len(items), rows_per_shard)):
-        shards.write_shard(i, capfilt_table(corpus_dir, items, start, start + rows_per_shard, bad, source), CAPFILT)
+        shards.write_shard(i, capfilt_table(corpus_dir, items, start, start + rows_per_shard, bad, source, human),
+                           CAPFILT)
     shards.write_manifest(CAPFILT)
     return shards
 
