@@ -29,7 +29,10 @@ class ModelConfig:
     llm_family: str = "opt"            # opt | t5
     llm_path: str = ""                 # save_pretrained directory of the frozen LLM (+ tokenizer)
     llm_dtype: str = "auto"            # auto: float16 for OPT, bfloat16 for FlanT5 (float32 on CPU)
-    prompt: str = ""                   # stage-2 training prompt (the paper uses none)
+    prompt: str = ""                   # stage-2 training prompt, joined to the caption as is (LAVIS: "a photo of ")
+    # the frozen LLM's mode while stage 2 trains: true = train mode, its dropout on (LAVIS only pins the
+    # ViT to eval); false = eval mode. Evaluation and generation always run it in eval mode.
+    llm_train_mode: bool = True
     freeze_vision: bool = True         # fine-tuning may unfreeze the image encoder
 
     def validate(self) -> None:

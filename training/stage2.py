@@ -44,7 +44,7 @@ def _pad(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
 
 
 def causal_lm_batch(tokenizer, texts: list[str], max_len: int, prompt: str = "") -> dict[str, torch.Tensor]:
-    """OPT targets: ``[BOS] prompt caption \\n``, right-padded, truncated to ``max_len`` tokens.
+    """OPT targets: ``[BOS] prompt+caption \\n``, right-padded, truncated to ``max_len`` tokens.
 
     Returns ``input_ids``, ``attention_mask`` and ``labels`` (all ``[B, T]`` long); ``labels``
     equals ``input_ids`` except on padding and, with a prompt, on BOS + prompt (``IGNORE``). As
@@ -53,7 +53,7 @@ def causal_lm_batch(tokenizer, texts: list[str], max_len: int, prompt: str = "")
     n_prompt = 1 + len(tokenizer(prompt, add_special_tokens=False).input_ids) if prompt else 0
     ids, labels = [], []
     for text in texts:
-        full = f"{prompt} {text}" if prompt else text
+        full = prompt + text  # as LAVIS' prompt + caption: a prompt ends with its own space
         row = ([tokenizer.bos_token_id] + tokenizer(full + "\n", add_special_tokens=False).input_ids)[:max_len]
         ids.append(row)
         labels.append([IGNORE] * min(n_prompt, len(row)) + row[n_prompt:])
@@ -135,7 +135,6 @@ class Blip2Stage2(nn.Module):
         self.language_projection = language_projection
         self.language_model = language_model
         self.language_model.requires_grad_(False)
-        self.language_model.eval()
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.image_token_id = image_token_id
@@ -213,12 +212,23 @@ class Blip2Stage2(nn.Module):
         split_points = random_split_points(texts) if split_points is None else split_points
         return prefix_lm_batch(self.tokenizer, texts, split_points, self.cfg.max_text_len, self.cfg.prompt)
 
+    def llm_precision(self, device: torch.device):
+        """The frozen LLM's own precision, whatever autocast the trainable parts run under: an
+        fp16/bf16 LLM under autocast of its dtype (LAVIS: OPT in the outer fp16 AMP, FlanT5 in a
+        nested bf16 autocast), an fp32 one with autocast off."""
+        half = self.llm_dtype in (torch.float16, torch.bfloat16)
+        return torch.autocast(device.type, dtype=self.llm_dtype if half else torch.float32, enabled=half)
+
     def lm_outputs(self, pixel_values: torch.Tensor, texts: list[str],
                    split_points: list[int] | None = None) -> dict[str, torch.Tensor]:
         """``loss``, ``logits`` and the ``labels`` they were scored against (OPT: ``[B, Q+T]``
         including the ignored query positions; T5: decoder labels ``[B, T_dec]``)."""
         prompts = self.image_prompts(pixel_values)
         batch = {k: v.to(prompts.device) for k, v in self.text_batch(texts, split_points).items()}
+        with self.llm_precision(prompts.device):
+            return self._lm_loss(prompts, batch)
+
+    def _lm_loss(self, prompts: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         inputs_embeds, attention_mask = self._with_prompts(prompts, batch["input_ids"], batch["attention_mask"])
         if self.cfg.llm_family == "opt":
             logits = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).logits
@@ -242,7 +252,8 @@ class Blip2Stage2(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.language_model.eval()  # frozen: no dropout in the LLM
+        if not self.cfg.llm_train_mode:  # a frozen LLM is still in train mode in LAVIS (dropout on)
+            self.language_model.eval()
         return self
 
     # -- generation -------------------------------------------------------------------------
@@ -277,7 +288,14 @@ class Blip2Stage2(nn.Module):
         batch = self.prompt_batch(prompts)
         inputs_embeds, attention_mask = self._with_prompts(soft, batch["input_ids"], batch["attention_mask"])
         kwargs = {**self.generation_defaults(), **generate_kwargs}
-        return self.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+        was_training = self.language_model.training
+        self.language_model.eval()  # generation never samples dropout masks, whatever mode the model is in
+        try:
+            with self.llm_precision(soft.device):
+                return self.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                                    **kwargs)
+        finally:
+            self.language_model.train(was_training)
 
     def generate(self, pixel_values: torch.Tensor, prompt: str | list[str] = "", **generate_kwargs) -> list[str]:
         """Decoded, stripped continuations of ``prompt`` (one per image and returned sequence)."""

@@ -19,12 +19,29 @@ from training.stage1 import Blip2Stage1
 def test_every_preset_loads_with_valid_keys_and_types(preset):
     cfg = load_config(preset)
     t = cfg.train
-    if preset.startswith("paper_"):
+    if preset.startswith("paper_stage"):
         assert t.global_batch % (t.batch_size * t.num_workers) == 0      # accumulation is whole
         assert t.steps in (250_000, 80_000) and t.warmup_steps == 2000 and t.lr == 1e-4
         assert t.min_lr == (1e-5 if t.stage == 1 else 5e-5)
         assert t.global_batch in ({1: (2320, 1680), 2: (1920, 1520)}[t.stage])
         assert t.use_gpu and t.precision in ("fp16", "bf16")
+
+
+@pytest.mark.parametrize("preset", [p for p in available_presets() if p.startswith("paper_")])
+def test_paper_presets_train_on_the_papers_mix_resolution_and_precision(preset):
+    """The fidelity review's F1–F5 as preset values: 384-px storage, human captions at LAVIS' share,
+    the frozen LLM in train mode and in its own dtype (OPT fp16, FlanT5 bf16), and LAVIS' fp16 AMP
+    for the trainable parts on A100 (the H100 presets: bf16, in the differences table)."""
+    cfg = load_config(preset)
+    assert (cfg.download.image_size, cfg.download.resize_mode, cfg.download.resize_only_if_bigger) == \
+        (384, "keep_ratio", True)
+    if not preset.startswith("paper_stage"):
+        return
+    assert cfg.ingest.human_captions == "each" and cfg.ingest.caption_pick == "random" and not cfg.ingest.source_weights
+    assert cfg.model.llm_train_mode and cfg.model.frozen_dtype == "float16" and cfg.model.frozen_weights == "linear"
+    assert cfg.train.precision == ("bf16" if preset.endswith("_h100") else "fp16")
+    if cfg.train.stage == 2:
+        assert cfg.model.llm_dtype == {"opt": "float16", "t5": "bfloat16"}[cfg.model.llm_family]
 
 
 def test_stage2_without_stage1_checkpoint_is_refused(capsys):

@@ -157,15 +157,17 @@ def test_flan_t5_runs_with_exact_gelu(models, exported):
     assert Blip2Config.from_pretrained(exported["t5"]).text_config.dense_act_fn == "gelu"  # the export keeps it
 
 
-def test_opt_prompt_tokens_carry_no_loss(models):
+def test_opt_prompt_tokens_carry_no_loss_as_lavis_joins_them(models):
+    """LAVIS' blip2_opt: ``prompt + caption`` tokenised together, the first len(tokenizer(prompt))
+    positions (BOS included) masked; its fine-tuning prompt ends with a space."""
     tok = models["opt"].tokenizer
-    prompt_ids = tok("a photo of", add_special_tokens=False).input_ids
-    batch = causal_lm_batch(tok, ["a red circle"], max_len=32, prompt="a photo of")
+    prompt = "a photo of "
+    batch = causal_lm_batch(tok, ["a red circle"], max_len=32, prompt=prompt)
     ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
-    assert ids[1:1 + len(prompt_ids)] == prompt_ids
-    assert labels[:1 + len(prompt_ids)] == [IGNORE] * (1 + len(prompt_ids))
-    assert labels[1 + len(prompt_ids):] == ids[1 + len(prompt_ids):]
-    assert tok.decode(ids[1 + len(prompt_ids):]) == " a red circle\n"
+    lavis_ids = tok("a photo of a red circle\n").input_ids                     # BOS + text, as LAVIS
+    lavis_prompt_len = len(tok(prompt).input_ids)
+    assert ids == lavis_ids
+    assert labels == [IGNORE] * lavis_prompt_len + lavis_ids[lavis_prompt_len:]
 
 
 def test_t5_prefix_split_labels(models):
@@ -278,6 +280,65 @@ def test_missing_paths_are_clear_errors(tiny_models, eva):
         Blip2Stage2.from_config(dataclasses.replace(make_cfg(tiny_models, "opt", eva), qformer_init=""))
     with pytest.raises(FileNotFoundError, match="neither"):
         Blip2Stage2.from_pretrained(eva)  # a vision tower, not a stage-2 model
+
+
+@pytest.mark.parametrize("family", ["opt", "t5"])
+def test_frozen_llm_dropout_is_on_while_stage2_trains_and_off_in_eval_and_generation(tiny_models, eva, family):
+    """LAVIS leaves the frozen LLM in train mode (OPT dropout 0.1, FlanT5 dropout_rate 0.1):
+    the same LLM input gives other outputs under other dropout draws while training, the same in
+    eval mode, with ``model.llm_train_mode=false``, and in generation from a training model."""
+    def llm_out(model, seed):
+        torch.manual_seed(seed)
+        embeds = torch.randn(2, 5, model.language_model.get_input_embeddings().embedding_dim,
+                             generator=torch.Generator().manual_seed(0))
+        kw = {"decoder_input_ids": torch.zeros(2, 3, dtype=torch.long)} if family == "t5" else {}
+        with torch.no_grad():
+            return model.language_model(inputs_embeds=embeds, **kw).logits
+
+    model = Blip2Stage2.from_config(make_cfg(tiny_models, family, eva))
+    assert model.language_model.config.to_dict()["dropout" if family == "opt" else "dropout_rate"] == 0.1
+    model.train()
+    assert model.language_model.training and not model.vision.model.training
+    assert not torch.equal(llm_out(model, 0), llm_out(model, 1))           # dropout masks differ
+    assert torch.equal(llm_out(model, 0), llm_out(model, 0))               # seeded: the same masks
+    model.qformer.eval()                                                   # only the LLM trains below
+    train_ids = [torch.manual_seed(seed) and model.generate_ids(pixels(2), max_new_tokens=4) for seed in (0, 1)]
+    assert model.language_model.training                                   # generation restores the mode
+    model.eval()
+    assert not model.language_model.training
+    assert torch.equal(llm_out(model, 0), llm_out(model, 1))               # no dropout in eval
+    for ids in train_ids:                                                  # nor in generation
+        assert torch.equal(model.generate_ids(pixels(2), max_new_tokens=4), ids)
+    pinned = Blip2Stage2.from_config(make_cfg(tiny_models, family, eva, llm_train_mode=False)).train()
+    assert not pinned.language_model.training and torch.equal(llm_out(pinned, 0), llm_out(pinned, 1))
+
+
+def test_fp16_llm_keeps_its_precision_under_the_trainers_bf16_autocast(tiny_models, eva):
+    """An fp16 OPT under ``train.precision=bf16`` (the H100 presets): every LLM matmul runs in
+    fp16, not bf16, and the logits stay as close to fp32's as fp16 allows (fidelity review F4:
+    bf16 matmuls gave 7× the error; here a bf16 LLM stands in for them)."""
+    from training.optim import autocast
+
+    cpu = torch.device("cpu")
+    models = {d: Blip2Stage2.from_config(make_cfg(tiny_models, "opt", eva, llm_dtype=d)).eval()
+              for d in ("float32", "float16", "bfloat16")}
+    with torch.no_grad():  # the same trainable parts; LLM weights ×10, as the review measured
+        for m in models.values():
+            m.load_trainable_state_dict(models["float32"].trainable_state_dict())
+            for p in m.language_model.parameters():
+                p.mul_(10)
+    dtypes = set()
+    hooks = [m.register_forward_hook(lambda mod, args, out: dtypes.add(out.dtype))
+             for m in models["float16"].language_model.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad(), autocast("bf16", cpu):  # the trainable parts in bf16 for all three; an fp32 LLM in fp32
+        want, *got = (models[d].lm_outputs(pixels(2), TEXTS[:2])["logits"].float()
+                      for d in ("float32", "float16", "bfloat16"))
+    got = dict(zip(("float16", "bfloat16"), got))
+    for h in hooks:
+        h.remove()
+    assert dtypes == {torch.float16}
+    err = {d: (g - want).abs().max().item() for d, g in got.items()}
+    assert err["float16"] < err["bfloat16"] / 2, err
 
 
 def test_half_precision_llm_keeps_trainable_parts_fp32(tiny_models, eva):
