@@ -33,7 +33,14 @@ MANIFEST = "_manifest.json"
 COMMITS = "_commits"
 SHARD_RE = re.compile(r"^part-(\d{5,})\.parquet$")
 ROW_GROUP_ROWS = 256  # small row groups keep inspection and streaming reads low-memory
-_SECRET_HINTS = ("secret", "password", "token", "credential", "access_key", "session_key")
+# Keys whose values are credentials, matched as whole names (case and -/_ folded): a substring
+# rule would also hide num_query_tokens, max_new_tokens or tokenizer.
+SECRET_KEYS = frozenset({
+    "password", "passwd", "secret", "token", "credential", "credentials", "api_key", "apikey", "auth",
+    "authorization", "access_key", "secret_key", "access_key_id", "secret_access_key", "session_key",
+    "session_token", "private_key", "client_secret", "aws_access_key_id", "aws_secret_access_key",
+    "aws_session_token", "hf_token", "huggingface_token", "hugging_face_hub_token", "wandb_api_key",
+    "mlflow_tracking_password", "mlflow_tracking_token", "github_token"})
 
 
 def shard_name(index: int) -> str:
@@ -51,10 +58,10 @@ _URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^/\s:@]*):[^@/\s]*@", re.IG
 
 
 def redact(obj: Any) -> Any:
-    """Drop anything that looks like a credential before a config is written or printed: values
-    of keys named like secrets, and the password of any ``scheme://user:password@host`` value."""
+    """Drop credentials before a config is written or printed: values of keys named as secrets
+    (:data:`SECRET_KEYS`), and the password of any ``scheme://user:password@host`` value."""
     if isinstance(obj, dict):
-        return {k: ("<redacted>" if any(h in str(k).lower() for h in _SECRET_HINTS) else redact(v))
+        return {k: ("<redacted>" if str(k).lower().replace("-", "_") in SECRET_KEYS else redact(v))
                 for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [redact(v) for v in obj]

@@ -72,6 +72,38 @@ def test_redact_nested():
         "a": {"AWS_SECRET_ACCESS_KEY": "<redacted>", "x": [{"token": "<redacted>"}]}}
 
 
+def test_redact_matches_whole_secret_names_and_no_config_key():
+    """Every key of every preset's config is printed as it is (num_query_tokens, max_new_tokens,
+    tokenizer, ... were ``<redacted>`` under a substring rule); credential names are redacted."""
+    from orchestration.config import available_presets, load_config, to_dict
+
+    def keys(d, prefix=""):
+        for k, v in d.items():
+            yield f"{prefix}{k}"
+            if isinstance(v, dict):
+                yield from keys(v, f"{prefix}{k}.")
+
+    for preset in available_presets():
+        cfg = to_dict(load_config(preset))
+        all_keys = sorted(keys(cfg))
+        assert {"model.num_query_tokens", "eval.max_new_tokens", "eval.tokenizer"} <= set(all_keys)
+        out = redact(cfg)
+
+        def redacted(d, prefix=""):
+            for k, v in d.items():
+                if v == "<redacted>":
+                    yield f"{prefix}{k}"
+                elif isinstance(v, dict):
+                    yield from redacted(v, f"{prefix}{k}.")
+
+        assert list(redacted(out)) == [], preset
+    secrets = {"password": 1, "Token": 2, "AWS_SECRET_ACCESS_KEY": 3, "hf-token": 4, "wandb_api_key": 5,
+               "not_a_token_count": 6, "tokens": 7, "secretary": 8}
+    assert redact({"eval": {"extra": secrets}}) == {"eval": {"extra": {
+        "password": "<redacted>", "Token": "<redacted>", "AWS_SECRET_ACCESS_KEY": "<redacted>", "hf-token": "<redacted>",
+        "wandb_api_key": "<redacted>", "not_a_token_count": 6, "tokens": 7, "secretary": 8}}}
+
+
 def test_redact_strips_passwords_from_url_values():
     got = redact({"mlflow_tracking_uri": "http://u:auditPass@h:5000/x", "list": ["s3://key:secret@bucket/p"],
                   "plain": "http://h/path?q=a:b@c", "email": "someone@example.org"})
