@@ -67,6 +67,14 @@ class SeededSampler(LogitsProcessor):
         return out.scatter_(1, token, 0.0)
 
 
+def blip_decode(tokenizer, ids: torch.Tensor, prompt: str) -> list[str]:
+    """BLIP's decode (``models/blip.py``): the whole sequence, prompt included, with the clean-up
+    of tokenization spaces that transformers 4.x did by default (``a man's dog``, not ``a man ' s
+    dog``; transformers 5 no longer does unless asked), then ``len(prompt)`` characters cut."""
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+    return [t[len(prompt):].strip() for t in texts]
+
+
 class Captioner:
     """BLIP captioner loaded from a local ``save_pretrained`` directory.
 
@@ -87,7 +95,7 @@ class Captioner:
         # As BlipForConditionalGeneration.generate: [DEC] replaces [CLS], the trailing [SEP] goes.
         prompt_ids = self.processor.tokenizer(prompt, return_tensors="pt").input_ids
         prompt_ids[:, 0] = self.model.config.text_config.bos_token_id
-        self.prompt_ids = prompt_ids[:, :-1]
+        self.prompt_ids, self.prompt = prompt_ids[:, :-1], prompt
         self.num_captions, self.seed = num_captions, seed
         self.top_p, self.top_k, self.repetition_penalty = top_p, top_k, repetition_penalty
         # min_length / max_length count the prompt ids, as BLIP passes them to HF generate.
@@ -113,10 +121,7 @@ class Captioner:
     def __call__(self, pixel_values: np.ndarray | torch.Tensor, keys: list[str]) -> list[list[str]]:
         if not keys:
             return []
-        prompt_len = self.prompt_ids.shape[1]
-        texts = self.processor.tokenizer.batch_decode(self.token_ids(pixel_values, keys)[:, prompt_len:],
-                                                      skip_special_tokens=True)
-        texts = [t.strip() for t in texts]
+        texts = blip_decode(self.processor.tokenizer, self.token_ids(pixel_values, keys), self.prompt)
         return [texts[b * self.num_captions : (b + 1) * self.num_captions] for b in range(len(keys))]
 
     @torch.inference_mode()
