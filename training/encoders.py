@@ -10,11 +10,15 @@
 A frozen tower's precision is LAVIS' (``convert_weights_to_fp16``): only Linear/Conv weights and
 biases take ``frozen_dtype``; LayerNorms and the class/position embeddings stay fp32. Each of
 those layers casts its input to its own weight dtype, so the matmuls run in ``frozen_dtype`` and
-the residual stream and LayerNorms in fp32 — what LAVIS gets from CUDA autocast, here on any
-device and without re-casting weights every step. ``model.frozen_weights=all`` casts everything.
+the residual stream and LayerNorms in fp32 — what LAVIS' EVA gets from CUDA autocast (its class
+and position embeddings are added in fp32 too), here on any device and without re-casting weights
+every step. LAVIS' CLIP ViT-L runs its stream in fp16; here it is fp32 as EVA's (more precise).
+``model.frozen_weights=all`` casts everything.
 Frozen towers stay in eval mode and never require grad.
 """
 from __future__ import annotations
+
+import types
 
 import torch
 from torch import nn
@@ -35,10 +39,23 @@ def _output_to_fp32(module: nn.Module, args: tuple, output: torch.Tensor) -> tor
     return output.float()
 
 
+def _eva_embeddings_fp32(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+    """``Blip2VisionEmbeddings.forward`` as LAVIS' EVA sums it: the patch projection (in the
+    frozen dtype) upcast, then the fp32 class and position embeddings added in fp32 (HF casts them
+    to the patch dtype first, one fp16 rounding of the whole stream's start)."""
+    batch, _, height, width = pixel_values.shape
+    patches = self.patch_embedding(pixel_values).float().flatten(2).transpose(1, 2)
+    x = torch.cat([self.class_embedding.float().expand(batch, 1, -1), patches], dim=1)
+    pos = self.interpolate_pos_encoding(x, height, width) if interpolate_pos_encoding else self.position_embedding
+    return x + pos[:, : x.size(1)].float()
+
+
 def cast_tower(model: nn.Module, dtype: torch.dtype, weights: str = "linear") -> nn.Module:
     """``linear``: Linear/Conv weights (and biases) in ``dtype``, the rest fp32, as LAVIS;
     ``all``: every parameter and buffer in ``dtype``. Either way a Linear/Conv layer (and a
     LayerNorm) casts its input to its weight dtype."""
+    from transformers.models.blip_2.modeling_blip_2 import Blip2VisionEmbeddings
+
     if weights not in ("linear", "all"):
         raise ValueError(f"frozen_weights must be linear or all, got {weights!r}")
     model.to(dtype if weights == "all" else torch.float32)
@@ -49,9 +66,11 @@ def cast_tower(model: nn.Module, dtype: torch.dtype, weights: str = "linear") ->
             module.to(dtype)
         if isinstance(module, (*MATMUL_LAYERS, nn.LayerNorm)):
             module.register_forward_pre_hook(_input_to_weight_dtype)
-        if weights == "linear" and name.rsplit(".", 1)[-1] == "embeddings":
-            # HF's Blip2VisionEmbeddings casts class/position embeddings to the patch weights'
-            # dtype; LAVIS adds them in fp32, so its residual stream starts (and stays) fp32.
+        if weights == "linear" and isinstance(module, Blip2VisionEmbeddings):
+            module.forward = types.MethodType(_eva_embeddings_fp32, module)   # EVA: LAVIS' fp32 stream
+        elif weights == "linear" and name.rsplit(".", 1)[-1] == "embeddings":
+            # CLIP ViT-L: the stream is fp32 from here (LAVIS' own clip_vit runs it in fp16 under
+            # autocast; fp32 is the more precise of the two, see docs/lavis_differences.md)
             module.register_forward_hook(_output_to_fp32)
     model._cast_hooks = True
     return model

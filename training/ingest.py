@@ -115,10 +115,13 @@ def random_resized_crop(img: Image.Image, rng: random.Random, size: int, min_sca
         if 0 < cw <= w and 0 < ch <= h:
             x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
             return img.resize((size, size), Image.BICUBIC, box=(x, y, x + cw, y + ch))
-    # fall back to a centre crop (as torchvision does)
-    side = min(w, h)
-    x, y = (w - side) // 2, (h - side) // 2
-    return img.resize((size, size), Image.BICUBIC, box=(x, y, x + side, y + side))
+    # torchvision's fallback after 10 misses: the centred crop of the whole image with its aspect
+    # clamped to ``ratio``
+    aspect = w / h
+    cw, ch = (w, int(round(w / ratio[0]))) if aspect < ratio[0] else \
+        (int(round(h * ratio[1])), h) if aspect > ratio[1] else (w, h)
+    x, y = (w - cw) // 2, (h - ch) // 2
+    return img.resize((size, size), Image.BICUBIC, box=(x, y, x + cw, y + ch))
 
 
 def augment_image(data: bytes, rng: random.Random, size: int, min_scale: float, hflip: bool = True) -> np.ndarray:

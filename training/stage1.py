@@ -230,7 +230,9 @@ class Blip2Stage1(nn.Module):
         replaces hard-negative sampling (tests); ``generator`` seeds the sampling.
         """
         with torch.no_grad():
-            self.temp.clamp_(0.001, 0.5)  # as LAVIS: keeps the logit scale in a sane range
+            # ALBEF/BLIP's clamp; BLIP-2's blip2_qformer has none. Inactive while temp stays in
+            # (0.001, 0.5) (it starts at 0.07): a guard against a runaway logit scale (docs/lavis_differences.md)
+            self.temp.clamp_(0.001, 0.5)
         image_embeds, image_feat = self.encode_image(pixel_values)
         input_ids, attention_mask, text_feat = self.encode_text(texts)
         B, device = input_ids.shape[0], input_ids.device

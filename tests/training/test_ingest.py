@@ -220,3 +220,19 @@ def test_workers_read_the_ingest_section_as_is_at_the_models_resolution():
     spec = wc.data()
     assert spec.cfg is ingest and (spec.image_size, spec.seed) == (48, 7)
     assert wc.params()["ingest"]["shuffle_window"] == 3 and "shuffle_window" not in wc.params()["train"]
+
+
+def test_crop_fallback_is_torchvisions_centred_crop_with_the_aspect_clamped():
+    """After 10 missed draws (a 1000×10 strip cannot hold a 3/4–4/3 crop of half its area),
+    torchvision crops the centre with the aspect clamped to the ratio range: 13×10 here."""
+    import random
+
+    from training.ingest import random_resized_crop
+
+    strip = Image.fromarray(np.random.default_rng(0).integers(0, 255, (10, 1000, 3), dtype=np.uint8))
+    got = random_resized_crop(strip, random.Random(0), 16, min_scale=0.5)
+    want = strip.resize((16, 16), Image.BICUBIC, box=(493, 0, 506, 10))
+    assert np.array_equal(np.asarray(got), np.asarray(want))
+    tall = strip.transpose(Image.TRANSPOSE)                                     # 10×1000: 10 wide, 13 high
+    got = random_resized_crop(tall, random.Random(0), 16, min_scale=0.5)
+    assert np.array_equal(np.asarray(got), np.asarray(tall.resize((16, 16), Image.BICUBIC, box=(0, 493, 10, 506))))
