@@ -19,6 +19,8 @@ import fsspec
 import numpy as np
 from PIL import Image
 
+from pipelines.images import IMAGE_FORMATS
+
 # Outcomes of decoding one row; everything but "ok" is counted and skipped.
 OK, UNDECODABLE, ZERO_SIZE, TOO_LARGE = "ok", "undecodable", "zero_size", "too_large"
 _PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
@@ -153,7 +155,7 @@ def decode_image(data: bytes | None, max_pixels: int) -> tuple[Image.Image | Non
     if not data:
         return None, ZERO_SIZE
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
             w, h = img.size
             if w == 0 or h == 0:
                 return None, ZERO_SIZE
