@@ -42,7 +42,7 @@ def load_image_processor(model_uri: str):
             raise FileNotFoundError(f"{model_uri} has no {' or '.join(_PROCESSOR_FILES)}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return AutoImageProcessor.from_pretrained(tmp)
+            return AutoImageProcessor.from_pretrained(tmp, trust_remote_code=False)
 
 
 # Processor classes whose whole pipeline is resize -> center crop -> rescale -> normalize.
