@@ -88,8 +88,8 @@ class Captioner:
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
         self.device, self.dtype = resolve_device_dtype(dtype)
-        self.processor = BlipProcessor.from_pretrained(model_dir)
-        self.model = BlipForConditionalGeneration.from_pretrained(model_dir, dtype=self.dtype)
+        self.processor = BlipProcessor.from_pretrained(model_dir, trust_remote_code=False)
+        self.model = BlipForConditionalGeneration.from_pretrained(model_dir, dtype=self.dtype, trust_remote_code=False)
         self.model.to(self.device).eval()
         self.decoder = BlipSampleDecoder(self.model.text_decoder)
         # As BlipForConditionalGeneration.generate: [DEC] replaces [CLS], the trailing [SEP] goes.

@@ -76,6 +76,11 @@ class CapFiltConfig:
             lo, hi = getattr(self, name)
             if not 1 <= lo <= hi:
                 raise ValueError(f"{name} must be (min, max) with 1 <= min <= max, got {(lo, hi)}")
+        if not (self.decode_num_cpus > 0 and self.write_num_cpus > 0 and min(
+                self.caption_num_cpus, self.caption_num_gpus, self.rank_num_cpus, self.rank_num_gpus) >= 0):
+            raise ValueError("decode_num_cpus and write_num_cpus must be > 0, the caption/rank CPUs and GPUs >= 0")
+        if self.max_pixels < 1 or (self.decode_concurrency is not None and self.decode_concurrency < 1):
+            raise ValueError("max_pixels and decode_concurrency must be >= 1")
         if self.input_policy not in ("web", "human"):
             raise ValueError(f"input_policy must be web or human, got {self.input_policy!r}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):

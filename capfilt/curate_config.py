@@ -8,6 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+def _probability(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} is a probability in [0, 1], got {value}")
+
+
 @dataclass
 class ClipScoreFilter:
     """DataComp-style: drop rows whose kept caption(s) CLIP ViT-L/14 scores low."""
@@ -45,8 +50,8 @@ class SemDedupFilter:
     def validate(self) -> None:
         if not -1.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold is a cosine in [-1, 1], got {self.threshold}")
-        if self.probes < 1 or self.sample < 1 or self.iterations < 1 or self.rows_per_task < 1:
-            raise ValueError("probes, sample, iterations and rows_per_task must be >= 1")
+        if self.probes < 1 or self.sample < 1 or self.iterations < 1 or self.rows_per_task < 1 or not self.num_cpus > 0:
+            raise ValueError("probes, sample, iterations and rows_per_task must be >= 1, num_cpus > 0")
         if self.clusters is not None and self.clusters < 1:
             raise ValueError(f"clusters must be >= 1, got {self.clusters}")
 
@@ -58,12 +63,18 @@ class NsfwFilter:
     head: str = ""                      # local dir / s3:// written by capfilt.heads.save_head ("" : none)
     threshold: float = 0.5              # removed when the head's score or punsafe is above
 
+    def validate(self) -> None:
+        _probability("threshold", self.threshold)
+
 
 @dataclass
 class WatermarkFilter:
     """LAION's ``pwatermark`` column where a shard has it."""
     enabled: bool = True
     threshold: float = 0.8
+
+    def validate(self) -> None:
+        _probability("threshold", self.threshold)
 
 
 @dataclass
@@ -94,6 +105,8 @@ class CurateConfig:
     def validate(self) -> None:
         if self.score_concurrency < 1 or self.exact_rows_per_task < 1:
             raise ValueError("score_concurrency and exact_rows_per_task must be >= 1")
+        if not (self.score_num_cpus > 0 and self.write_num_cpus > 0 and self.score_num_gpus >= 0):
+            raise ValueError("score_num_cpus and write_num_cpus must be > 0, score_num_gpus >= 0")
 
 
 @dataclass
@@ -104,3 +117,7 @@ class SearchConfig:
     train_rows: int = 200_000           # rows a trainable index (IVF, PQ) trains on, from the first shards
     nprobe: int = 32                    # IVF lists searched per query
     k: int = 10
+
+    def validate(self) -> None:
+        if min(self.k, self.nprobe, self.train_rows) < 1:
+            raise ValueError(f"k, nprobe and train_rows must be >= 1, got {self.k}, {self.nprobe}, {self.train_rows}")

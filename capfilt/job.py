@@ -28,7 +28,7 @@ import pyarrow as pa
 from capfilt.config import CapFiltConfig
 from capfilt.embeddings import write_embeddings
 from capfilt.preprocess import OK, TOO_LARGE, UNDECODABLE, ZERO_SIZE, Preprocess
-from pipelines.adapters import DownloadSource, open_download_source
+from pipelines.adapters import DownloadSource, open_download_source, read_error
 from pipelines.storage import local_dir
 from pipelines.schema import CAPFILT, HUMAN
 from pipelines.shardio import ShardSet, shard_name
@@ -39,7 +39,8 @@ DECODE_FAILURES = (UNDECODABLE, ZERO_SIZE, TOO_LARGE)
 # Per-shard counters; the run and set summaries are their sums.
 COUNTERS = ("rows_in", "rows_not_ok", "images_in", "images_out", "undecodable", "zero_size", "too_large",
             TOO_FEW, "empty_captions", "truncated_captions", "captions_generated", "kept_score_sum",
-            "kept_scores", "original_kept", "web_images_out", "human_images_out", "human_captions_out")
+            "kept_scores", "original_kept", "web_images_out", "human_images_out", "human_captions_out",
+            "unreadable_shards")
 
 
 # -- input ----------------------------------------------------------------------------------
@@ -202,6 +203,10 @@ def write_output_shard(source: DownloadSource, output_uri: str, index: int, resu
     stats = dict.fromkeys(COUNTERS, 0)
     stats["rows_in"] = table.num_rows
     stats["rows_not_ok"] = sum(s != OK for s in table.column("status").to_pylist())
+    problem = read_error(table)  # an adapter shard read only in part: its rows commit, the problem is counted
+    stats["unreadable_shards"] = int(problem is not None)
+    if problem:
+        stats["read_error"] = problem
     out, img_emb, text_emb = [], [], []
     if results is not None:
         columns = {c: table.column(c) for c in ("source", "url", "sha256", "meta", "image")}
@@ -326,7 +331,11 @@ def _write_complete_shards(ds, cfg: CapFiltConfig, source: DownloadSource, pendi
     for index in pending:
         if index not in got:  # no ok rows: still an (empty) output shard, so the set is complete
             submit(index, None)
-    return ray.get(refs)
+    stats = ray.get(refs)
+    for s in stats:
+        if s.get("read_error"):
+            log(f"capfilt: input shard unreadable in part, its readable rows kept: {s['read_error']}")
+    return stats
 
 
 def summarize(stats: list[dict], seconds: float | None = None) -> dict:
@@ -379,7 +388,7 @@ def format_summary(summary: dict) -> str:
         f"  policies      web {s['web_images_out']} images captioned and ranked; human {s['human_images_out']} "
         f"images passed through with {s['human_captions_out']} captions",
         f"  bad input     undecodable {s['undecodable']}, zero-size {s['zero_size']}, too large {s['too_large']}, "
-        f"too few usable captions {s[TOO_FEW]}",
+        f"too few usable captions {s[TOO_FEW]}, unreadable input shards {s['unreadable_shards']}",
         f"  captions      {s['captions_generated']} generated, {s['captions_per_s']:.1f}/s "
         f"({s['images_per_s']:.2f} images/s, {s['seconds']:.1f} s); empty {s['empty_captions']}, "
         f"truncated {s['truncated_captions']}",

@@ -19,6 +19,8 @@ import fsspec
 import numpy as np
 from PIL import Image
 
+from pipelines.images import IMAGE_FORMATS
+
 # Outcomes of decoding one row; everything but "ok" is counted and skipped.
 OK, UNDECODABLE, ZERO_SIZE, TOO_LARGE = "ok", "undecodable", "zero_size", "too_large"
 _PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
@@ -40,7 +42,7 @@ def load_image_processor(model_uri: str):
             raise FileNotFoundError(f"{model_uri} has no {' or '.join(_PROCESSOR_FILES)}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return AutoImageProcessor.from_pretrained(tmp)
+            return AutoImageProcessor.from_pretrained(tmp, trust_remote_code=False)
 
 
 # Processor classes whose whole pipeline is resize -> center crop -> rescale -> normalize.
@@ -153,7 +155,7 @@ def decode_image(data: bytes | None, max_pixels: int) -> tuple[Image.Image | Non
     if not data:
         return None, ZERO_SIZE
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
             w, h = img.size
             if w == 0 or h == 0:
                 return None, ZERO_SIZE

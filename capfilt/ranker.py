@@ -27,8 +27,8 @@ class Ranker:
         from transformers import AutoTokenizer, CLIPModel
 
         self.device, self.dtype = resolve_device_dtype(dtype)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = CLIPModel.from_pretrained(model_dir, dtype=self.dtype).to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+        self.model = CLIPModel.from_pretrained(model_dir, dtype=self.dtype, trust_remote_code=False).to(self.device).eval()
         self.max_tokens = self.model.config.text_config.max_position_embeddings
         self.special_ids = torch.tensor(sorted(set(self.tokenizer.all_special_ids)))
         self.chunks, self.min_chunk = 3, 32  # text batches per call: ~3 length buckets of >= 32 captions

@@ -65,12 +65,14 @@ def load_images(image) -> list:
     import numpy as np
     from PIL import Image
 
+    from pipelines.images import IMAGE_FORMATS
+
     images = image if isinstance(image, (list, tuple)) else [image]
     out = []
     for img in images:
         if isinstance(img, (str, Path)):
             try:
-                with Image.open(img) as f:
+                with Image.open(img, formats=IMAGE_FORMATS) as f:
                     out.append(f.convert("RGB"))
             except (OSError, ValueError) as e:
                 raise ValueError(f"cannot read image {str(img)!r}: {e}") from None

@@ -9,7 +9,9 @@ sections down. Nothing below this module reads YAML or the environment for setti
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ from training.ingest import IngestConfig
 from training.trackers import TrackingConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
+_PRESET_NAME = re.compile(r"[A-Za-z0-9_-]+")  # a name without a suffix; never a path into or out of PRESET_DIR
 
 
 @dataclass
@@ -102,13 +105,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
         try:  # YAML 1.1 reads "3e-4" as a string
-            return float(value) if isinstance(value, str) else _fail()
-        except ValueError:
-            pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+            number = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else _fail()
+        except (ValueError, OverflowError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):  # nan slips past every `<` check, inf disables a bound
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -165,6 +168,8 @@ def nest(pairs: dict) -> dict:
         parts = key.strip().split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r} sets a key inside {p!r}, which another override gives a value")
         node[parts[-1]] = value
     return out
 
@@ -176,26 +181,52 @@ def parse_overrides(items: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not key=value")
-        pairs[key] = yaml.safe_load(raw) if raw != "" else ""
+        pairs[key] = load_yaml(raw, f"override {item!r}") if raw != "" else ""
     return nest(pairs)
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """Safe YAML without aliases: a few hundred bytes of nested aliases expand to gigabytes."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a config",
+                                              self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """YAML data (safe tags only, no aliases); a ConfigError naming ``where`` otherwise."""
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({' '.join(str(e).split())[:300]})") from None
 
 
 def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def read_preset(name_or_path: str) -> dict:
+def read_preset(name_or_path: str, _inherited: tuple = ()) -> dict:
     """A preset name (``tiny``) or a YAML path; ``base: <preset>`` inherits."""
     path = Path(name_or_path)
     if not path.suffix:
-        path = PRESET_DIR / f"{name_or_path}.yaml"
-    if not path.exists():
+        path = PRESET_DIR / f"{name_or_path}.yaml" if _PRESET_NAME.fullmatch(name_or_path) else None
+    if path is None or not path.is_file():
         raise ConfigError(f"no config {name_or_path!r}; presets: {', '.join(available_presets())} or a .yaml path")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot be read ({e})") from None
+    data = load_yaml(text, str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     base = data.pop("base", None)
-    return deep_merge(read_preset(base), data) if base else data
+    if base is not None and not isinstance(base, str):
+        raise ConfigError(f"{path}: base must be a preset name or a .yaml path, got {base!r}")
+    if str(path.resolve()) in _inherited:
+        raise ConfigError(f"{path}: its base chain comes back to itself")
+    return deep_merge(read_preset(base, (*_inherited, str(path.resolve()))), data) if base else data
 
 
 # Local paths are made absolute when the config is read: Ray Train workers run in their run's

@@ -102,8 +102,8 @@ def caption_with_transformers(hf_dir: Path, files: list[Path], prompt: str, max_
     from PIL import Image
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
-    model = Blip2ForConditionalGeneration.from_pretrained(hf_dir).eval()
-    processor = Blip2Processor.from_pretrained(hf_dir)
+    model = Blip2ForConditionalGeneration.from_pretrained(hf_dir, trust_remote_code=False).eval()
+    processor = Blip2Processor.from_pretrained(hf_dir, trust_remote_code=False)
     images = [Image.open(f).convert("RGB") for f in files]
     inputs = processor(images=images, text=[prompt] * len(images), return_tensors="pt")
     with torch.no_grad():

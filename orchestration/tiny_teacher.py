@@ -68,8 +68,8 @@ def _fit(model, loss_of, n: int, steps: int, seed: int, lr: float, batch_size: i
 def teach_captioner(src: Path, out: Path, lesson: Lesson, prompt: str, steps: int, seed: int) -> dict:
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
-    processor = BlipProcessor.from_pretrained(src)
-    model = BlipForConditionalGeneration.from_pretrained(src)
+    processor = BlipProcessor.from_pretrained(src, trust_remote_code=False)
+    model = BlipForConditionalGeneration.from_pretrained(src, trust_remote_code=False)
     pixels = processor.image_processor(lesson.images, return_tensors="pt").pixel_values
     text = processor.tokenizer([prompt + c for c in lesson.captions], padding="longest", return_tensors="pt")
     ids = text.input_ids.clone()
@@ -107,8 +107,8 @@ def teach_ranker(src: Path, out: Path, lesson: Lesson, steps: int, seed: int) ->
     import torch.nn.functional as F
     from transformers import CLIPModel, CLIPProcessor
 
-    processor = CLIPProcessor.from_pretrained(src)
-    model = CLIPModel.from_pretrained(src)
+    processor = CLIPProcessor.from_pretrained(src, trust_remote_code=False)
+    model = CLIPModel.from_pretrained(src, trust_remote_code=False)
     pixels = processor.image_processor(lesson.images, return_tensors="pt").pixel_values
     rng = random.Random(seed)
     texts = lesson.captions + [near_miss(c, rng) for c in lesson.captions]
@@ -131,8 +131,8 @@ def teach_reading_llm(src: Path, out: Path, lesson: Lesson, steps: int, seed: in
     """Continue ``[caption words] [BOS]`` with ``caption`` + EOS (text only, all weights)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    lm = AutoModelForCausalLM.from_pretrained(src)
-    tok = AutoTokenizer.from_pretrained(src)
+    lm = AutoModelForCausalLM.from_pretrained(src, trust_remote_code=False)
+    tok = AutoTokenizer.from_pretrained(src, trust_remote_code=False)
     captions = lesson.captions
 
     def loss_of(idx):

@@ -1,6 +1,7 @@
 """Config section of the data layer (``download.*`` keys)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from pipelines.images import RESIZE_MODES
@@ -47,17 +48,17 @@ class DownloadConfig:
             raise ValueError(f"resize_mode {self.resize_mode!r} is not one of {', '.join(RESIZE_MODES)}")
         if self.policy != "auto" and self.policy not in POLICIES:
             raise ValueError(f"policy {self.policy!r} is not one of auto, {', '.join(POLICIES)}")
-        if min(self.max_pixels, self.timeout, self.deadline, self.max_bytes, self.max_per_host,
-               self.max_url_bytes, self.max_caption_bytes) <= 0:
+        if not all(0 < v < math.inf for v in (self.max_pixels, self.timeout, self.deadline, self.max_bytes,
+                                              self.max_per_host, self.max_url_bytes, self.max_caption_bytes)):
             raise ValueError("max_pixels, timeout, deadline, max_bytes, max_per_host, max_url_bytes and "
-                             "max_caption_bytes must be positive")
-        if min(self.max_redirects, self.retries, self.rate_limit_retries, self.max_retry_after,
-               self.task_retries, self.min_image_size) < 0:
+                             "max_caption_bytes must be positive and finite")
+        if not all(0 <= v < math.inf for v in (self.max_redirects, self.retries, self.rate_limit_retries,
+                                               self.max_retry_after, self.task_retries, self.min_image_size)):
             raise ValueError("max_redirects, retries, rate_limit_retries, max_retry_after, task_retries and "
-                             "min_image_size must be >= 0")
+                             "min_image_size must be >= 0 and finite")
         if not 0 < self.task_cpus or self.partitions_per_wave <= 0:
             raise ValueError("task_cpus and partitions_per_wave must be positive")
-        if self.partition_timeout is not None and self.partition_timeout <= 0:
+        if self.partition_timeout is not None and not 0 < self.partition_timeout < math.inf:
             raise ValueError("partition_timeout must be positive (or null for the derived bound)")
         if not self.user_agent_token.strip() or any(c in self.user_agent_token for c in ";()\r\n"):
             raise ValueError("user_agent_token must be a plain product token (no ; ( ) or newlines)")

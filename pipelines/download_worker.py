@@ -182,8 +182,11 @@ class PartitionDownloader:
                 if item is None:
                     bodies.release()
                     return
-                got = self.fetcher.fetch(item.url)
-                delay = self._retry_delay(item, got)
+                try:
+                    got = self.fetcher.fetch(item.url)
+                    delay = self._retry_delay(item, got)
+                except Exception as e:  # noqa: BLE001 — a raise must never cost a thread or its host slot
+                    got, delay = Fetched("network_error", error=f"{type(e).__name__}: {e}"[:500]), None
                 if delay is not None:
                     bodies.release()
                     hosts.again(item, delay)

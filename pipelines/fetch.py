@@ -21,6 +21,7 @@ import email.utils
 import heapq
 import http.client
 import itertools
+import math
 import socket
 import string
 import threading
@@ -36,7 +37,7 @@ USER_AGENT = ("Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 F
               "(compatible; {token}; +https://github.com/rom1504/img2dataset)")
 ROBOTS_TOKENS = ("img2dataset",)        # honoured besides our own token
 DISALLOWED_DIRECTIVES = {"noai", "noimageai", "noindex", "noimageindex"}  # img2dataset's defaults
-CHUNK_BYTES = 1 << 20                  # reads of a body without Content-Length
+CHUNK_BYTES = 1 << 20                  # the most one read of a body may take
 _URL_SAFE = string.punctuation         # keep reserved characters and existing %-escapes
 
 
@@ -113,13 +114,16 @@ def retry_after_seconds(value: str | None, now: float | None = None) -> float | 
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    # A server's header is data: "²".isdigit() is true and float() refuses it; "1"*400 is inf.
     try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        if value.isascii() and value.isdigit():
+            seconds = float(value)
+        else:
+            when = email.utils.parsedate_to_datetime(value)
+            seconds = max(0.0, when.timestamp() - (time.time() if now is None else now))
+    except (TypeError, ValueError, OverflowError):
         return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return seconds if math.isfinite(seconds) else None
 
 
 class _Watch:
@@ -225,21 +229,22 @@ class Fetcher:
                 length = int(length) if length and length.strip().isdigit() else None
                 if length is not None and length > limits.max_bytes:
                     return Fetched("too_large", error=f"Content-Length {length} > max_bytes {limits.max_bytes}")
-                if length is not None:  # one read of exactly that much; the watchdog bounds it in time
-                    data = r.read(length)
-                else:
-                    chunks, total = [], 0
-                    while True:
-                        if time.monotonic() >= deadline:
-                            return _timeout(limits)
-                        chunk = r.read(CHUNK_BYTES)
-                        if not chunk:
-                            break
-                        total += len(chunk)
-                        if total > limits.max_bytes:
-                            return Fetched("too_large", error=f"body over max_bytes {limits.max_bytes}")
-                        chunks.append(chunk)
-                    data = b"".join(chunks)
+                # readinto a fixed buffer, never read(n): http.client takes a chunk size of -1 as
+                # "read to EOF" in a single read(n) call, past any cap checked after it returns.
+                want = limits.max_bytes + 1 if length is None else length
+                buf = memoryview(bytearray(min(CHUNK_BYTES, want)))
+                chunks, total = [], 0
+                while total < want:
+                    if time.monotonic() >= deadline:
+                        return _timeout(limits)
+                    n = r.readinto(buf[:min(len(buf), want - total)])
+                    if not n:
+                        break
+                    total += n
+                    if total > limits.max_bytes:
+                        return Fetched("too_large", error=f"body over max_bytes {limits.max_bytes}")
+                    chunks.append(bytes(buf[:n]))
+                data = b"".join(chunks)
             if time.monotonic() >= deadline:  # the watchdog's shutdown reads as end of body
                 return _timeout(limits)
             if length is not None and len(data) < length:

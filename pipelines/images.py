@@ -17,6 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 
 RESIZE_MODES = ("no", "keep_ratio", "center_crop", "border", "keep_ratio_largest")
+# The only formats Pillow may decode from downloaded or adapter bytes: what an image corpus needs.
+# Other plugins stay unreachable (EPS would run Ghostscript on server-chosen PostScript).
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+JPEG_MAX_SIDE = 65535
 
 
 class Rejected(Exception):
@@ -87,7 +91,7 @@ def open_checked(data: bytes, spec: ImageSpec):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
         except Image.DecompressionBombError as e:
             raise Rejected("too_large", str(e)) from None
         except UnidentifiedImageError:
@@ -155,6 +159,9 @@ def store(data: bytes, spec: ImageSpec) -> Stored:
     width, height = img.size
     fmt, mode = img.format, img.mode
     scaled = scaled_size(width, height, spec)
+    if max(scaled) > JPEG_MAX_SIDE:  # refused before decoding: the stored JPEG could never hold it
+        raise Rejected("too_large", f"{width}x{height} would be stored as {scaled[0]}x{scaled[1]}, over JPEG's "
+                                    f"{JPEG_MAX_SIDE}-pixel side limit")
     rgb = decode(img, scaled)
     unchanged = scaled == (width, height) and spec.resize_mode in ("no", "keep_ratio", "keep_ratio_largest")
     if unchanged and fmt == "JPEG" and mode == "RGB":

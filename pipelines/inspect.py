@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.curation import REASONS, REMOVED_DIR, SCORES_DIR, is_curated
+from pipelines.images import IMAGE_FORMATS
 from pipelines.schema import CONTRACTS, DOWNLOAD, Contract, SchemaError, contract_of, validate
 from pipelines.shardio import MANIFEST, ROW_GROUP_ROWS, ShardSet
 
@@ -167,7 +168,7 @@ def _word_counts(strings: pa.Array) -> np.ndarray:
 def make_thumbnail(data: bytes) -> tuple[bytes, tuple[int, int]]:
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as im:
+    with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
         size = im.size
         im = im.convert("RGB")
         im.thumbnail((THUMB_PX, THUMB_PX))
@@ -179,7 +180,7 @@ def make_thumbnail(data: bytes) -> tuple[bytes, tuple[int, int]]:
 def _image_size(data: bytes) -> tuple[int, int]:
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as im:  # reads the header only
+    with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:  # reads the header only
         return im.size
 
 
@@ -384,6 +385,8 @@ def _foreign_source(uri: str):
 
 def _inspect_foreign(source, ins: Inspection, walker: _Walker, batch_size: int) -> Inspection:
     """Statistics of a folder another tool wrote, as the download-contract rows a job reads from it."""
+    from pipelines.adapters import read_error
+
     ins.contract = f"{DOWNLOAD.tag} (read from an {source.kind})"
     for index in source.indices():
         try:
@@ -391,6 +394,11 @@ def _inspect_foreign(source, ins: Inspection, walker: _Walker, batch_size: int) 
         except Exception as e:  # noqa: BLE001 - an unreadable shard is named, the walk goes on
             ins.problems.append(f"shard {index}: unreadable ({type(e).__name__}: {str(e)[:200]})")
             continue
+        problem = read_error(table)
+        if problem:
+            ins.problems.append(f"shard {index}: {problem}")
+            if not table.num_rows:
+                continue
         ins.shards += 1
         for batch in table.to_batches(max_chunksize=batch_size):
             walker.add(batch, DOWNLOAD)

@@ -246,6 +246,9 @@ class _GuardedRedirectHandler(urllib.request.HTTPRedirectHandler):
             refused = self.guard.refusal(newurl)
             if refused:
                 raise urllib.error.URLError(BlockedAddress(f"redirect to {newurl}: {refused[0]}", refused[1]))
+        # urllib reads the 3xx body whole (no cap) before following; it is never needed, so drop
+        # it unread (requests go out with Connection: close, so nothing reuses the connection).
+        fp.close()
         return super().http_error_302(req, fp, code, msg, headers)
 
     http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302

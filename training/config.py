@@ -102,6 +102,14 @@ class TrainConfig:
         lo, hi = self.worker_range()
         if self.steps < 0 or self.batch_size < 1 or lo < 1 or hi < lo:
             raise ValueError("steps must be >= 0, batch_size >= 1, num_workers n >= 1 or [min, max] with 1 <= min <= max")
+        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr and self.warmup_steps >= 0 and self.weight_decay >= 0
+                and self.grad_clip >= 0 and all(0 <= b < 1 for b in self.betas)):
+            raise ValueError("need lr > 0, 0 <= min_lr <= lr, warmup_steps >= 0, weight_decay >= 0, grad_clip >= 0 "
+                             "and betas in [0, 1)")
+        if min(self.checkpoint_every, self.log_every, self.cpus_per_worker) < 1 or min(
+                self.max_failures, self.keep_checkpoints, self.stop_after) < 0:  # the loop divides by the first two
+            raise ValueError("checkpoint_every, log_every and cpus_per_worker must be >= 1; max_failures, "
+                             "keep_checkpoints and stop_after >= 0")
         if self.resolved_global_batch() < hi:
             raise ValueError(f"global_batch {self.resolved_global_batch()} cannot give one sample to each of {hi} workers")
 

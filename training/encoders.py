@@ -111,13 +111,13 @@ class FrozenImageEncoder(nn.Module):
         if kind == "eva_vit_g":
             from transformers import Blip2VisionModel
 
-            model = Blip2VisionModel.from_pretrained(path, dtype=torch.float32)
+            model = Blip2VisionModel.from_pretrained(path, dtype=torch.float32, trust_remote_code=False)
             ln = model.post_layernorm
             model.post_layernorm = nn.Identity()
         elif kind == "clip_vit_l":
             from transformers import CLIPVisionModel
 
-            model = CLIPVisionModel.from_pretrained(path, dtype=torch.float32)
+            model = CLIPVisionModel.from_pretrained(path, dtype=torch.float32, trust_remote_code=False)
             tower = getattr(model, "vision_model", model)  # transformers 5 flattened CLIPVisionModel
             tower.encoder.layers = tower.encoder.layers[:-1]  # paper: use the second-to-last layer
             model.config.num_hidden_layers -= 1

@@ -71,7 +71,7 @@ def bert_to_qformer(qformer: nn.Module, bert_path: str) -> None:
     else:
         from transformers import AutoModel
 
-        bert = AutoModel.from_pretrained(str(root)).state_dict()
+        bert = AutoModel.from_pretrained(str(root), trust_remote_code=False).state_dict()
     mapped = {}
     for k, v in bert.items():
         k = k.removeprefix("bert.")
@@ -174,7 +174,7 @@ def load_stage2(cls, path: str, overrides: dict):
         raise FileNotFoundError(f"{path}: neither a Blip2ForConditionalGeneration directory nor our checkpoint")
     hf_cfg = Blip2Config.from_json_file(str(root / ("blip2_hf_config.json" if clip_layout else "config.json")))
     cfg = _model_config(root, overrides, hf_cfg)
-    processor = Blip2Processor.from_pretrained(str(root))
+    processor = Blip2Processor.from_pretrained(str(root), trust_remote_code=False)
     if clip_layout:
         parts = _load_clip_layout(root, hf_cfg)
     else:
@@ -184,7 +184,7 @@ def load_stage2(cls, path: str, overrides: dict):
         # fp32); HF keeps query_tokens/qformer in fp32, the other trainable parts are upcast below
         llm_dtype = resolve_llm_dtype(cfg, torch.cuda.is_available())
         same = cfg.freeze_vision and DTYPES[cfg.frozen_dtype] == llm_dtype
-        hf = Blip2ForConditionalGeneration.from_pretrained(str(root), dtype=llm_dtype if same else torch.float32)
+        hf = Blip2ForConditionalGeneration.from_pretrained(str(root), dtype=llm_dtype if same else torch.float32, trust_remote_code=False)
         ln = hf.vision_model.post_layernorm.float()
         hf.vision_model.post_layernorm = nn.Identity()
         parts = {"vision": hf.vision_model, "ln_vision": ln, "query_tokens": hf.query_tokens.data.float(),
@@ -207,9 +207,9 @@ def _load_clip_layout(root: Path, hf_cfg) -> dict:
     from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, Blip2QFormerModel,
                               CLIPVisionModel)
 
-    vision = CLIPVisionModel.from_pretrained(str(root / "vision_model"), dtype=torch.float32)
+    vision = CLIPVisionModel.from_pretrained(str(root / "vision_model"), dtype=torch.float32, trust_remote_code=False)
     auto = AutoModelForCausalLM if hf_cfg.use_decoder_only_language_model else AutoModelForSeq2SeqLM
-    llm = auto.from_pretrained(str(root / "language_model"), dtype=torch.float32)
+    llm = auto.from_pretrained(str(root / "language_model"), dtype=torch.float32, trust_remote_code=False)
     sd = load_file(str(root / "qformer.safetensors"))
     hf_cfg.qformer_config.encoder_hidden_size = vision.config.hidden_size  # Blip2Config assumes an EVA width
     qformer = Blip2QFormerModel(hf_cfg.qformer_config)

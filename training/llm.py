@@ -29,13 +29,13 @@ def load_llm(cfg: ModelConfig, dtype: torch.dtype):
 
     path = local_dir(cfg.llm_path)
     if cfg.llm_family == "opt":
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
     else:  # FlanT5 runs with exact GELU (not the checkpoint's gelu_new), as LAVIS and HF's BLIP-2 conversion
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
         config.dense_act_fn = "gelu"
-        model = AutoModelForSeq2SeqLM.from_pretrained(path, config=config, dtype=dtype)
+        model = AutoModelForSeq2SeqLM.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=False)
     kwargs = {"add_bos_token": True} if cfg.llm_family == "opt" else {}  # LAVIS/HF OPT inputs start with BOS
-    return model, AutoTokenizer.from_pretrained(path, **kwargs)
+    return model, AutoTokenizer.from_pretrained(path, **kwargs, trust_remote_code=False)
 
 
 def add_image_token(tokenizer, language_model) -> int:

@@ -59,7 +59,7 @@ def load_tokenizer(path: str):
     """BERT tokenizer with ``[DEC]`` as ``bos_token`` (added last: id = BERT vocab size)."""
     from transformers import BertTokenizer
 
-    tok = BertTokenizer.from_pretrained(path)
+    tok = BertTokenizer.from_pretrained(path, trust_remote_code=False)
     if tok.bos_token != "[DEC]":
         tok.add_special_tokens({"bos_token": "[DEC]"})
     return tok
@@ -108,7 +108,7 @@ class Blip2Stage1(nn.Module):
                                                     image_size=cfg.image_size)
         bert_dir = local_dir(cfg.qformer_init)
         tokenizer = load_tokenizer(bert_dir)
-        bert = BertForMaskedLM.from_pretrained(bert_dir, dtype=torch.float32)
+        bert = BertForMaskedLM.from_pretrained(bert_dir, dtype=torch.float32, trust_remote_code=False)
         qcfg = qformer_config(bert.config, len(tokenizer), vision.width, cfg.cross_attention_frequency,
                               tokenizer.pad_token_id)
         model = cls(cfg, vision, tokenizer, qcfg)

@@ -100,7 +100,7 @@ def stage2_qformer_config(cfg: ModelConfig, vision_width: int, stage1_dir: str =
     if saved is not None and saved.exists():
         qcfg = Blip2QFormerConfig.from_json_file(str(saved))
     else:
-        bert = AutoConfig.from_pretrained(local_dir(cfg.qformer_init))
+        bert = AutoConfig.from_pretrained(local_dir(cfg.qformer_init), trust_remote_code=False)
         qcfg = qformer_config(bert, bert.vocab_size, vision_width, cfg.cross_attention_frequency, bert.pad_token_id)
     qcfg.use_qformer_text_input = False
     qcfg.encoder_hidden_size = vision_width

@@ -275,3 +275,26 @@ def test_precomputed_captions_are_ranked_by_the_lists_scores(ray_local, tiny_mod
     assert summary["captions_generated"] == 0 and summary["too_few_captions"] == 1
     cands = out["laion/0"]["candidates"]
     assert cands[0]["caption"] == "alt text 0" and not cands[0]["synthetic"] and all(c["synthetic"] for c in cands[1:])
+
+
+def test_a_bad_sample_or_shard_of_a_webdataset_input_never_sinks_the_job(ray_local, tiny_models, corpus, tmp_path):
+    """Issue 32 D6 (the review's combo_crash / combo_truncated): every shard commits, rows add up."""
+    from tests.helpers.tars import tar_bytes
+
+    root, items = corpus
+    jpg = [(root / it.file).read_bytes() for it in items[:5]]
+    full = tar_bytes([m for k in range(3) for m in ((f"t{k}.jpg", jpg[k]), (f"t{k}.txt", b"a caption"))])
+    d = tmp_path / "wds"
+    d.mkdir()
+    (d / "00000.tar").write_bytes(tar_bytes([("g.jpg", jpg[3]), ("g.txt", b"a good caption")]))
+    (d / "00001.tar").write_bytes(tar_bytes([("a.jpg", jpg[4]), ("a.json", b'{"caption": 123}'), ("b.jpg", jpg[0]),
+                                             ("b.txt", b"b"), ("a.jpg", jpg[4]), ("a.txt", b"again")]))
+    (d / "00002.tar").write_bytes(full[:len(full) // 2])
+    cfg = job_config(tiny_models, str(d), str(tmp_path / "out"), colocate_ranker=True)
+    summary = run_capfilt(cfg, seed=0, log=lambda m: None)
+    assert ShardSet(cfg.output).committed_indices() == {0, 1, 2}
+    assert (summary["rows_in"], summary["rows_not_ok"], summary["images_in"]) == (7, 2, 5)  # a, and t2: cut short
+    assert summary["unreadable_shards"] == 1
+    assert sorted(read_set(cfg.output).column("key").to_pylist()) == [
+        "webdataset/a#2", "webdataset/b", "webdataset/g", "webdataset/t0", "webdataset/t1"]
+    assert run_capfilt(cfg, seed=0, log=lambda m: None)["shards_written"] == 0

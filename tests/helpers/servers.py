@@ -35,6 +35,8 @@ class HostileHandler(SimpleHTTPRequestHandler):
     /slowredirect/<n>/<file>?delay=  n redirect hops, each answered after ``delay`` seconds
     /robots/<file>?tag=       the file with that X-Robots-Tag header
     /gate/<file>?delay=       the file after a delay; the server counts how many are in flight at once
+    /redirectbody?to=<url>    302 to ``to`` with an endless body (counted in ``server.endless_bytes_sent``)
+    /chunked?size=<line>      chunked 200 whose chunk-size line is ``size`` (e.g. -1), then endless data (counted too)
     """
 
     def log_message(self, *args):
@@ -163,6 +165,28 @@ class HostileHandler(SimpleHTTPRequestHandler):
         finally:
             with _COUNT_LOCK:
                 server.gate_now -= 1
+
+    def route_redirectbody(self, parts, q):
+        self.send_response(302)
+        self.send_header("Location", q.get("to", "/"))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self._endless()
+
+    def route_chunked(self, parts, q):
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.write(q.get("size", "-1").encode() + b"\r\n")
+        self._endless()
+
+    def _endless(self):
+        """Writes until the client goes away, counting what the socket took."""
+        self.server.endless_bytes_sent = 0
+        block = b"\0" * 65536
+        while True:
+            self.wfile.write(block)
+            self.server.endless_bytes_sent += len(block)
 
     def _redirect(self, location: str):
         self.send_response(302)

@@ -78,3 +78,49 @@ def test_tracking_is_its_own_section():
     assert "'tracking.wandb_projet'" in str(e.value) and "valid keys in tracking:" in str(e.value)
     with pytest.raises(ConfigError, match="unknown config key 'train.tensorboard'"):
         load_config(None, ["train.tensorboard=true"])
+
+
+# -- issue 32 L7-L10, I5: the review's config cases, each a ConfigError (rc 2 from the CLI) ----------
+@pytest.mark.parametrize("override,message", [
+    ("train.log_every=0", "log_every"), ("train.checkpoint_every=0", "checkpoint_every"), ("train.lr=-1", "lr > 0"),
+    ("capfilt.decode_num_cpus=-1", "decode_num_cpus"), ("curate.nsfw.threshold=nan", "expected a finite number"),
+    ("curate.nsfw.threshold=2", "probability"), ("search.k=-1", "k, nprobe"), ("search.nprobe=0", "k, nprobe"),
+    ("download.timeout=nan", "download.timeout: expected a finite number"),
+    ("download.deadline=inf", "download.deadline: expected a finite number"),
+    ("download.timeout=" + "9" * 400, "download.timeout: expected a number"),
+    ('seed=!!python/object/apply:os.system ["touch MARKER"]', "not valid YAML"), ("seed=[1,", "not valid YAML"),
+])
+def test_values_validation_used_to_accept_are_refused(override, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("+", r"\+")):
+        load_config(None, [override])
+    assert not (tmp_path / "MARKER").exists()
+
+
+def test_config_and_yaml_errors_are_config_errors_never_tracebacks(tmp_path):
+    from orchestration.cli import main
+
+    bad = {"tags.yaml": b"seed: !!python/object/new:subprocess.Popen [[touch, MARKER]]\n",
+           "broken.yaml": b"train: {lr: [\n", "latin1.yaml": b"seed: \xff\xfe\n",
+           "self.yaml": b"base: SELF\nseed: 1\n", "loop_a.yaml": b"base: LOOP_B\n", "loop_b.yaml": b"base: LOOP_A\n",
+           "bomb.yaml": b"a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"}
+    for name, data in bad.items():
+        data = data.replace(b"SELF", str(tmp_path / "self.yaml").encode())
+        (tmp_path / name).write_bytes(data.replace(b"LOOP_A", str(tmp_path / "loop_a.yaml").encode())
+                                      .replace(b"LOOP_B", str(tmp_path / "loop_b.yaml").encode()))
+    (tmp_path / "dir.yaml").mkdir()
+    messages = {}
+    for name in [*bad, "dir.yaml"]:
+        with pytest.raises(ConfigError) as e:
+            load_config(str(tmp_path / name))
+        messages[name] = str(e.value)
+        assert main(["config", "--config", str(tmp_path / name)]) == 2
+    assert "aliases (*name) are not allowed" in messages["bomb.yaml"]
+    assert "base chain comes back to itself" in messages["self.yaml"] and "itself" in messages["loop_a.yaml"]
+    assert "cannot be read" in messages["latin1.yaml"] and "no config" in messages["dir.yaml"]
+    with pytest.raises(ConfigError, match="sets a key inside 'seed'"):
+        load_config(None, ["seed=1", "seed.x=2"])
+    assert main(["config", "seed=1", "seed.x=2"]) == 2
+    with pytest.raises(ConfigError, match="no config"):  # I5: a name without a suffix never walks out of the presets
+        load_config("../../" + str(tmp_path / "self").lstrip("/"))
+    assert not (tmp_path / "MARKER").exists()

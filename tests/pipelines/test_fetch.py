@@ -60,6 +60,19 @@ def test_bodies_over_the_cap_are_refused_early_or_abandoned(fetcher, http_server
     assert fetcher.fetch(f"{http_server.base_url}/big/{LIMITS.max_bytes}").status == "ok"
 
 
+def test_a_redirect_body_is_dropped_unread(fetcher, http_server, corpus):
+    got, took = timed(fetcher, f"{http_server.base_url}/redirectbody?to=/{corpus[1][0].file}")
+    assert got.status == "ok" and got.data == (corpus[0] / corpus[1][0].file).read_bytes()
+    assert took < LIMITS.deadline
+    assert http_server.endless_bytes_sent < 16 << 20  # what socket buffers take; read, it was GBs
+
+
+def test_a_negative_chunk_size_cannot_read_past_the_cap(fetcher, http_server):
+    got, took = timed(fetcher, f"{http_server.base_url}/chunked?size=-1")
+    assert got.status == "network_error" and took < LIMITS.deadline
+    assert http_server.endless_bytes_sent < 16 << 20
+
+
 def test_a_body_shorter_than_announced_is_a_network_error(fetcher, http_server):
     got = fetcher.fetch(f"{http_server.base_url}/lie?claim=1000&send=10&hold=0")
     assert got.status == "network_error" and "shorter than announced" in got.error
@@ -70,6 +83,8 @@ def test_rate_limits_carry_the_servers_retry_after(fetcher, http_server, corpus)
     assert (got.status, got.kind, got.retry_after) == ("rate_limited", "429", 3.0)
     assert fetcher.fetch(f"{http_server.base_url}/ratelimit/a/{corpus[1][0].file}?n=1&after=3").status == "ok"
     assert fetcher.fetch(f"{http_server.base_url}/status/503").status == "rate_limited"
+    got = fetcher.fetch(f"{http_server.base_url}/ratelimit/sup/{corpus[1][0].file}?n=1&after=%C2%B2")  # byte \xb2
+    assert (got.status, got.retry_after) == ("rate_limited", None)
 
 
 def test_statuses_come_from_the_response_not_from_its_text(fetcher, http_server):
@@ -142,4 +157,7 @@ def test_retry_after_seconds():
     assert retry_after_seconds("7") == 7.0 and retry_after_seconds(None) is None and retry_after_seconds("soon") is None
     now = time.time()
     assert 59 <= retry_after_seconds(email.utils.formatdate(now + 60, usegmt=True), now) <= 61
+    # digits isdigit() accepts that float() refuses or that are not ASCII; a number that is inf; a bad date
+    for value in ("²", "\u0663", "1" * 400, "Fri, 31 Dec 99999 23:59:59 GMT"):
+        assert retry_after_seconds(value) is None, value
 

@@ -94,3 +94,24 @@ def test_scaled_size_keeps_the_short_side_exact():
     for w, h in ((333, 1000), (1000, 333), (257, 256), (4000, 3)):
         sw, sh = scaled_size(w, h, ImageSpec(size=256))
         assert min(sw, sh) == 256 or min(w, h) <= 256
+
+
+def test_only_the_corpus_formats_are_decoded():
+    """Issue 32 D8: what the header claims decides nothing; Pillow's other plugins (EPS → Ghostscript) stay shut."""
+    from pipelines.images import IMAGE_FORMATS
+
+    img = photo(80, 60)
+    for fmt in IMAGE_FORMATS:
+        assert (store(encoded(img, fmt), SPEC).original_width, fmt) == (80, fmt)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 128 128\nnewpath 0 0 moveto 128 128 lineto stroke\n%%EOF\n"
+    for data in (eps, encoded(img, "PCX"), encoded(img, "TGA"), encoded(img, "ICO"), encoded(img, "PPM")):
+        with pytest.raises(Rejected) as e:
+            store(data, SPEC)
+        assert (e.value.status, str(e.value)) == ("decode_error", "not a recognised image")
+
+
+def test_a_side_jpeg_cannot_hold_is_too_large_before_any_decode():
+    """Issue 32 L12: 64×600000 (under max_pixels) kept at its size by resize_only_if_bigger."""
+    with pytest.raises(Rejected) as e:
+        store(png_header_only(64, 600_000), ImageSpec(size=256, max_pixels=40_000_000))
+    assert e.value.status == "too_large" and "65535-pixel side limit" in str(e.value)

@@ -129,3 +129,21 @@ def test_lavis_state_dict_imports_and_reproduces_outputs(trained_like, tiny_mode
         load_lavis_state_dict(target, {**lavis, "Qformer.bert.pooler.dense.weight": torch.zeros(1)})
     with pytest.raises(KeyError, match="lacks"):
         load_lavis_state_dict(target, {k: v for k, v in lavis.items() if k != "itm_head.weight"})
+
+
+def test_every_transformers_load_refuses_remote_code_explicitly():
+    """Issue 32 L11: transformers asks on a TTY (and runs a folder's code on `y`) unless told False."""
+    import ast
+    from pathlib import Path
+
+    own = {"Blip2Stage1", "Blip2Stage2", "FrozenImageEncoder", "Model"}  # the project's loaders: they call these
+    root = Path(__file__).resolve().parents[2]
+    missing = []
+    for path in [p for d in ("capfilt", "pipelines", "training", "orchestration") for p in (root / d).rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "from_pretrained" and ast.unparse(node.func.value) not in own
+                    and not any(k.arg == "trust_remote_code" and getattr(k.value, "value", None) is False
+                                for k in node.keywords)):
+                missing.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert missing == []

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipelines.images import IMAGE_FORMATS
+
 # CLIP normalisation, as used by both frozen encoders (EVA in BLIP-2 and CLIP ViT-L).
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
@@ -120,7 +122,7 @@ class ImageFolder:
     def load(self, rel: str) -> Image.Image:
         """RGB image; raises with the path named when it is missing or does not decode."""
         try:
-            with Image.open(io.BytesIO(self.read(rel))) as im:
+            with Image.open(io.BytesIO(self.read(rel)), formats=IMAGE_FORMATS) as im:
                 return im.convert("RGB")
         except FileNotFoundError:
             raise FileNotFoundError(f"image {rel!r} not found under {self.uri}") from None
