@@ -44,6 +44,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
+from pipelines.images import IMAGE_FORMATS
 from pipelines.schema import CAPFILT, HUMAN, validate
 from pipelines.shardio import ShardSet
 from training.source_weights import (CaptionRuns, SourceRuns, check_weight_values, chunk_parts,
@@ -126,7 +127,7 @@ def random_resized_crop(img: Image.Image, rng: random.Random, size: int, min_sca
 
 def augment_image(data: bytes, rng: random.Random, size: int, min_scale: float, hflip: bool = True) -> np.ndarray:
     """JPEG/PNG bytes → float32 [3, size, size], CLIP-normalised. Raises on undecodable bytes."""
-    with Image.open(io.BytesIO(data)) as im:
+    with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:  # the corpus formats only
         img = im.convert("RGB")
     img = random_resized_crop(img, rng, size, min_scale)
     if rng.random() < 0.5 and hflip:  # the draw happens either way: same RNG stream for other draws
