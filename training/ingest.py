@@ -26,6 +26,11 @@ ranks take its samples grouped by row group (:func:`rank_picks`), so each rank r
 ``window / world`` row groups of a window. The ``N mod G`` samples at the end of each epoch's
 order (random ones, new each epoch) are dropped, like ``drop_last``.
 
+The plan is lazy (:class:`RankPlan`): a rank lists only the windows of its epoch; each Ray Data read
+task, on its worker, works out which rounds of its window are the rank's and which rows they are,
+from the epoch order the worker builds once. So what a rank plans before its first step is the
+order's arrays, not the epoch's read tasks (0.7 s and ~0.1 GB at 129M samples, README).
+
 Decode + random resized crop + flip + normalise + caption clean-up + caption draw run in CPU
 ``map_batches`` tasks, randomness seeded by (seed, epoch, key), so a resumed run replays
 exactly the same pixels and captions whatever the world size.
@@ -38,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import io
 import random
+import uuid
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -55,6 +61,9 @@ CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 READ_CHUNK_ROWS = 256          # rows per Ray Data read task (one Parquet row group)
 READ_COLUMNS = ("key", "policy", "image", "captions")   # what training reads of a CapFilt row
+# Ray Data input blocks of a rank's epoch: one per window up to this, then several windows a block
+# (16k windows as 16k blocks took Ray Data ~20 s to start; 256 take ~0.3 s)
+MAX_READ_BLOCKS = 256
 
 
 @dataclass
@@ -229,7 +238,8 @@ class EpochOrder:
     Positions map to (shard index, row); windows are materialised lazily, one at a time. Shards
     listed with their sources give the weighted chunk list (``weights``: source → weight, and
     with ``each_caption`` a human row's caption count): a chunk may appear several times, and each
-    position also has a source index (into ``sources``) and a copy number."""
+    position also has a source index (into ``sources``) and a copy number. The chunk list is held
+    as arrays (:class:`training.source_weights.ChunkParts`): a few MB at the paper's 500k chunks."""
 
     def __init__(self, shards: tuple[ShardRows, ...] | list[ShardRows], seed: int, epoch: int, window: int,
                  chunk: int = READ_CHUNK_ROWS, weights: dict | tuple = (), each_caption: bool = False):
@@ -237,28 +247,22 @@ class EpochOrder:
         self.weights, self.each_caption = dict(weights), each_caption
         self.weighted = bool(self.weights) or any(s.sources for s in self.shards)
         self.sources = known_sources(self.shards)
-        parts = self._parts(chunk)
-        perm = _rng(seed, epoch, 1).permutation(len(parts)) if parts else []
-        self.chunks = [parts[j] for j in perm]      # (shard index, row ranges, source index, copy)
-        self.sizes = np.array([sum(b - a for a, b in r) for _, r, _, _ in self.chunks], dtype=np.int64)
+        self.parts = chunk_parts(self.shards, chunk, self.sources, self.weighted)
+        if self.weighted:  # every appearance of a part: copies in a row, numbered 0..n-1
+            copies = part_copies(self.parts, self.sources, self.weights, _rng(seed, epoch, 3), each_caption)
+            entry_part = np.repeat(np.arange(len(self.parts)), copies)
+            entry_copy = np.arange(len(entry_part)) - np.repeat(np.cumsum(copies) - copies, copies)
+        else:
+            entry_part, entry_copy = np.arange(len(self.parts)), np.zeros(len(self.parts), np.int64)
+        perm = _rng(seed, epoch, 1).permutation(len(entry_part))
+        self.entry_part, self.entry_copy = entry_part[perm], entry_copy[perm]   # the permuted chunk list
+        self.sizes = self.parts.sizes()[self.entry_part]
         ends = np.cumsum(self.sizes)
-        n_win = -(-len(self.chunks) // self.window)
-        self.window_ends = np.array([ends[min(len(ends), (w + 1) * self.window) - 1] for w in range(n_win)],
-                                    dtype=np.int64)
+        n_win = -(-len(self.entry_part) // self.window)
+        self.window_ends = ends[np.minimum(len(ends), (np.arange(n_win) + 1) * self.window) - 1].astype(np.int64)
         self.total = int(ends[-1]) if len(ends) else 0
         self._cache: tuple | None = None
         self._window_counts: np.ndarray | None = None
-
-    def _parts(self, chunk: int) -> list[tuple[int, tuple[tuple[int, int], ...], int, int]]:
-        """Every appearance of a chunk (or, weighted, of a chunk's rows of one source), in chunk order."""
-        if not self.weighted:
-            return [(i, ((a, min(a + chunk, s.rows)),), -1, 0)
-                    for i, s in enumerate(self.shards) for a in range(0, s.rows, chunk)]
-        parts = chunk_parts(self.shards, chunk)
-        copies = part_copies([(src, k) for _, _, src, k in parts], self.weights, _rng(self.seed, self.epoch, 3),
-                             self.each_caption)
-        index = {src: k for k, src in enumerate(self.sources)}
-        return [(i, ranges, index[src], c) for (i, ranges, src, _), n in zip(parts, copies) for c in range(n)]
 
     def window_start(self, w: int) -> int:
         return int(self.window_ends[w - 1]) if w else 0
@@ -270,11 +274,12 @@ class EpochOrder:
         """(shard index, row, source index, copy) of every position of window ``w``, in epoch order."""
         if self._cache is None or self._cache[0] != w:
             lo, hi = w * self.window, (w + 1) * self.window
-            parts, sizes = self.chunks[lo:hi], self.sizes[lo:hi]
-            shard = np.repeat(np.array([p[0] for p in parts], np.int64), sizes)
-            row = np.concatenate([np.arange(a, b, dtype=np.int64) for _, r, _, _ in parts for a, b in r])
-            src = np.repeat(np.array([p[2] for p in parts], np.int64), sizes)
-            copy = np.repeat(np.array([p[3] for p in parts], np.int64), sizes)
+            parts, sizes, p = self.entry_part[lo:hi], self.sizes[lo:hi], self.parts
+            shard = np.repeat(p.shard[parts], sizes)
+            row = np.concatenate([np.arange(p.starts[j], p.stops[j], dtype=np.int64)
+                                  for q in parts.tolist() for j in range(p.offsets[q], p.offsets[q + 1])])
+            src = np.repeat(p.source[parts], sizes)
+            copy = np.repeat(self.entry_copy[lo:hi], sizes)
             perm = _rng(self.seed, self.epoch, 2, w).permutation(len(row))
             self._cache = (w, shard[perm], row[perm], src[perm], copy[perm])
         return self._cache[1:]
@@ -312,7 +317,8 @@ class EpochOrder:
             raise ValueError("source counts need a weighted order (shards listed with their sources)")
         if self._window_counts is None:
             per = np.zeros((len(self.window_ends), len(self.sources)), np.int64)
-            np.add.at(per, (np.arange(len(self.chunks)) // self.window, [p[2] for p in self.chunks]), self.sizes)
+            entries = np.arange(len(self.entry_part))
+            np.add.at(per, (entries // self.window, self.parts.source[self.entry_part]), self.sizes)
             self._window_counts = np.cumsum(per, axis=0)
         w = self.window_of(hi)
         out = self._window_counts[w - 1].copy() if w else np.zeros(len(self.sources), np.int64)
@@ -348,6 +354,23 @@ def steps_per_epoch(order: EpochOrder | list[ShardRows], global_batch: int) -> i
     return n // global_batch
 
 
+def _round_pick(order: EpochOrder, lo: int, sizes: list[int], rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(positions, shard index, row) of rank ``rank``'s share of the round ``[lo, lo + Σ sizes)``."""
+    shard, row = order.positions(lo, lo + sum(sizes))
+    idx = np.argsort(shard * (1 << 40) + row // READ_CHUNK_ROWS, kind="stable")
+    mine = idx[sum(sizes[:rank]):sum(sizes[:rank + 1])]
+    return lo + mine, shard[mine], row[mine]
+
+
+def _rounds(split: list[list[int]], start: int, stop: int) -> Iterator[tuple[int, list[int]]]:
+    """(first position, per-rank sizes) of each accumulation round of the steps in ``[start, stop)``."""
+    for step0 in range(start, stop, step_samples(split)):
+        lo = step0
+        for sizes in split:
+            yield lo, sizes
+            lo += sum(sizes)
+
+
 def rank_picks(order: EpochOrder, split: list[list[int]], rank: int, start: int,
                stop: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(positions, shard index, row) of what rank ``rank`` consumes in each accumulation round of
@@ -359,41 +382,89 @@ def rank_picks(order: EpochOrder, split: list[list[int]], rank: int, start: int,
     reads ~``window / world`` of a window's row groups rather than all of them. Which rank gets
     which sample of a step does not change what the step trains on (the losses gather across
     ranks), and every split covers the step's positions exactly once."""
-    for step0 in range(start, stop, step_samples(split)):
-        lo = step0
-        for sizes in split:
-            hi = lo + sum(sizes)
-            shard, row = order.positions(lo, hi)
-            idx = np.argsort(shard * (1 << 40) + row // READ_CHUNK_ROWS, kind="stable")
-            mine = idx[sum(sizes[:rank]):sum(sizes[:rank + 1])]
-            yield lo + mine, shard[mine], row[mine]
-            lo = hi
+    for lo, sizes in _rounds(split, start, stop):
+        yield _round_pick(order, lo, sizes, rank)
+
+
+def _read_task(order: EpochOrder, picks: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict:
+    """The read task of some rounds' picks: the row groups they need and which rows, in order."""
+    shard = np.concatenate([s for _, s, _ in picks])
+    row = np.concatenate([r for _, _, r in picks])
+    copies = np.concatenate([order.copies_at(pos) for pos, _, _ in picks])
+    base = row - row % READ_CHUNK_ROWS
+    needed = sorted(set(zip(shard.tolist(), base.tolist())))
+    index = {c: j for j, c in enumerate(needed)}
+    return {"urls": [order.shards[s].url for s, _ in needed], "starts": [a for _, a in needed],
+            "stops": [min(a + READ_CHUNK_ROWS, order.shards[s].rows) for s, a in needed],
+            "chunk": [index[c] for c in zip(shard.tolist(), base.tolist())],
+            "offset": (row % READ_CHUNK_ROWS).tolist(), "copy": copies.tolist()}
 
 
 def rank_read_tasks(order: EpochOrder, picks) -> list[dict]:
-    """One read task per window (by the window of each round's first sample): the row groups the
-    rank needs from it and which rows, in consumption order."""
-    groups: list[tuple[int, list, list, list]] = []
-    for pos, shard, row in picks:
-        if not len(pos):
+    """One read task per window (by the window of each round's first sample for this rank), all
+    at once: the eager form of :class:`RankPlan`, which makes the same tasks one window at a time."""
+    groups: list[tuple[int, list]] = []
+    for pick in picks:
+        if not len(pick[0]):
             continue
-        w = order.window_of(int(pos.min()))
+        w = order.window_of(int(pick[0].min()))
         if not groups or groups[-1][0] != w:
-            groups.append((w, [], [], []))
-        groups[-1][1].append(shard)
-        groups[-1][2].append(row)
-        groups[-1][3].append(order.copies_at(pos))
-    out = []
-    for _, shards, rows, copies in groups:
-        shard, row = np.concatenate(shards), np.concatenate(rows)
-        base = row - row % READ_CHUNK_ROWS
-        needed = sorted(set(zip(shard.tolist(), base.tolist())))
-        index = {c: j for j, c in enumerate(needed)}
-        out.append({"urls": [order.shards[s].url for s, _ in needed], "starts": [a for _, a in needed],
-                    "stops": [min(a + READ_CHUNK_ROWS, order.shards[s].rows) for s, a in needed],
-                    "chunk": [index[c] for c in zip(shard.tolist(), base.tolist())],
-                    "offset": (row % READ_CHUNK_ROWS).tolist(), "copy": np.concatenate(copies).tolist()})
-    return out
+            groups.append((w, []))
+        groups[-1][1].append(pick)
+    return [_read_task(order, g) for _, g in groups]
+
+
+_PLAN_ORDERS: dict[str, EpochOrder] = {}   # per process: the order of the plans its read tasks serve
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """What one rank reads of one epoch from position ``start`` to ``stop``, produced lazily: the
+    rank only lists the windows its rounds can touch, and each read task (one per window, on a Ray
+    Data worker) works out its own rounds and rows from the epoch order, which a worker process
+    builds once per plan. So nothing of size O(epoch) is planned before the first step, and the
+    tasks are exactly those of :func:`rank_read_tasks` (tested)."""
+    spec: "IngestSpec"
+    epoch: int
+    rank: int
+    split: tuple
+    start: int
+    stop: int
+    key: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def order(self) -> EpochOrder:
+        if self.key not in _PLAN_ORDERS:
+            while len(_PLAN_ORDERS) >= 2:  # the current plan and the previous one at most
+                _PLAN_ORDERS.pop(next(iter(_PLAN_ORDERS)))
+            _PLAN_ORDERS[self.key] = self.spec.order(self.epoch)
+        return _PLAN_ORDERS[self.key]
+
+    def windows(self, order: EpochOrder) -> list[int]:
+        """Every window a round of ``[start, stop)`` can be filed under (some may get none)."""
+        if self.stop <= self.start:
+            return []
+        return list(range(order.window_of(self.start), order.window_of(self.stop - 1) + 1))
+
+    def task(self, order: EpochOrder, w: int) -> dict | None:
+        """Window ``w``'s read task: the rounds overlapping the window whose first sample for this
+        rank lies in it (None if there are none)."""
+        ws, we = order.window_start(w), int(order.window_ends[w])
+        g = step_samples([list(s) for s in self.split])
+        first = self.start + max(0, (ws - self.start) // g - 1) * g
+        last = min(self.stop, self.start + -(-(we - self.start) // g) * g)
+        picks = []
+        for lo, sizes in _rounds([list(s) for s in self.split], first, last):
+            if lo >= we or lo + sum(sizes) <= ws:
+                continue
+            pick = _round_pick(order, lo, list(sizes), self.rank)
+            if len(pick[0]) and ws <= int(pick[0].min()) < we:
+                picks.append(pick)
+        return _read_task(order, picks) if picks else None
+
+    def rows(self, item: dict) -> list[dict]:
+        """The Ray Data ``flat_map`` of one window: its task's rows, in consumption order."""
+        task = self.task(self.order(), int(item["window"]))
+        return _rows(read_window(task)) if task else []
 
 
 def read_window(task: dict) -> dict:
@@ -455,24 +526,26 @@ class IngestSpec:
         return stop
 
 
-def build_epoch_dataset(spec: IngestSpec, epoch: int, rank: int, split: list[list[int]], start: int = 0):
+def build_epoch_dataset(spec: IngestSpec, epoch: int, rank: int, split: list[list[int]], start: int = 0,
+                        order: EpochOrder | None = None):
     """Rank ``rank``'s Ray Dataset for ``epoch`` from global position ``start`` to the epoch's end,
-    each step cut as ``split`` (:func:`step_split`) says."""
+    each step cut as ``split`` (:func:`step_split`) says; one read task per window (:class:`RankPlan`)."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the consumption order is the resume contract
     ctx.enable_progress_bars = False
-    order = spec.order(epoch)
-    stop = spec.epoch_stop(order, step_samples(split))
-    tasks = rank_read_tasks(order, rank_picks(order, split, rank, start, stop))
-    if not tasks:
+    order = order or spec.order(epoch)
+    plan = RankPlan(spec, epoch, rank, tuple(map(tuple, split)), start, spec.epoch_stop(order, step_samples(split)))
+    windows = plan.windows(order)
+    if not windows:
         return None
     cfg = spec.cfg
     augment = Augment(spec.seed, epoch, spec.image_size, cfg.min_scale, cfg.max_words, cfg.hflip, cfg.caption_pick,
                       cfg.human_captions)
-    ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
-    ds = ds.flat_map(lambda t: _rows(read_window(t)), num_cpus=cfg.cpus_per_task)
+    blocks = min(len(windows), MAX_READ_BLOCKS)
+    ds = ray.data.from_items([{"window": w} for w in windows], override_num_blocks=blocks)
+    ds = ds.flat_map(plan.rows, num_cpus=cfg.cpus_per_task)
     return ds.map_batches(augment, batch_size=cfg.map_batch_size, batch_format="numpy",
                           num_cpus=cfg.cpus_per_task)
 
@@ -508,13 +581,16 @@ def _cut(rows: Iterator[dict], sizes: Iterator[int]) -> Iterator[dict]:
         have -= n
 
 
-def iter_epoch(spec: IngestSpec, epoch: int, rank: int, split: list[list[int]], start: int = 0) -> Iterator[dict]:
+def iter_epoch(spec: IngestSpec, epoch: int, rank: int, split: list[list[int]], start: int = 0,
+               order: EpochOrder | None = None) -> Iterator[dict]:
     """Rank ``rank``'s micro-batches of ``epoch`` from global position ``start`` (a step boundary):
-    per step, one batch per accumulation round, sized by ``split`` (:func:`step_split`)."""
-    ds = build_epoch_dataset(spec, epoch, rank, split, start)
+    per step, one batch per accumulation round, sized by ``split`` (:func:`step_split`).
+    ``order``: the epoch's order when the caller has it already."""
+    order = order or spec.order(epoch)
+    ds = build_epoch_dataset(spec, epoch, rank, split, start, order)
     if ds is None:
         return iter(())
     g = step_samples(split)
-    steps = spec.epoch_stop(spec.order(epoch), g) // g - start // g
+    steps = spec.epoch_stop(order, g) // g - start // g
     sizes = (split[i][rank] for _ in range(steps) for i in range(len(split)))
     return _cut(iter(ds.iter_batches(batch_size=spec.cfg.map_batch_size, batch_format="numpy")), sizes)

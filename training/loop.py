@@ -88,11 +88,13 @@ def step_batches(spec: IngestSpec, pos: DataPosition, rank: int, split: list[lis
     is taken per epoch.)"""
     global_batch = step_samples(split)
     while True:
-        stop = spec.epoch_stop(spec.order(pos.epoch), global_batch)
+        order = spec.order(pos.epoch)
+        stop = spec.epoch_stop(order, global_batch)
         if pos.consumed >= stop:
             pos.epoch, pos.consumed = pos.epoch + 1, 0
-            stop = spec.epoch_stop(spec.order(pos.epoch), global_batch)
-        stream = iter_epoch(spec, pos.epoch, rank, split, start=pos.consumed)
+            order = spec.order(pos.epoch)
+            stop = spec.epoch_stop(order, global_batch)
+        stream = iter_epoch(spec, pos.epoch, rank, split, start=pos.consumed, order=order)
         while pos.consumed < stop:
             batches = [next(stream) for _ in split]
             pos.consumed += global_batch

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -156,18 +157,56 @@ def check_weight_names(weights: dict, shards) -> None:
 
 
 # -- the weighted chunk list of one epoch ---------------------------------------------------------
-def chunk_parts(shards, chunk: int) -> list[tuple[int, tuple[tuple[int, int], ...], str, int]]:
-    """Every chunk of the shard set cut by (source, caption count k): (shard index, row ranges,
-    source, k) in chunk order; a chunk of one kind is one part (its kinds sorted otherwise)."""
-    parts = []
+@dataclass(frozen=True)
+class ChunkParts:
+    """Every chunk of a shard set cut by (source, caption count k), as arrays (a paper-sized set
+    has ~500k of them): part ``p`` holds rows ``starts[j]..stops[j]`` for ``j`` in
+    ``offsets[p]..offsets[p+1]`` of shard ``shard[p]`` (one range, or several where a chunk mixes
+    kinds), of source ``source[p]`` (an index into the sorted sources; -1 where none was listed)."""
+    shard: np.ndarray
+    source: np.ndarray
+    k: np.ndarray
+    offsets: np.ndarray
+    starts: np.ndarray
+    stops: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.shard)
+
+    def sizes(self) -> np.ndarray:
+        lengths = np.concatenate([[0], np.cumsum(self.stops - self.starts)])
+        return lengths[self.offsets[1:]] - lengths[self.offsets[:-1]]
+
+
+def chunk_parts(shards, chunk: int, sources: list[str], need_sources: bool) -> ChunkParts:
+    """The chunks of ``shards`` in chunk order; a chunk of one kind is one part, a mixed chunk one
+    part per kind (sorted by (source, k)). Runs of one-kind shards are cut in one numpy pass."""
+    index = {s: j for j, s in enumerate(sources)}
+    cols: dict[str, list] = {c: [] for c in ("shard", "source", "k", "ranges", "starts", "stops")}
+    plain: list[tuple[int, int, int, int]] = []   # (shard index, rows, source index, k) of one-kind shards
+
+    def flush() -> None:
+        if not plain:
+            return
+        i, rows, src, k = (np.array(c, np.int64) for c in zip(*plain))
+        n = -(-rows // chunk)
+        first = np.repeat(np.cumsum(n) - n, n)
+        starts = (np.arange(int(n.sum())) - first) * chunk
+        cols["starts"].append(starts)
+        cols["stops"].append(np.minimum(starts + chunk, np.repeat(rows, n)))
+        for name, col in (("shard", i), ("source", src), ("k", k)):
+            cols[name].append(np.repeat(col, n))
+        cols["ranges"].append(np.ones(int(n.sum()), np.int64))
+        plain.clear()
+
     for i, sh in enumerate(shards):
-        if sum(b - a for a, b, _ in sh.sources) != sh.rows:
+        if need_sources and sum(b - a for a, b, _ in sh.sources) != sh.rows:
             raise ValueError(f"{sh.url}: source weights need every row's source (list_shards(..., sources=True))")
-        runs = row_runs(sh)
+        runs = row_runs(sh) if sh.sources else ((0, sh.rows, None, 1),)
         if len(runs) == 1:  # the usual shard: one source, one caption per sample
-            _, _, src, k = runs[0]
-            parts += [(i, ((a, min(a + chunk, sh.rows)),), src, k) for a in range(0, sh.rows, chunk)]
+            plain.append((i, sh.rows, index.get(runs[0][2], -1), runs[0][3]))
             continue
+        flush()
         ends = [b for _, b, _, _ in runs]
         for a in range(0, sh.rows, chunk):
             b = min(a + chunk, sh.rows)
@@ -176,15 +215,26 @@ def chunk_parts(shards, chunk: int) -> list[tuple[int, tuple[tuple[int, int], ..
                 if r0 >= b:
                     break
                 by_kind.setdefault((src, k), []).append((max(a, r0), min(b, r1)))
-            parts += [(i, tuple(by_kind[kind]), *kind) for kind in sorted(by_kind)]
-    return parts
+            for (src, k) in sorted(by_kind):
+                ranges = by_kind[(src, k)]
+                cols["shard"].append([i])
+                cols["source"].append([index[src]])
+                cols["k"].append([k])
+                cols["ranges"].append([len(ranges)])
+                cols["starts"].append([r[0] for r in ranges])
+                cols["stops"].append([r[1] for r in ranges])
+    flush()
+    cat = {c: np.concatenate(v).astype(np.int64) if v else np.zeros(0, np.int64) for c, v in cols.items()}
+    return ChunkParts(cat["shard"], cat["source"], cat["k"], np.concatenate([[0], np.cumsum(cat["ranges"])]),
+                      cat["starts"], cat["stops"])
 
 
-def part_copies(kinds: list[tuple[str, int]], weights: dict, rng: np.random.Generator,
+def part_copies(parts: ChunkParts, sources: list[str], weights: dict, rng: np.random.Generator,
                 each_caption: bool = False) -> np.ndarray:
-    """How many times each part of (source, k) appears: floor(w), plus one with probability
-    frac(w), where w is the source's weight (times k with ``each_caption``)."""
-    w = np.array([float(weights.get(s, 1.0)) * (k if each_caption else 1) for s, k in kinds])
+    """How many times each part appears: floor(w), plus one with probability frac(w), where w is
+    its source's weight (times its k with ``each_caption``)."""
+    by_source = np.array([float(weights.get(s, 1.0)) for s in sources] + [1.0])   # [-1]: no source
+    w = by_source[parts.source] * (parts.k if each_caption else 1)
     base = np.floor(w)
     return (base + (rng.random(len(w)) < w - base)).astype(np.int64)
 

@@ -134,6 +134,29 @@ def test_each_rank_reads_only_its_share_of_a_windows_row_groups():
     assert sum(reads) < 2 * 400                 # ~1.5 readers per row group (all 8 without the grouping)
 
 
+@pytest.mark.parametrize("weights", [None, {"a": 2.0, "b": 0.5}])
+def test_the_lazy_rank_plan_makes_exactly_the_eager_read_tasks(weights):
+    """RankPlan builds each window's task on its own (on a Ray Data worker); the tasks are those
+    of the eager rank_read_tasks, for any world size, micro-batch, accumulation and resume point."""
+    from training.ingest import RankPlan
+
+    sources = weights is not None
+    shards = [ShardRows(f"s{i}", 300 + 37 * i, ((0, 300 + 37 * i, "ab"[i % 2]),) if sources else ()) for i in range(20)]
+    spec = IngestSpec(IngestConfig(shuffle_window=3, source_weights=weights or {}), tuple(shards), seed=5, image_size=32)
+    order = spec.order(1)
+    for g, b, world in ((64, 16, 1), (64, 16, 3), (100, 7, 4), (90, 90, 2)):
+        split = step_split(g, b, world)
+        stop = spec.epoch_stop(order, g)
+        for start in (0, 7 * g):
+            for rank in range(world):
+                plan = RankPlan(spec, 1, rank, tuple(map(tuple, split)), start, stop)
+                lazy = [t for t in (plan.task(order, w) for w in plan.windows(order)) if t is not None]
+                eager = rank_read_tasks(order, rank_picks(order, split, rank, start, stop))
+                assert lazy == eager, (g, b, world, start, rank)
+    # a worker process builds the plan's order once and serves every window from it
+    assert plan.order() is plan.order() and plan.order().total == order.total
+
+
 def test_read_rows_and_list_shards(tmp_path, corpus):
     write_capfilt(str(tmp_path / "cf"), corpus, rows_per_shard=20)
     shards = list_shards(str(tmp_path / "cf"))
