@@ -136,7 +136,9 @@ class EvalConfig:
     vqa_max_new_tokens: int = 10
     vqa_length_penalty: float = -1.0
     vqa_min_new_tokens: int = 1
-    vqa_image_name: str = "COCO_val2014_{image_id:012d}.jpg"  # when a question names no image file
+    vqa_image_name: str = ""           # when a question names no image file; "": COCO_{data_subtype}_{id:012d}.jpg
+    split: str = "test"                # the split read from a Karpathy dataset_*.json file
+    paper_model: str = ""              # `--benchmark`: the paper row to compare with; "": worked out from the model
     limit: int = 0                     # evaluate only the first N images / questions (0: all)
 
     def validate(self) -> None:

@@ -1,4 +1,5 @@
-"""COCO / VQAv2 annotation loading, image folders (local and moto S3), the eval transform."""
+"""Every benchmark's annotation formats (COCO, Karpathy, LAVIS, VQAv2, OK-VQA, GQA, NoCaps, Flickr30K),
+image folders (local and moto S3), the eval transform."""
 from __future__ import annotations
 
 import json
@@ -8,11 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.helpers.benchmarks import GQA_ANSWERS, OKVQA_ANSWERS, VQAV2_ANSWERS, write_benchmark_sets
 from tests.helpers.coco import write_coco_eval_set
-from training.evaluate.data import (CLIP_MEAN, CLIP_STD, ImageFolder, load_caption_annotations, load_vqa,
-                                    preprocess)
+from training.evaluate.data import (CLIP_MEAN, CLIP_STD, ImageFolder, load_caption_annotations, load_gqa,
+                                    load_vqa, preprocess)
 
 
+@pytest.fixture(scope="module")
+def sets(corpus, tmp_path_factory):
+    return write_benchmark_sets(corpus, tmp_path_factory.mktemp("benchmarks"))
 
 
 
@@ -72,3 +77,99 @@ def test_image_folder_on_s3_and_preprocess(corpus, s3_bucket):
     # the eval transform: bicubic resize then CLIP mean/std
     expected = (np.asarray(local.resize((64, 64), Image.BICUBIC), dtype=np.float32) / 255 - CLIP_MEAN) / CLIP_STD
     assert torch.allclose(px[1], torch.from_numpy(expected.transpose(2, 0, 1)), atol=1e-6)
+
+
+def _every_file_loads(folder: ImageFolder, files) -> None:
+    for f in files:
+        folder.load(f)
+
+
+def test_vqav2_and_okvqa_official_pairs(sets):
+    s = sets["vqav2"]
+    qs = load_vqa(str(s["questions"]), str(s["annotations"]))
+    assert [q.answers for q in qs] == [a for _, a, _ in VQAV2_ANSWERS]
+    assert [q.answer_type for q in qs] == [t for _, _, t in VQAV2_ANSWERS]
+    assert qs[0].file.startswith("COCO_val2014_") and qs[0].file.endswith(".jpg")
+    _every_file_loads(ImageFolder(str(s["images"])), [q.file for q in qs])
+    # test-dev: no annotations; its data_subtype names the test2015 images
+    t = sets["vqav2_test-dev"]
+    dev = load_vqa(str(t["questions"]))
+    assert all(not q.answers for q in dev) and dev[0].file == qs[0].file.replace("val2014", "test2015")
+    _every_file_loads(ImageFolder(str(t["images"])), [q.file for q in dev])
+    # OK-VQA v1.1: the 5 annotators' answers, each listed twice, read from "answer"
+    o = sets["okvqa"]
+    ok = load_vqa(str(o["questions"]), str(o["annotations"]))
+    assert [len(q.answers) for q in ok] == [10] * len(OKVQA_ANSWERS)
+    assert ok[0].answers[:4] == ["surfing", "surfing", "surf", "surf"]
+    _every_file_loads(ImageFolder(str(o["images"])), [q.file for q in ok])
+
+
+def test_gqa_official_and_lavis_formats(sets, tmp_path):
+    g = sets["gqa"]
+    qs = load_gqa(str(g["questions"]))
+    assert [(q.question, q.answers) for q in qs] == [(q, [a]) for q, a in GQA_ANSWERS]
+    assert qs[0].file == f"{qs[0].image_id}.jpg" and qs[0].image_id.startswith("n")
+    _every_file_loads(ImageFolder(str(g["images"])), [q.file for q in qs])
+    lavis = [{"question_id": q.question_id, "image": q.file, "question": q.question, "answer": q.answers[0]}
+             for q in qs]
+    (tmp_path / "gqa_lavis.json").write_text(json.dumps(lavis))
+    again = load_gqa(str(tmp_path / "gqa_lavis.json"))
+    assert [(q.question_id, q.file, q.answers) for q in again] == [(q.question_id, q.file, q.answers) for q in qs]
+
+
+def test_nocaps_keeps_each_image_domain(sets):
+    n = sets["nocaps"]
+    images = load_caption_annotations(str(n["annotations"]))
+    assert [i.domain for i in images] == ["in-domain"] * 2 + ["near-domain"] * 2 + ["out-domain"] * 2
+    assert all(len(i.captions) == 3 for i in images)
+    _every_file_loads(ImageFolder(str(n["images"])), [i.file for i in images])
+
+
+def test_karpathy_splits_and_lavis_exports_agree(sets):
+    f = sets["flickr30k"]
+    karpathy = load_caption_annotations(str(f["karpathy"]))         # split=test: 8 of the 10 rows
+    lavis = load_caption_annotations(str(f["lavis"]))
+    assert len(karpathy) == len(lavis) == 8
+    assert [i.captions for i in karpathy] == [i.captions for i in lavis]
+    assert [f"flickr30k-images/{i.file}" for i in karpathy] == [i.file for i in lavis]
+    _every_file_loads(ImageFolder(str(f["images"])), [i.file for i in karpathy])
+    _every_file_loads(ImageFolder(str(f["lavis_images"])), [i.file for i in lavis])
+    assert len(load_caption_annotations(str(f["karpathy"]), split="train")) == 2
+    c = sets["coco"]
+    coco = load_caption_annotations(str(c["karpathy"]))
+    assert len(coco) == 8 and coco[0].file.startswith("val2014/COCO_val2014_")
+    _every_file_loads(ImageFolder(str(c["images"])), [i.file for i in coco])
+    with pytest.raises(ValueError, match="no image in split 'val'"):
+        load_caption_annotations(str(f["karpathy"]), split="val")
+
+
+@pytest.mark.parametrize("content, loader, message", [
+    ({"questions": [{"question_id": 1, "image_id": 2}]}, load_vqa, r"questions\[0\] has no 'question' field"),
+    ({"questions": [{"question_id": 1, "image_id": 2, "question": ["x"]}]}, load_vqa,
+     r"questions\[0\] field 'question' is a list"),
+    ([{"question_id": 1, "question": "q?"}], load_vqa, "entry 0 has no 'image' field"),
+    ([{"question_id": 1, "question": "q?", "image": "a.jpg", "answer": 3}], load_vqa,
+     "entry 0 field 'answer' is neither"),
+    ({"7": {"question": "q?", "answer": "a"}}, load_gqa, "question '7' has no 'imageId' field"),
+    ({"images": [{"id": 1, "file_name": "a.jpg", "domain": "far-domain"}], "annotations": []},
+     load_caption_annotations, "field 'domain' is 'far-domain'"),
+    ({"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 1}]},
+     load_caption_annotations, r"annotations\[0\] has no 'caption' field"),
+    ({"images": [{"filename": "a.jpg", "split": "test"}]}, load_caption_annotations,
+     r"images\[0\] has no 'sentences' field"),
+])
+def test_bad_fields_name_the_file_and_field(tmp_path, content, loader, message):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=message) as err:
+        loader(str(path))
+    assert str(path) in str(err.value)
+
+
+def test_vqa_annotation_errors_name_the_annotations_file(sets, tmp_path):
+    bad = tmp_path / "ann.json"
+    bad.write_text(json.dumps({"annotations": [{"question_id": 1, "answers": [{"answer_id": 1}]}]}))
+    raw = {"questions": [{"question_id": 1, "image_id": 1, "question": "q?"}]}
+    (tmp_path / "q.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=r"ann.json: annotations\[0\].answers has no 'answer' field"):
+        load_vqa(str(tmp_path / "q.json"), str(bad))

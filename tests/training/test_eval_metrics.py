@@ -1,4 +1,5 @@
-"""Metric functions against hand-computed cases (ties, empty predictions, multi-caption images)."""
+"""Metric functions against hand-computed cases (ties, empty predictions, multi-caption images), and
+each benchmark's metric on its official-format fixture, scored by hand by the official scripts' rules."""
 from __future__ import annotations
 
 import math
@@ -7,8 +8,10 @@ import shutil
 import numpy as np
 import pytest
 
-from training.evaluate.metrics import (caption_scores, retrieval_recall, simple_tokenize, tokenize_captions,
-                                       vqa_accuracy, vqa_scores)
+from tests.helpers.benchmarks import write_benchmark_sets
+from training.evaluate.data import load_caption_annotations, load_gqa, load_vqa
+from training.evaluate.metrics import (caption_scores, gqa_scores, nocaps_scores, retrieval_recall,
+                                       simple_tokenize, tokenize_captions, vqa_accuracy, vqa_scores)
 from training.evaluate.vqa_normalize import normalize_answer, process_punctuation
 
 JAVA = shutil.which("java") is not None
@@ -189,3 +192,84 @@ def test_vqa_scores_per_type_and_missing():
     assert s["per_answer_type"] == pytest.approx({"number": 0.0, "other": 90.0, "yes/no": 100.0})
     s = vqa_scores({"1": "yes"}, questions)
     assert s["missing"] == 2 and s["accuracy"] == pytest.approx(100 / 3)
+
+
+
+# -- each benchmark on its official-format fixture ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sets(corpus, tmp_path_factory):
+    return write_benchmark_sets(corpus, tmp_path_factory.mktemp("benchmarks"))
+
+
+def _vqa_fixture(sets, name) -> dict:
+    qs = load_vqa(str(sets[name]["questions"]), str(sets[name]["annotations"]))
+    return {q.question_id: {"answers": q.answers, "answer_type": q.answer_type} for q in qs}
+
+
+def test_vqav2_fixture_by_the_official_rules(sets):
+    """vqaEval.py: the prediction gets punctuation + digit/article/contraction steps; the 10 human
+    answers only the punctuation step, and only when they are not all the same; the accuracy is
+    min(#others matching / 3, 1) averaged over the 10 leave-one-out subsets."""
+    questions = _vqa_fixture(sets, "vqav2")
+    predictions = ["two", "A dog!", "dont", "1000", "1,000", "Yes."]
+    expected = [
+        0.6,   # "two" -> "2"; the 5 humans' "two" never match (no digit step on them): 2 x 1/3 + 8 x 2/3
+        0.9,   # "A dog!" -> "dog"; "the dog" keeps its article: 3 "dog" -> 3 x 2/3 + 7 x 1
+        0.3,   # "dont" -> "don't": 1 human -> 9 subsets x 1/3, 1 x 0
+        1.0,   # humans differ: "1,000" -> "1000" (digit-comma-digit drops the comma): 7 match
+        0.0,   # humans all say "1,000": left as is, while the prediction becomes "1000"
+        1.0,   # "Yes." -> "yes" (a period not before a digit goes)
+    ]
+    ids = list(questions)
+    s = vqa_scores(dict(zip(ids, predictions)), questions)
+    assert s["accuracy"] == pytest.approx(100 * sum(expected) / 6)          # 63.33
+    assert s["per_answer_type"] == pytest.approx({"number": 100 * 1.6 / 3, "other": 60.0, "yes/no": 100.0})
+    for qid, pred, acc in zip(ids, predictions, expected):
+        assert vqa_accuracy(pred, questions[qid]["answers"]) == pytest.approx(acc), pred
+
+
+def test_okvqa_fixture_by_the_official_rules(sets):
+    """OK-VQA is scored by the VQA script on its 10 answers (5 annotators, each listed twice)."""
+    questions = _vqa_fixture(sets, "okvqa")
+    # "Surfing": 4 of 10 -> 1; "racing": 2 of 10 -> 0.6; "the beach" -> "beach": 2 of 10 -> 0.6
+    s = vqa_scores(dict(zip(questions, ["Surfing", "racing", "the beach"])), questions)
+    assert s["accuracy"] == pytest.approx(100 * 2.2 / 3)
+    s = vqa_scores(dict(zip(questions, ["surf.", "horse race", "the ocean"])), questions)
+    assert s["accuracy"] == pytest.approx(100 * (1.0 + 0.6 + 1.0) / 3)   # 4, 2 and 6 of 10
+
+
+def test_gqa_fixture_exact_match(sets):
+    """GQA's eval.py: 1 if the prediction equals the answer; LAVIS first normalises the prediction."""
+    answers = {q.question_id: q.answers[0] for q in load_gqa(str(sets["gqa"]["questions"]))}
+    predictions = dict(zip(answers, ["dog", "The dog.", "Yes", "right"]))
+    s = gqa_scores(predictions, answers)
+    assert s["accuracy"] == pytest.approx(75.0)      # dog, dog, yes match; right != left
+    assert s["accuracy_raw"] == pytest.approx(25.0)  # only the literal "dog"
+    del predictions[next(iter(answers))]
+    assert gqa_scores(predictions, answers)["missing"] == 1
+
+
+def test_nocaps_scores_each_domain_on_its_own(sets):
+    images = load_caption_annotations(str(sets["nocaps"]["annotations"]))
+    refs = {i.image_id: i.captions for i in images}
+    domains = {i.image_id: i.domain for i in images}
+    # in-domain: a reference word for word (BLEU-4 100); near: a shortened one; out: unrelated
+    preds = {}
+    for i in images:
+        preds[i.image_id] = {"in-domain": i.captions[1], "near-domain": " ".join(i.captions[0].split()[:3]),
+                             "out-domain": "zebra zebra zebra zebra"}[i.domain]
+    s = nocaps_scores(refs, preds, domains, tokenizer="simple")
+    assert set(s["per_domain"]) == {"in-domain", "near-domain", "out-domain"}
+    assert s["in-domain_bleu4"] == pytest.approx(100.0)
+    assert s["out-domain_bleu4"] == pytest.approx(0.0, abs=1e-6) and s["out-domain_cider"] == pytest.approx(0.0)
+    for domain in ("in-domain", "near-domain", "out-domain"):
+        ids = [k for k in refs if domains[k] == domain]
+        alone = caption_scores({k: refs[k] for k in ids}, {k: preds[k] for k in ids}, tokenizer="simple")
+        assert s[f"{domain}_cider"] == pytest.approx(alone["cider"])      # CIDEr's idf from that domain alone
+    overall = caption_scores(refs, preds, tokenizer="simple")
+    assert (s["cider"], s["bleu4"]) == pytest.approx((overall["cider"], overall["bleu4"]))
+    assert s["in-domain_cider"] > s["near-domain_cider"] > s["out-domain_cider"]
+    with pytest.raises(ValueError, match="no NoCaps domain"):
+        nocaps_scores(refs, preds, {}, tokenizer="simple")

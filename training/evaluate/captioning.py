@@ -1,5 +1,6 @@
-"""Zero-shot COCO captioning with a stage-2 model: the paper's prompt and beam settings, then
-BLEU-4 / CIDEr (and METEOR / SPICE when they can run) against the reference captions."""
+"""Captioning with a stage-2 model (COCO Karpathy test, NoCaps val; paper Table 3): the paper's
+prompt and beam settings, then BLEU-4 / CIDEr (and METEOR / SPICE when they can run) against the
+reference captions, per NoCaps domain when the images carry one."""
 from __future__ import annotations
 
 import time
@@ -9,7 +10,7 @@ import torch
 from training.config import EvalConfig
 from training.evaluate.data import CaptionImage, ImageFolder, model_device, preprocess
 from training.evaluate.generation import caption_settings
-from training.evaluate.metrics import caption_scores
+from training.evaluate.metrics import caption_scores, nocaps_scores
 
 
 def strip_prompt(text: str, prompt: str) -> str:
@@ -39,8 +40,12 @@ def evaluate_captioning(model, images: list[CaptionImage], folder: ImageFolder, 
     t0 = time.perf_counter()
     predictions = generate_captions(model, images, folder, cfg)
     t1 = time.perf_counter()
-    scores = caption_scores({i.image_id: i.captions for i in images}, predictions,
-                            tokenizer=cfg.tokenizer, extra=cfg.caption_metrics)
+    refs = {i.image_id: i.captions for i in images}
+    if any(i.domain for i in images):  # NoCaps
+        scores = nocaps_scores(refs, predictions, {i.image_id: i.domain for i in images if i.domain},
+                               tokenizer=cfg.tokenizer, extra=cfg.caption_metrics)
+    else:
+        scores = caption_scores(refs, predictions, tokenizer=cfg.tokenizer, extra=cfg.caption_metrics)
     return {**scores, "prompt": cfg.caption_prompt, "num_beams": cfg.num_beams,
             "seconds": {"generate": t1 - t0, "score": time.perf_counter() - t1},
             "predictions": [{"image_id": k, "caption": v} for k, v in predictions.items()]}

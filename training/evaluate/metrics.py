@@ -3,7 +3,9 @@
 - :func:`retrieval_recall` - R@k both directions from an image x text score matrix, COCO-style
   (several captions per image; image->text is a hit if *any* of its captions ranks within k).
 - :func:`caption_scores` - BLEU-4 and CIDEr(-D) through pycocoevalcap; METEOR/SPICE when they can run.
-- :func:`vqa_accuracy` / :func:`vqa_scores` - the official VQAv2 accuracy.
+- :func:`nocaps_scores` - :func:`caption_scores` per NoCaps domain and overall.
+- :func:`vqa_accuracy` / :func:`vqa_scores` - the official VQAv2 (and OK-VQA) accuracy.
+- :func:`gqa_scores` - GQA's exact match.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from typing import Sequence
 import numpy as np
 
 from training.evaluate.vqa_normalize import normalize_answer, process_punctuation, strip_whitespace
+
+NOCAPS_DOMAINS = ("in-domain", "near-domain", "out-domain")
 
 # -- retrieval ----------------------------------------------------------------------------
 
@@ -151,6 +155,31 @@ def caption_scores(references: dict, predictions: dict, tokenizer: str = "auto",
     return out
 
 
+def nocaps_scores(references: dict, predictions: dict, domains: dict, tokenizer: str = "auto",
+                  extra: Sequence[str] = ()) -> dict:
+    """:func:`caption_scores` on each NoCaps domain's images and on all of them, each subset scored
+    on its own (CIDEr's document frequencies from that subset's references, as the NoCaps evaluation
+    server does). domains: {image_id: "in-domain" | "near-domain" | "out-domain"}.
+
+    Returns the overall scores at the top level, ``per_domain`` {domain: scores} and flat
+    ``"{domain}_{metric}"`` keys for the table.
+    """
+    missing = sorted(set(references) - set(domains))
+    if missing:
+        raise ValueError(f"{len(missing)} images have no NoCaps domain (e.g. {missing[0]})")
+    out = caption_scores(references, predictions, tokenizer, extra)
+    per_domain = {}
+    for domain in NOCAPS_DOMAINS:
+        ids = [i for i in references if domains[i] == domain]
+        if not ids:
+            continue
+        scores = caption_scores({i: references[i] for i in ids}, predictions, out["tokenizer"], extra)
+        per_domain[domain] = scores
+        out.update({f"{domain}_{k}": v for k, v in scores.items() if isinstance(v, float)})
+    out["per_domain"] = per_domain
+    return out
+
+
 # -- VQA ----------------------------------------------------------------------------------
 
 
@@ -189,3 +218,20 @@ def vqa_scores(predictions: dict, questions: dict) -> dict:
            "per_answer_type": {t: 100.0 * float(np.mean(v)) for t, v in sorted(per_type.items())},
            "questions": len(questions), "missing": sum(qid not in predictions for qid in questions)}
     return out
+
+
+def gqa_scores(predictions: dict, answers: dict) -> dict:
+    """Exact-match accuracy (x100) against GQA's one answer per question.
+
+    ``accuracy``: the prediction normalised by the VQA rules first (:func:`normalize_answer`), as
+    LAVIS scores BLIP-2's generated answers; ``accuracy_raw``: GQA's own eval.py
+    (``prediction == answer``; the prediction only stripped). GQA's answers are already lower-case,
+    article-free words, so the two differ only where the model writes "The dog." for "dog".
+    predictions: {question_id: answer}; answers: {question_id: ground-truth answer}.
+    """
+    if not answers:
+        raise ValueError("no questions to score")
+    norm = [normalize_answer(predictions.get(q, "")) == a for q, a in answers.items()]
+    raw = [strip_whitespace(predictions.get(q, "")) == a for q, a in answers.items()]
+    return {"accuracy": 100.0 * float(np.mean(norm)), "accuracy_raw": 100.0 * float(np.mean(raw)),
+            "questions": len(answers), "missing": sum(q not in predictions for q in answers)}
