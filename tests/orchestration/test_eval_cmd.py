@@ -1,4 +1,5 @@
-"""`blip2 eval` end to end on a tiny COCO-format set made from the synthetic corpus."""
+"""`blip2 eval` end to end: ``--task`` on a tiny COCO-format set, ``--benchmark`` on each benchmark's
+official-format fixture (tests.helpers.benchmarks), both made from the synthetic corpus."""
 from __future__ import annotations
 
 import json
@@ -10,8 +11,10 @@ import torch
 from orchestration.cli import main
 from training.config import ModelConfig
 from training.evaluate.data import ImageFolder, load_caption_annotations
-from training.evaluate.metrics import caption_scores
+from training.evaluate.metrics import caption_scores, gqa_scores, vqa_scores
+from training.evaluate.data import load_gqa, load_vqa
 from tests.training.stage1_helpers import build_model, model_config
+from tests.helpers.benchmarks import write_benchmark_sets
 from tests.helpers.coco import write_coco_eval_set
 
 
@@ -129,3 +132,112 @@ def test_retrieval_command_with_ray_data_features(stage1_dir, coco, tmp_path, ca
     assert ray_m["runner"] == "ray" and local_m["runner"] == "in-process"
     for k in ("txt_r1", "txt_r5", "img_r1", "img_r5", "r_mean"):
         assert ray_m[k] == pytest.approx(local_m[k])
+
+
+# -- --benchmark: one paper table row per command ------------------------------------------------
+FAST_VQA = ["eval.vqa_num_beams=2", "eval.vqa_max_new_tokens=3"]
+FAST_CAPTION = ["eval.num_beams=2", "eval.max_new_tokens=6", "eval.caption_min_new_tokens=2", "eval.caption_metrics=[]"]
+
+
+@pytest.fixture(scope="module")
+def sets(corpus, tmp_path_factory):
+    return write_benchmark_sets(corpus, tmp_path_factory.mktemp("benchmarks"))
+
+
+def _bench(name, model, images, *extra):
+    return ["eval", "--benchmark", name, "--model", str(model), "--images", str(images), *extra]
+
+
+def test_vqa_benchmarks(stage2_dir, sets, tmp_path, capsys):
+    v = sets["vqav2"]
+    out = tmp_path / "vqav2.json"
+    # a tiny model is none of the paper's rows: eval.paper_model names the one to compare with
+    assert main(_bench("vqav2", stage2_dir, v["images"], "--questions", str(v["questions"]), "--annotations",
+                       str(v["annotations"]), "--out", str(out), *FAST_VQA,
+                       "eval.paper_model=BLIP-2 ViT-g OPT-2.7B")) == 0
+    printed = capsys.readouterr().out
+    assert "Table 2 (zero-shot VQA), VQAv2 val, row 'BLIP-2 ViT-g OPT-2.7B'" in printed and "53.5" in printed
+    assert "settings: prompt 'Question: {} Answer:', beam 2, length penalty -1" in printed
+    res = json.loads(out.read_text())
+    assert res["benchmark"] == "vqav2" and res["reference"]["accuracy"]["value"] == 53.5
+    questions = load_vqa(str(v["questions"]), str(v["annotations"]))
+    preds = {p["question_id"]: p["answer"] for p in res["metrics"]["predictions"]}
+    again = vqa_scores(preds, {q.question_id: {"answers": q.answers} for q in questions})
+    assert res["metrics"]["accuracy"] == pytest.approx(again["accuracy"])
+
+    # test-dev: no annotations; the answers go out in the evaluation server's format
+    t = sets["vqav2_test-dev"]
+    assert main(_bench("vqav2", stage2_dir, t["images"], "--questions", str(t["questions"]), *FAST_VQA)) == 2
+    assert "--answers-out" in capsys.readouterr().err
+    answers = tmp_path / "vqav2_test-dev_results.json"
+    assert main(_bench("vqav2", stage2_dir, t["images"], "--questions", str(t["questions"]),
+                       "--answers-out", str(answers), *FAST_VQA)) == 0
+    printed = capsys.readouterr().out
+    assert "VQAv2 test-dev: scored by the VQA evaluation server" in printed
+    server = json.loads(answers.read_text())
+    assert [r["question_id"] for r in server] == [int(q.question_id) for q in questions]
+    assert all(set(r) == {"question_id", "answer"} and isinstance(r["answer"], str) for r in server)
+
+    o = sets["okvqa"]
+    assert main(_bench("okvqa", stage2_dir, o["images"], "--questions", str(o["questions"]), "--annotations",
+                       str(o["annotations"]), *FAST_VQA)) == 0
+    printed = capsys.readouterr().out
+    assert "OK-VQA test" in printed and "its rows: BLIP-2 ViT-L OPT-2.7B 30.2" in printed
+
+
+def test_gqa_benchmark_writes_eval_py_predictions(stage2_dir, sets, tmp_path, capsys):
+    g = sets["gqa"]
+    out, answers = tmp_path / "gqa.json", tmp_path / "gqa_predictions.json"
+    assert main(_bench("gqa", stage2_dir, g["images"], "--questions", str(g["questions"]), "--out", str(out),
+                       "--answers-out", str(answers), *FAST_VQA)) == 0
+    printed = capsys.readouterr().out
+    assert "exact match" in printed and "GQA test-dev (balanced)" in printed
+    m = json.loads(out.read_text())["metrics"]
+    gold = {q.question_id: q.answers[0] for q in load_gqa(str(g["questions"]))}
+    preds = {r["questionId"]: r["prediction"] for r in json.loads(answers.read_text())}
+    assert set(preds) == set(gold)
+    assert (m["accuracy"], m["accuracy_raw"]) == pytest.approx(
+        tuple(gqa_scores(preds, gold)[k] for k in ("accuracy", "accuracy_raw")))
+
+
+def test_caption_benchmarks(stage2_dir, sets, tmp_path, capsys):
+    n = sets["nocaps"]
+    out = tmp_path / "nocaps.json"
+    assert main(_bench("nocaps", stage2_dir, n["images"], "--annotations", str(n["annotations"]), "--out", str(out),
+                       *FAST_CAPTION, "eval.paper_model=BLIP-2 ViT-g FlanT5-XL")) == 0
+    printed = capsys.readouterr().out
+    for label in ("in-domain CIDEr", "near-domain CIDEr", "out-domain CIDEr", "overall CIDEr"):
+        assert label in printed
+    assert "Table 3, NoCaps val" in printed and "121.6" in printed
+    m = json.loads(out.read_text())["metrics"]
+    assert set(m["per_domain"]) == {"in-domain", "near-domain", "out-domain"}
+    assert m["per_domain"]["in-domain"]["images"] == 2 and m["images"] == 6
+    # COCO Karpathy test from Karpathy's own dataset_coco.json (its test split: 8 of 12 images)
+    c = sets["coco"]
+    assert main(_bench("coco_caption", stage2_dir, c["images"], "--annotations", str(c["karpathy"]),
+                       "--out", str(out), *FAST_CAPTION)) == 0
+    printed = capsys.readouterr().out
+    assert "Table 3, COCO Karpathy test" in printed and "BLEU-4" in printed
+    assert json.loads(out.read_text())["metrics"]["images"] == 8
+    assert main(_bench("nocaps", stage2_dir, c["images"], "--annotations", str(c["karpathy"]))) == 2
+    assert "nocaps needs a domain per image" in capsys.readouterr().err
+
+
+def test_retrieval_benchmarks(stage1_dir, sets, tmp_path, capsys):
+    f = sets["flickr30k"]
+    k_out, l_out = tmp_path / "karpathy.json", tmp_path / "lavis.json"
+    assert main(_bench("flickr30k", stage1_dir, f["images"], "--annotations", str(f["karpathy"]),
+                       "--out", str(k_out), "eval.batch_size=16", "eval.paper_model=BLIP-2 ViT-g")) == 0
+    printed = capsys.readouterr().out
+    assert "Table 5, Flickr30K 1K test, zero-shot" in printed and "97.6" in printed and "top 128" in printed
+    assert main(_bench("flickr30k", stage1_dir, f["lavis_images"], "--annotations", str(f["lavis"]),
+                       "--out", str(l_out), "eval.batch_size=16")) == 0
+    assert "its rows: BLIP-2 ViT-L" in capsys.readouterr().out  # tiny encoder: no row of its own
+    k, lv = json.loads(k_out.read_text())["metrics"], json.loads(l_out.read_text())["metrics"]
+    assert (k["images"], k["texts"], k["k_test"]) == (8, 16, 128)
+    assert {x: k[x] for x in ("txt_r1", "img_r1", "r_mean")} == pytest.approx({x: lv[x] for x in ("txt_r1", "img_r1", "r_mean")})
+    c = sets["coco"]
+    assert main(_bench("coco_retrieval", stage1_dir, c["images"], "--annotations", str(c["karpathy"]),
+                       "eval.batch_size=16", "eval.paper_model=BLIP-2 ViT-L")) == 0
+    printed = capsys.readouterr().out
+    assert "Table 5, COCO 5K test" in printed and "83.5" in printed
