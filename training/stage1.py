@@ -117,12 +117,17 @@ class Blip2Stage1(nn.Module):
 
     @classmethod
     def from_pretrained(cls, ckpt_dir: str, **overrides) -> "Blip2Stage1":
-        """Rebuild from :meth:`save_pretrained` output (local or ``s3://``); ``overrides`` replace
+        """Rebuild from :meth:`save_pretrained` output or a plain transformers
+        ``Blip2ForImageTextRetrieval`` directory (local or ``s3://``); ``overrides`` replace
         ModelConfig fields (e.g. ``vision_path``, ``frozen_dtype``). The BERT dir is not needed."""
         from transformers import Blip2QFormerConfig
         from safetensors.torch import load_file
 
+        from training.hf_io import is_retrieval_dir, load_retrieval
+
         path = Path(local_dir(str(ckpt_dir)))
+        if not (path / CONFIG_FILE).exists() and is_retrieval_dir(path):
+            return load_retrieval(cls, path, overrides)
         saved = json.loads((path / CONFIG_FILE).read_text())
         saved["ln_vision_init"] = saved_ln_vision_init(saved)  # its eps, as trained
         known = {f.name for f in fields(ModelConfig)}

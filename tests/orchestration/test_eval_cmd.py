@@ -241,3 +241,43 @@ def test_retrieval_benchmarks(stage1_dir, sets, tmp_path, capsys):
                        "eval.batch_size=16", "eval.paper_model=BLIP-2 ViT-L")) == 0
     printed = capsys.readouterr().out
     assert "Table 5, COCO 5K test" in printed and "83.5" in printed
+
+
+def test_transformers_directories_evaluate_through_the_same_commands(stage1_dir, stage2_dir, sets, tmp_path, capsys):
+    """Released checkpoints come as plain Blip2ForImageTextRetrieval / Blip2ForConditionalGeneration
+    directories: the same commands read them and give our models' numbers."""
+    from transformers import (AutoTokenizer, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval,
+                              Blip2Processor)
+
+    from training.hf_io import export_retrieval
+    from training.stage1 import Blip2Stage1
+
+    exported = export_retrieval(Blip2Stage1.from_pretrained(str(stage1_dir), frozen_dtype="float32"),
+                                str(tmp_path / "export1"))
+    plain1, plain2 = tmp_path / "hf-retrieval", tmp_path / "hf-generation"
+    Blip2ForImageTextRetrieval.from_pretrained(exported).save_pretrained(plain1)
+    AutoTokenizer.from_pretrained(exported).save_pretrained(plain1)
+    Blip2ForConditionalGeneration.from_pretrained(stage2_dir).save_pretrained(plain2)
+    Blip2Processor.from_pretrained(stage2_dir).save_pretrained(plain2)
+    assert not (plain1 / "blip2_config.json").exists() and not (plain2 / "blip2_config.json").exists()
+
+    f = sets["flickr30k"]
+    runs = {}
+    for name, model in (("ours", stage1_dir), ("hf", plain1)):
+        out = tmp_path / f"flickr-{name}.json"
+        assert main(_bench("flickr30k", model, f["images"], "--annotations", str(f["karpathy"]), "--out", str(out),
+                           "eval.batch_size=16")) == 0
+        runs[name] = json.loads(out.read_text())["metrics"]
+    keys = ("txt_r1", "txt_r5", "img_r1", "img_r5", "r_mean")
+    assert {k: runs["hf"][k] for k in keys} == pytest.approx({k: runs["ours"][k] for k in keys})
+    assert {k: runs["hf"]["itc"][k] for k in keys} == pytest.approx({k: runs["ours"]["itc"][k] for k in keys})
+
+    v = sets["vqav2"]
+    answers = {}
+    for name, model in (("ours", stage2_dir), ("hf", plain2)):
+        out = tmp_path / f"vqa-{name}.json"
+        assert main(_bench("vqav2", model, v["images"], "--questions", str(v["questions"]), "--annotations",
+                           str(v["annotations"]), "--answers-out", str(out), *FAST_VQA)) == 0
+        answers[name] = json.loads(out.read_text())
+    assert answers["hf"] == answers["ours"]
+    capsys.readouterr()

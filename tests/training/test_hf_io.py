@@ -66,6 +66,35 @@ def test_export_loads_into_transformers_with_same_itm_and_itc(trained_like, tmp_
     assert AutoTokenizer.from_pretrained(out).bos_token == "[DEC]"
 
 
+@torch.no_grad()
+def test_plain_transformers_retrieval_directory_loads_as_stage1(trained_like, tmp_path):
+    """A released-style directory: only what Blip2ForImageTextRetrieval.save_pretrained and the
+    tokenizer write (no blip2_config.json, no extras) loads with the same ITM logits and ITC scores."""
+    from transformers import AutoTokenizer, Blip2ForImageTextRetrieval
+
+    from training.stage1 import Blip2Stage1
+
+    out = export_retrieval(trained_like, str(tmp_path / "hf"))
+    plain = tmp_path / "plain"
+    Blip2ForImageTextRetrieval.from_pretrained(out).save_pretrained(plain)
+    AutoTokenizer.from_pretrained(out).save_pretrained(plain)
+    assert not (plain / "blip2_config.json").exists() and not (plain / EXTRA_FILE).exists()
+    loaded = Blip2Stage1.from_pretrained(str(plain), frozen_dtype="float32").eval()
+    assert (loaded.cfg.num_query_tokens, loaded.cfg.embed_dim, loaded.cfg.image_size) == (
+        trained_like.cfg.num_query_tokens, trained_like.cfg.embed_dim, trained_like.cfg.image_size)
+    px = pixels(3, seed=5)
+    ids, mask = trained_like.tokenize(CAPTIONS[:3])
+    assert torch.equal(ids, loaded.tokenize(CAPTIONS[:3])[0])
+    embeds, feat = trained_like.encode_image(px)
+    embeds2, feat2 = loaded.encode_image(px)
+    assert (feat - feat2).abs().max() <= 1e-5
+    assert (trained_like.itm_logits(embeds, ids, mask) - loaded.itm_logits(embeds2, ids, mask)).abs().max() <= 1e-5
+    assert (trained_like.encode_text(CAPTIONS[:3])[2] - loaded.encode_text(CAPTIONS[:3])[2]).abs().max() <= 1e-5
+    # with our extras file next to it, the ITG head and temperature come back too
+    again = Blip2Stage1.from_pretrained(str(out), frozen_dtype="float32")
+    assert again.temp.item() == pytest.approx(0.05)
+
+
 def test_export_refuses_clip_encoder(tiny_models, tmp_path):
     model = build_model(model_config(tiny_models, vision="clip_vit_l", vision_path=str(tiny_models["vision"])))
     with pytest.raises(ValueError, match="no place for a 'clip_vit_l'"):
