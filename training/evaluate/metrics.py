@@ -158,8 +158,9 @@ def caption_scores(references: dict, predictions: dict, tokenizer: str = "auto",
 def nocaps_scores(references: dict, predictions: dict, domains: dict, tokenizer: str = "auto",
                   extra: Sequence[str] = ()) -> dict:
     """:func:`caption_scores` on each NoCaps domain's images and on all of them, each subset scored
-    on its own (CIDEr's document frequencies from that subset's references, as the NoCaps evaluation
-    server does). domains: {image_id: "in-domain" | "near-domain" | "out-domain"}.
+    on its own (CIDEr's document frequencies from that subset's references, as BLIP / LAVIS' NoCaps
+    evaluation does with one ground-truth file per domain).
+    domains: {image_id: "in-domain" | "near-domain" | "out-domain"}.
 
     Returns the overall scores at the top level, ``per_domain`` {domain: scores} and flat
     ``"{domain}_{metric}"`` keys for the table.
