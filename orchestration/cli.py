@@ -18,6 +18,7 @@ from orchestration.config import ConfigError, available_presets, deep_merge, loa
 COMMANDS = {
     "config": "show_config",
     "tiny-models": "tiny_models",
+    "stage-models": "stage_models",
     "download": "download",
     "capfilt": "capfilt",
     "curate": "curate",
