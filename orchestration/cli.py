@@ -30,6 +30,7 @@ COMMANDS = {
     "vqa": "vqa",
     "submit": "submit",
     "demo": "demo",
+    "rehearse": "rehearse",
 }
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
