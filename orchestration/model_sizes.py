@@ -132,8 +132,8 @@ def random_texts(n: int, words: int, vocab: int, seed: int) -> list[str]:
 def _save(model_cls, config, out: Path, dtype: torch.dtype, device: str, *extras) -> Path:
     torch.manual_seed(0)
     with torch.device(device):
-        model = model_cls(config)
-    model.to(dtype).save_pretrained(out)
+        model = model_cls._from_config(config, dtype=dtype)  # initialised in dtype: no fp32 copy of 2.7B
+    model.save_pretrained(out)
     del model
     for extra in extras:
         extra.save_pretrained(out)
