@@ -163,10 +163,10 @@ def rehearse_training(cfg, stage: int, batch: int, steps: int, device: torch.dev
     size = cfg.model.image_size
     words = sorted(w for w in model.tokenizer.get_vocab() if w.isalnum())  # plain words of its own vocabulary
 
-    def inputs(seed: int):
+    def inputs(seed: int, n: int = batch):
         g = torch.Generator().manual_seed(seed)
-        ids = torch.randint(0, len(words), (batch, CAPTION_WORDS), generator=g).tolist()
-        return (torch.randn(batch, 3, size, size, generator=g).to(device), [" ".join(words[i] for i in r) for r in ids])
+        ids = torch.randint(0, len(words), (n, CAPTION_WORDS), generator=g).tolist()
+        return (torch.randn(n, 3, size, size, generator=g).to(device), [" ".join(words[i] for i in r) for r in ids])
 
     def step(pixels, texts, activations=None):   # train_loop_per_worker's step, one micro-batch
         with autocast(cfg.train.precision, device):
@@ -188,6 +188,14 @@ def rehearse_training(cfg, stage: int, batch: int, steps: int, device: torch.dev
     activations = SavedActivations()
     with FlopCounterMode(display=False) as counter:
         loss = step(*inputs(0), activations=activations)   # warm-up, counted
+    # saved bytes again at twice the batch (a forward only, its graph dropped): what does not grow with
+    # the batch (autocast's weight copies, weights saved for their grads) is told apart from what does.
+    # Not batch 1: with no other row there are no ITM negatives.
+    double = SavedActivations()
+    with autocast(cfg.train.precision, device), double:
+        model(*inputs(10_000, 2 * batch))["loss"]
+    per_sample = (double.bytes - activations.bytes) / batch
+    fixed = max(activations.bytes - per_sample * batch, 0.0)
     times = []
     for i in range(steps):
         px, tx = inputs(i + 1)
@@ -201,7 +209,7 @@ def rehearse_training(cfg, stage: int, batch: int, steps: int, device: torch.dev
         log(f"step {i + 1}/{steps}: loss {loss:.3f}, {times[-1]:.1f} s")
     out = {**param_counts(model), "batch": batch, "loss": loss, "finite": loss == loss,
            "flops_per_sample": counter.get_total_flops() / batch,
-           "activation_bytes_per_sample": activations.bytes / batch,
+           "activation_bytes_per_sample": per_sample, "activation_bytes_fixed": fixed,
            "s_per_step": sorted(times)[len(times) // 2] if times else float("nan")}
     out["samples_per_s"] = batch / out["s_per_step"]
     if device.type == "cuda":
@@ -240,7 +248,7 @@ def rehearse_capfilt(cfg, paths: dict[str, str], batch: int, device: torch.devic
     seconds = times["caption_s"] + times["rank_s"]
     return {"trainable_params": 0, "frozen_params": params, "weight_bytes": weights, "trainable_state_bytes": 0,
             "batch": batch, "flops_per_sample": counter.get_total_flops() / batch, "samples_per_s": batch / seconds,
-            "caption_tokens": c.max_length, "image_px": (cap_px, rank_px), **times}
+            "caption_tokens": c.max_length, "num_captions": c.num_captions, "image_px": (cap_px, rank_px), **times}
 
 
 # -- the meta device: sizes without weights ------------------------------------------------------
@@ -300,7 +308,8 @@ def project(cfg, job: str, row: dict, device: torch.device, gpu: str, mfu: float
     act = row.get("activation_bytes_per_sample")
     out = {"micro_batch": micro, "workers": workers, "gpu": gpu, "assumed_mfu": mfu}
     if act is not None:
-        out["peak_mem_bytes_computed"] = row["weight_bytes"] + row["trainable_state_bytes"] + act * micro
+        out["peak_mem_bytes_computed"] = (row["weight_bytes"] + row["trainable_state_bytes"]
+                                          + row.get("activation_bytes_fixed", 0) + act * micro)
     samples = CAPFILT_IMAGES if job == "capfilt" else t.steps * t.resolved_global_batch()
     out["samples"] = samples
     if device.type == "cuda":
@@ -311,6 +320,10 @@ def project(cfg, job: str, row: dict, device: torch.device, gpu: str, mfu: float
         out["projected_from"] = (f"counted FLOPs / ({workers} × {gpu} {DENSE_BF16_PEAK[gpu] / 1e12:.0f} TFLOP/s "
                                  f"datasheet × assumed MFU {mfu:.0%}) — an assumption, not a measurement")
     return out
+
+
+def cfg_captions(row: dict) -> str:
+    return f"{row['num_captions']} captions each, {row['caption_tokens']} decoder ids incl. the prompt"
 
 
 def format_report(preset: str, job: str, device: str, row: dict, proj: dict, notes: list[str]) -> str:
@@ -326,14 +339,18 @@ def format_report(preset: str, job: str, device: str, row: dict, proj: dict, not
     if "samples_per_s" in row:
         lines.append(f"  measured         {row['samples_per_s']:.3f} samples/s at batch {row['batch']} on {device}"
                      + (f", loss {row['loss']:.3f}" if "loss" in row else ""))
+    if "caption_s" in row:
+        lines.append(f"  CapFilt batch    {row['batch']} images at {row['image_px'][0]} / {row['image_px'][1]} px: "
+                     f"{row['caption_s']:.1f} s captioning ({cfg_captions(row)}), {row['rank_s']:.1f} s ranking")
     if "activation_bytes_per_sample" in row:
-        lines.append(f"  activations      {row['activation_bytes_per_sample'] / 1e6:,.1f} MB per sample saved for the "
-                     f"backward (measured at batch {row['batch']})")
+        lines.append(f"  activations      {row['activation_bytes_per_sample'] / 1e6:,.1f} MB per sample + "
+                     f"{row['activation_bytes_fixed'] / 1e6:,.0f} MB fixed, saved for the backward (measured: "
+                     f"batch {row['batch']} vs {2 * row['batch']})")
     if "peak_mem_bytes_measured" in row:
         lines.append(f"  peak memory      {row['peak_mem_bytes_measured'] / gb:.1f} GB at batch {row['batch']} (measured)")
     if "peak_mem_bytes_computed" in proj:
         lines.append(f"  peak memory      {proj['peak_mem_bytes_computed'] / gb:.3g} GB per device at the preset's "
-                     f"micro-batch {proj['micro_batch']} (computed: weights + state + activations × micro-batch)")
+                     f"micro-batch {proj['micro_batch']} (computed: weights + state + fixed + activations × micro-batch)")
     if "projected_s" in proj:
         s = proj["projected_s"]
         lines.append(f"  projected        {s / 3600:,.3g} h = {s / 86400:.3g} days for {proj['samples']:,} samples on "
@@ -358,7 +375,7 @@ def run_rehearsal(cfg, preset: str, *, job: str | None = None, device: str = "au
                      "activations or throughput)")
         return {"preset": preset, "job": job, "device": "meta", "row": row, "projection": {}, "notes": notes,
                 "report": format_report(preset, job, "meta", row, {}, notes)}
-    if dev.type == "cpu":
+    if dev.type == "cpu" and job != "capfilt":  # CapFilt's capfilt.dtype=auto is fp32 on a CPU already
         notes += [f"CPU: {c} (fp16 has no fast CPU matmul; same bytes)" for c in cpu_dtypes(cfg)]
     if job == "stage2" and cfg.model.stage1_checkpoint and not is_available_checkpoint(cfg.model.stage1_checkpoint):
         notes.append(f"no stage-1 run at {cfg.model.stage1_checkpoint}: the Q-Former starts from model.qformer_init")
