@@ -124,11 +124,13 @@ def param_counts(model: torch.nn.Module) -> dict:
 
 
 class SavedActivations:
-    """Bytes of the tensors autograd saves for the backward (each storage once): the activation
-    memory of a step, measured on any device."""
+    """Bytes of the tensors autograd saves for the backward (each storage once), the model's own
+    parameters left out (they are counted as weights): the activation memory of a step, measured
+    on any device."""
 
-    def __init__(self):
-        self.bytes, self._seen = 0, set()
+    def __init__(self, model: torch.nn.Module):
+        self.bytes = 0
+        self._seen = {(p.untyped_storage().data_ptr(), p.device) for p in model.parameters()}
 
     def _pack(self, t: torch.Tensor):
         if t.device.type != "meta":
@@ -185,13 +187,13 @@ def rehearse_training(cfg, stage: int, batch: int, steps: int, device: torch.dev
     model.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    activations = SavedActivations()
+    activations = SavedActivations(model)
     with FlopCounterMode(display=False) as counter:
         loss = step(*inputs(0), activations=activations)   # warm-up, counted
     # saved bytes again at twice the batch (a forward only, its graph dropped): what does not grow with
     # the batch (autocast's weight copies, weights saved for their grads) is told apart from what does.
     # Not batch 1: with no other row there are no ITM negatives.
-    double = SavedActivations()
+    double = SavedActivations(model)
     with autocast(cfg.train.precision, device), double:
         model(*inputs(10_000, 2 * batch))["loss"]
     per_sample = (double.bytes - activations.bytes) / batch
@@ -322,6 +324,10 @@ def project(cfg, job: str, row: dict, device: torch.device, gpu: str, mfu: float
     return out
 
 
+def _millions(n: float) -> str:
+    return f"{n / 1e6:,.1f} M" if n >= 1e6 else f"{n / 1e6:.4g} M"
+
+
 def cfg_captions(row: dict) -> str:
     return f"{row['num_captions']} captions each, {row['caption_tokens']} decoder ids incl. the prompt"
 
@@ -330,8 +336,8 @@ def format_report(preset: str, job: str, device: str, row: dict, proj: dict, not
     gb = 1e9
     lines = [f"blip2 rehearse --config {preset}: {job} on {device}"]
     lines += [f"  note: {n}" for n in notes]
-    lines.append(f"  parameters       trainable {row['trainable_params'] / 1e6:,.4g} M, frozen "
-                 f"{row['frozen_params'] / 1e6:,.4g} M; weights {row['weight_bytes'] / gb:.3g} GB, fp32 grads + AdamW "
+    lines.append(f"  parameters       trainable {_millions(row['trainable_params'])}, frozen "
+                 f"{_millions(row['frozen_params'])}; weights {row['weight_bytes'] / gb:.3g} GB, fp32 grads + AdamW "
                  f"state {row['trainable_state_bytes'] / gb:.3g} GB")
     if "flops_per_sample" in row:
         lines.append(f"  model FLOPs      {row['flops_per_sample'] / 1e9:,.4g} GFLOP per sample (counted, "
