@@ -220,7 +220,8 @@ def rehearse_training(cfg, stage: int, batch: int, steps: int, device: torch.dev
 
 
 # -- CapFilt ------------------------------------------------------------------------------------
-def rehearse_capfilt(cfg, paths: dict[str, str], batch: int, device: torch.device, log) -> dict:
+def rehearse_capfilt(cfg, paths: dict[str, str], batch: int, log) -> dict:
+    """One CapFilt batch (the models pick their device as the CapFilt actors do: capfilt.dtype)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from capfilt.captioner import Captioner
@@ -354,6 +355,9 @@ def format_report(preset: str, job: str, device: str, row: dict, proj: dict, not
                      f"batch {row['batch']} vs {2 * row['batch']})")
     if "peak_mem_bytes_measured" in row:
         lines.append(f"  peak memory      {row['peak_mem_bytes_measured'] / gb:.1f} GB at batch {row['batch']} (measured)")
+    if device == "meta":
+        lines.append(f"  memory           ≥ {(row['weight_bytes'] + row['trainable_state_bytes']) / gb:.3g} GB per device "
+                     "(weights + state, computed; activations come on top and are not counted on meta)")
     if "peak_mem_bytes_computed" in proj:
         lines.append(f"  peak memory      {proj['peak_mem_bytes_computed'] / gb:.3g} GB per device at the preset's "
                      f"micro-batch {proj['micro_batch']} (computed: weights + state + fixed + activations × micro-batch)")
@@ -391,7 +395,7 @@ def run_rehearsal(cfg, preset: str, *, job: str | None = None, device: str = "au
         section, name = key.split(".")
         setattr(getattr(cfg, section), name, path)
     if job == "capfilt":
-        row = rehearse_capfilt(cfg, paths, batch or 2, dev, log)
+        row = rehearse_capfilt(cfg, paths, batch or 2, log)
     else:
         row = rehearse_training(cfg, int(job[-1]), batch or 2, steps, dev, log)
     proj = project(cfg, job, row, dev, gpu, mfu)

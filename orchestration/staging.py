@@ -78,7 +78,8 @@ def _snapshot(repo_id: str, patterns: list[str], cache_dir: str | None) -> Path:
 
 
 def whole_repo(m: PaperModel, cache_dir: str | None, work: Path) -> tuple[Path, list[str], str]:
-    """(folder, files to stage, commit): configs + tokenizer + one format of weights."""
+    """(folder, files to stage, commit): configs + tokenizer + one format of weights, read in place
+    from the HF cache (``work`` is unused: nothing is derived)."""
     snap = _snapshot(m.repo_id, META_PATTERNS + SAFETENSORS, cache_dir)
     files = [f for f in _files(snap) if _matches(f, META_PATTERNS + SAFETENSORS)]
     if any(_matches(f, SAFETENSORS) for f in files):
