@@ -51,13 +51,11 @@ def build_models(out: Path, image_size: int, real_sizes: bool, tokenizer=None, d
     torch.manual_seed(0)
     tok = tokenizer or bert_tokenizer(dec_token=True)
     if real_sizes:  # BLIP-large (ViT-L/16 384px + BERT-base decoder) and CLIP ViT-L/14 224px
-        bv = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                  image_size=384, patch_size=16)
-        bt = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
-        cv = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                  image_size=224, patch_size=14)
-        ct = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
-        proj, caption_px, rank_px, positions = 768, 384, 224, 512
+        from orchestration import model_sizes as ms
+
+        bv, bt, cv = ms.BLIP_LARGE_VISION, ms.BERT_BASE, ms.CLIP_L14_VISION
+        ct = {k: v for k, v in ms.CLIP_L14_TEXT.items() if k != "max_position_embeddings"}
+        proj, caption_px, rank_px, positions = ms.CLIP_L14_PROJECTION, 384, 224, 512
     else:
         bv = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=6,
                   image_size=image_size, patch_size=16)

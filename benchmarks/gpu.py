@@ -38,7 +38,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-DENSE_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # vendor datasheets, dense (no sparsity)
+from orchestration.model_sizes import BERT_VOCAB, bert_tokenizer, eva_vit_g_config, random_texts  # noqa: E402
+from orchestration.rehearse import DENSE_BF16_PEAK  # noqa: E402
 
 
 def device() -> torch.device:
@@ -48,23 +49,6 @@ def device() -> torch.device:
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def big_bert_tokenizer(vocab_size: int, dec_token: bool):
-    """A BERT WordPiece tokenizer with ``vocab_size`` entries (``w<i>`` words): real-size LM heads."""
-    from transformers import BertTokenizer
-
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(vocab_size - 5)]
-    tok = BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True)
-    if dec_token:
-        tok.add_special_tokens({"bos_token": "[DEC]"})
-    return tok
-
-
-def random_texts(n: int, words: int, vocab: int, seed: int) -> list[str]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab - 10, (n, words), generator=g)
-    return [" ".join(f"w{i}" for i in row.tolist()) for row in ids]
 
 
 def save_random(model_cls, config, out: Path, dtype: torch.dtype) -> Path:
@@ -107,12 +91,12 @@ def stage1(args, work: Path) -> list[dict]:
                                  image_size=56, patch_size=14)
         bcfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
         vocab, image_size = 1000, 56
-    else:  # EVA ViT-g/14 (BLIP-2's Blip2VisionConfig defaults: width 1408, 39 layers) + bert-base-uncased
-        vcfg, bcfg, vocab, image_size = Blip2VisionConfig(), {}, 30522, 224
+    else:  # EVA ViT-g/14 (width 1408, 39 layers) + bert-base-uncased
+        vcfg, bcfg, vocab, image_size = eva_vit_g_config(), {}, BERT_VOCAB, 224
     vision_dir = save_random(Blip2VisionModel, vcfg, work / "eva_vit_g", torch.float16)
     bert_dir = work / "bert"
     save_random(BertForMaskedLM, BertConfig(vocab_size=vocab, **bcfg), bert_dir, torch.float32)
-    big_bert_tokenizer(vocab, dec_token=False).save_pretrained(bert_dir)
+    bert_tokenizer(vocab, dec_token=False).save_pretrained(bert_dir)
 
     dev = device()
     mcfg = ModelConfig(vision="eva_vit_g", vision_path=str(vision_dir), qformer_init=str(bert_dir),
@@ -201,7 +185,7 @@ def capfilt(args, work: Path) -> list[dict]:
     from pipelines.synthetic import make_corpus
 
     # BLIP-large + CLIP ViT-L/14 shapes (the CapFilt benchmark's --real-sizes), BERT's real vocabulary
-    tok = None if args.tiny else big_bert_tokenizer(30523, dec_token=True)
+    tok = None if args.tiny else bert_tokenizer(BERT_VOCAB, dec_token=True)
     models = build_models(work / "models", 64, real_sizes=not args.tiny, tokenizer=tok, device=str(device()))
     cap_dir, rank_dir = models["captioner"], models["ranker"]
 

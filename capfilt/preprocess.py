@@ -27,9 +27,14 @@ _PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
 def load_image_processor(model_uri: str):
-    """The model's image processor, from a local or ``s3://`` save_pretrained directory."""
+    """The model's image processor, from a local or ``s3://`` save_pretrained directory or a Hub id
+    (then only these small files are fetched into the HF cache)."""
     from transformers import AutoImageProcessor
 
+    from pipelines.storage import hub_snapshot, is_hub_id
+
+    if is_hub_id(model_uri):
+        model_uri = hub_snapshot(model_uri, allow_patterns=list(_PROCESSOR_FILES))
     fs, root = fsspec.core.url_to_fs(model_uri)
     with tempfile.TemporaryDirectory() as tmp:
         found = False

@@ -18,6 +18,7 @@ from orchestration.config import ConfigError, available_presets, deep_merge, loa
 COMMANDS = {
     "config": "show_config",
     "tiny-models": "tiny_models",
+    "stage-models": "stage_models",
     "download": "download",
     "capfilt": "capfilt",
     "curate": "curate",
@@ -29,6 +30,7 @@ COMMANDS = {
     "vqa": "vqa",
     "submit": "submit",
     "demo": "demo",
+    "rehearse": "rehearse",
 }
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 

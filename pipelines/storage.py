@@ -5,7 +5,8 @@
   cleanly (local URIs are written in place). :class:`Staging` is the same for writers that
   upload again and again (metrics, tracker files).
 * :func:`local_dir` — a local copy of a remote folder, downloaded once (``from_pretrained``
-  readers need paths).
+  readers need paths); a Hugging Face Hub id (``facebook/opt-2.7b``) resolves to its snapshot
+  in the HF cache (:func:`hub_snapshot`).
 
 Storage options come from the environment only (``AWS_ENDPOINT_URL``, the standard AWS
 credential chain), as in :mod:`pipelines.shardio`.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -85,12 +87,41 @@ def staged_output(uri: str | os.PathLike, prefix: str = "blip2-out-") -> Iterato
         out.discard()
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def is_hub_id(uri: str) -> bool:
+    """``org/name`` or ``name`` that is no URI and no existing local path: a Hub model id."""
+    return "://" not in uri and bool(_HUB_ID.match(uri)) and not os.path.exists(uri)
+
+
+def hub_snapshot(repo_id: str, allow_patterns: list[str] | None = None, revision: str | None = None,
+                 cache_dir: str | None = None) -> str:
+    """The local snapshot folder of a Hub model, downloaded into the HF cache unless it is there
+    (``HF_HUB_OFFLINE=1``: the cache only; ``HF_HOME`` / ``HF_HUB_CACHE`` say where it is)."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=allow_patterns, revision=revision, cache_dir=cache_dir)
+    except (LocalEntryNotFoundError, RepositoryNotFoundError) as e:
+        where = cache_dir or constants.HF_HUB_CACHE
+        how = ("HF_HUB_OFFLINE=1 allows the cache only: unset it on a machine that reaches the Hub, or copy "
+               "the model's cache folder there" if constants.HF_HUB_OFFLINE else "check the id and the network")
+        raise FileNotFoundError(f"{repo_id!r} is no local folder or URI, and as a Hugging Face Hub model it is "
+                                f"not in the HF cache {where} ({type(e).__name__}); {how}; or stage it with "
+                                f"`blip2 stage-models` and name the staged folder") from None
+
+
 def local_dir(uri: str, cache_root: str | os.PathLike | None = None) -> str:
-    """A local directory with the contents of ``uri`` (returned as is when already local).
+    """A local directory with the contents of ``uri`` (returned as is when already local; a Hub
+    id: its snapshot in the HF cache).
 
     Remote copies land in ``cache_root`` (default ``~/.cache/blip2-pipeline/models``) under a
     hash of the URI and are marked complete only after every file arrived.
     """
+    if is_hub_id(uri):
+        return hub_snapshot(uri)
     fs, root = fsspec.core.url_to_fs(uri)
     if is_local(fs):
         return root

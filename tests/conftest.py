@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 
 import pytest
@@ -11,6 +12,9 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The session's own HF cache (huggingface_hub reads it at import): tests put tiny models there under
+# real repo ids (tests/helpers/hf_cache.py), never into a developer's cache.
+os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="blip2-test-hf-cache-")
 # Ray Train's controller takes its workers' reports, and so registers their checkpoints, once per
 # poll: every 2 s by default, where the tests' short runs checkpoint every step or two. It reads
 # this from the driver's environment; every Ray the tests start inherits it.
@@ -35,6 +39,9 @@ def pytest_collection_finish(session):
 def pytest_sessionfinish(session):
     for handle in _background:
         handle.stop()
+    import shutil
+
+    shutil.rmtree(os.environ["HF_HUB_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -55,6 +62,15 @@ def tiny_models(tmp_path_factory):
     from orchestration.tiny_models import build_tiny_models
 
     return build_tiny_models(tmp_path_factory.mktemp("tiny-models"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def hf_paper_cache(tiny_models, tmp_path_factory):
+    """repo id -> snapshot: the paper's models, tiny, under their real ids in the session's HF
+    cache (``HF_HUB_OFFLINE=1``: ``from_pretrained("facebook/opt-2.7b")`` loads the tiny OPT)."""
+    from tests.helpers.hf_cache import populate_paper_models
+
+    return populate_paper_models(os.environ["HF_HUB_CACHE"], tiny_models, tmp_path_factory.mktemp("hf-repos"))
 
 
 @pytest.fixture(scope="session")
