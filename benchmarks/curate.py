@@ -88,7 +88,8 @@ class SetLoader:
 
 
 class PeakMemory:
-    """Samples RSS of this process and every Ray process (``ray::`` workers, raylet, GCS) every 0.2 s."""
+    """Samples RSS of this process and its descendants (the Ray it started: ``ray::`` workers,
+    raylet, GCS; not other sessions' Ray) every 0.2 s."""
 
     def __init__(self):
         import psutil
@@ -97,16 +98,17 @@ class PeakMemory:
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
-        me = os.getpid()
+        me = self.psutil.Process()
         while not self.stop.is_set():
             total, worker = 0, 0
-            for p in self.psutil.process_iter(["pid", "cmdline", "memory_info"]):
-                cmd = " ".join(p.info["cmdline"] or [])
-                if p.info["pid"] == me or "ray::" in cmd or "/ray/" in cmd:
-                    rss = p.info["memory_info"].rss if p.info["memory_info"] else 0
-                    total += rss
-                    if "ray::" in cmd:
-                        worker = max(worker, rss)
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    rss, cmd = p.memory_info().rss, " ".join(p.cmdline())
+                except self.psutil.Error:   # ended meanwhile
+                    continue
+                total += rss
+                if "ray::" in cmd:
+                    worker = max(worker, rss)
             self.total, self.worker = max(self.total, total), max(self.worker, worker)
             self.stop.wait(0.2)
 
