@@ -109,15 +109,16 @@ class SearchConfig:
     train_rows: int | None = None       # vectors a trainable index trains on (None: 64 per IVF list, >= 20k)
     nprobe: int = 32                    # IVF lists searched per query
     k: int = 10
+    rerank: int = 4                     # quantised indexes: rerank x k candidates re-scored exactly (1: none)
     rows_per_task: int = 1_000_000      # vectors one fill task adds (its memory: rows x code bytes)
     num_cpus: float = 1.0               # per train / fill / merge task (also its faiss threads)
 
     def validate(self) -> None:
         if not self.factory.strip():
             raise ValueError("factory must be 'auto' or a faiss index_factory string")
-        if self.k < 1 or self.nprobe < 1 or self.rows_per_task < 1:
-            raise ValueError(f"k, nprobe and rows_per_task must be >= 1, got {self.k}, {self.nprobe}, "
-                             f"{self.rows_per_task}")
+        if self.k < 1 or self.nprobe < 1 or self.rows_per_task < 1 or self.rerank < 1:
+            raise ValueError(f"k, nprobe, rows_per_task and rerank must be >= 1, got {self.k}, {self.nprobe}, "
+                             f"{self.rows_per_task}, {self.rerank}")
         if self.train_rows is not None and self.train_rows < 1:
             raise ValueError(f"train_rows must be >= 1 (or null), got {self.train_rows}")
         if not (math.isfinite(self.memory_gb) and self.memory_gb > 0) or self.exact_rows < 0:

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from capfilt.curate_config import SearchConfig
-from capfilt.embeddings import has_embeddings, read_embeddings, read_metadata
+from capfilt.embeddings import has_embeddings, read_embedding_rows, read_embeddings, read_metadata
 from capfilt.semdedup import normalized
 from pipelines.shardio import ShardSet, shard_index
 
@@ -430,8 +430,11 @@ class QueryEncoder:
         return self.ranker.embed_images(self.transform(img)[None])[0].cpu().numpy()
 
 
-def search(index, state: dict, query: np.ndarray, k: int, nprobe: int = 32) -> list[tuple[int, float]]:
-    """(vector id, cosine) of the top ``k``, best first."""
+def search(index, state: dict, query: np.ndarray, k: int, nprobe: int = 32, set_uri: str | None = None,
+           rerank: int = 1) -> list[tuple[int, float]]:
+    """(vector id, cosine) of the top ``k``, best first. With ``set_uri`` and ``rerank`` > 1, a
+    quantised index returns ``rerank`` x k candidates, re-scored exactly with their stored embeddings
+    (SQ8/PQ codes reorder neighbours of near-equal score; the stored float16 rows do not)."""
     import faiss
 
     check_k(k)
@@ -440,8 +443,31 @@ def search(index, state: dict, query: np.ndarray, k: int, nprobe: int = 32) -> l
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         ivf.nprobe = nprobe
-    scores, ids = index.search(normalized(query[None]), min(k, index.ntotal))
-    return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+    exact = isinstance(index, faiss.IndexIDMap2) and isinstance(faiss.downcast_index(index.index), faiss.IndexFlat)
+    wide = k if exact or set_uri is None or rerank <= 1 else k * rerank
+    q = normalized(query[None])
+    scores, ids = index.search(q, min(wide, index.ntotal))
+    found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+    if wide == k:
+        return found
+    src = ShardSet(set_uri)
+    vecs = np.zeros((len(found), q.shape[1]), np.float32)
+    by_shard: dict[str, list[tuple[int, int]]] = {}
+    for pos, (vid, _) in enumerate(found):
+        s, row = locate(state, vid)
+        by_shard.setdefault(s["name"], []).append((pos, row))
+    for name, items in by_shard.items():
+        vecs[[p for p, _ in items]] = read_embedding_rows(src, shard_index(name), [r for _, r in items])
+    exact_scores = normalized(vecs) @ q[0]
+    order = np.argsort(-exact_scores, kind="stable")[:k]
+    return [(found[i][0], float(exact_scores[i])) for i in order]
+
+
+def locate(state: dict, vid: int) -> tuple[dict, int]:
+    """The shard entry of vector ``vid`` and its row in the shard."""
+    offsets = [s["offset"] for s in state["shards"]]
+    s = state["shards"][bisect.bisect_right(offsets, vid) - 1]   # empty shards never hold the last offset <= id
+    return s, vid - s["offset"]
 
 
 def check_k(k: int) -> None:
@@ -452,11 +478,9 @@ def check_k(k: int) -> None:
 def resolve(set_uri: str, state: dict, found: list[tuple[int, float]], images: bool = True) -> list[Hit]:
     """Each id's shard and row, key and best caption (from the embeddings' metadata) and image bytes."""
     src = ShardSet(set_uri)
-    offsets = [s["offset"] for s in state["shards"]]
     hits = []
     for rank, (vid, score) in enumerate(found, 1):
-        s = state["shards"][bisect.bisect_right(offsets, vid) - 1]   # empty shards never hold the last offset <= id
-        row = vid - s["offset"]
+        s, row = locate(state, vid)
         meta = read_metadata(src, shard_index(s["name"])).slice(row, 1).to_pylist()[0]
         image = None
         if images:
@@ -488,7 +512,7 @@ def run_search(set_uri: str, cfg: SearchConfig, ranker_uri: str, text: str | Non
         with fsspec.open(image_path, "rb") as f:
             query, label = encoder.image(f.read()), f"image: {image_path}"
     started = time.time()
-    found = search(index, state, query, k, cfg.nprobe)
+    found = search(index, state, query, k, cfg.nprobe, set_uri=set_uri, rerank=cfg.rerank)
     stats["query_ms"] = round(1000 * (time.time() - started), 2)
     return {"query": label, "hits": resolve(set_uri, state, found), "index": stats}
 

@@ -194,10 +194,14 @@ def test_auto_index_is_filled_in_parallel_merged_and_recalls_exact_search(tmp_pa
     index, state, stats = update_index(uri, cfg, **QUIET)
     assert (stats["shards_added"], stats["rows"], index.ntotal) == (1, 4000, 4000)
     queries = clustered(50, seed=1)
-    exact = np.argsort(-(queries @ normalized(emb.astype(np.float16)).T), axis=1)[:, :10]
-    recall = np.mean([len({i for i, _ in search(index, state, q, 10, cfg.nprobe)} & set(t)) / 10
-                      for q, t in zip(queries, exact.tolist())])
-    assert recall >= 0.95
+    f16 = normalized(emb.astype(np.float16))
+    exact = np.argsort(-(queries @ f16.T), axis=1)[:, :10]
+    recall = {}
+    for rerank in (1, 4):   # 4: 40 candidates re-scored with the stored rows
+        found = [search(index, state, q, 10, cfg.nprobe, set_uri=uri, rerank=rerank) for q in queries]
+        recall[rerank] = np.mean([len({i for i, _ in f} & set(t)) / 10 for f, t in zip(found, exact.tolist())])
+    assert recall[1] >= 0.95 and recall[4] >= recall[1]
+    np.testing.assert_allclose([s for _, s in found[0]], f16[[i for i, _ in found[0]]] @ queries[0], atol=1e-5)
     assert search(index, state, emb[3777], 1, cfg.nprobe)[0][0] == 3777   # ids = shard offset + row
 
 
@@ -224,7 +228,7 @@ def test_bad_k_factory_and_too_few_training_rows_are_clear_errors(tmp_path, tiny
                            (["-k", "-5"], "must be >= 1, got -5"),
                            (["search.factory=Garbage"], "search.factory='Garbage' is not a faiss index_factory string"),
                            (["search.factory=IVF4096,Flat"], "needs at least 4096 training vectors, the set has 11"),
-                           (["search.k=0"], "search: k, nprobe and rows_per_task must be >= 1")):
+                           (["search.k=0"], "search: k, nprobe, rows_per_task and rerank must be >= 1")):
         assert main(common + extra) == 2, extra
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
