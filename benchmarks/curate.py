@@ -130,6 +130,16 @@ class PeakMemory:
         self.thread.join()
 
 
+def start_ray(cpus: int):
+    """A local Ray of ``cpus`` CPUs for a benchmark, after printing the machine's load."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    print(f"machine: {os.cpu_count()} cores; load before: {os.getloadavg()[0]:.2f} (1-min average)", flush=True)
+    return ray
+
+
 def bench_semdedup(uri: str, planted: set, rows: int, cfg: SemDedupFilter) -> dict:
     ss = ShardSet(uri)
     counts = {i: PER_SHARD for i in range(rows // PER_SHARD)}
@@ -224,12 +234,7 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="where the synthetic sets go (default: a temp dir)")
     args = ap.parse_args()
 
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False)
-    print(f"machine: {os.cpu_count()} cores; load before: {os.getloadavg()[0]:.2f} (1-min average)", flush=True)
+    ray = start_ray(args.cpus)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-curate-"))
     results, largest = [], None
     for rows in sorted(args.sizes):

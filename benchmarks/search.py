@@ -28,7 +28,7 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.curate import PeakMemory  # noqa: E402
+from benchmarks.curate import PeakMemory, start_ray  # noqa: E402
 from capfilt.curate_config import SearchConfig  # noqa: E402
 from capfilt.embeddings import EMBEDDINGS_DIR, embedding_paths, read_embeddings  # noqa: E402
 from capfilt.search import choose_index, search, update_index  # noqa: E402
@@ -97,12 +97,7 @@ def main() -> None:
     ap.add_argument("--reuse-index", action="store_true", help="query the kept index instead of building it")
     args = ap.parse_args()
 
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False)
-    print(f"machine: {os.cpu_count()} cores; load before: {os.getloadavg()[0]:.2f} (1-min average)", flush=True)
+    ray = start_ray(args.cpus)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-search-"))
     uri, shards = str(work / f"set_{args.rows}"), args.rows // PER_SHARD
     subs_ref = ray.put(centres())
