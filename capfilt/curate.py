@@ -438,7 +438,9 @@ def run_curate(cfg: CurateConfig, seed: int, log=print) -> dict:
         if cfg.semdedup.enabled:
             t = time.time()
             loader = CurateCandidates(plan, src.uri, exact)
-            counts = {i: int(loader.mask(i, plan.read_scores(i)).sum()) for i in shards}
+            # many score tables at a time: at 12.9k shards one after the other took minutes on object stores
+            counts = dict(zip(shards, src.map_members(lambda i: int(loader.mask(i, plan.read_scores(i)).sum()),
+                                                      list(shards))))
             near, dedup_info = semdedup(loader, counts, dst.url(WORK_DIR), cfg.semdedup, seed, log=log)
             seconds["semdedup"] = round(time.time() - t, 2)
         import ray
