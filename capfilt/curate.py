@@ -389,7 +389,7 @@ def _fingerprint(cfg: CurateConfig, seed: int, src: ShardSet) -> dict:
     """What the output depends on: the filters, the seed and the input's shards."""
     filters = {f.name: dataclasses.asdict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
                if dataclasses.is_dataclass(getattr(cfg, f.name))}
-    shards = [dataclasses.asdict(src.shard_info(n)) for n in src.committed()]
+    shards = [dataclasses.asdict(i) for i in src.map_members(src.shard_info, src.committed())]   # many at a time
     return {"filters": filters, "seed": seed, "input": src.uri,
             "input_shards": hashlib.sha256(json.dumps(shards, sort_keys=True).encode()).hexdigest()}
 
