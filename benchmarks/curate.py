@@ -5,7 +5,13 @@
    the planted pairs, wall time, peak memory (the largest Ray worker, and all Ray processes +
    this driver together), and how the time grows with N.
 2. Search (capfilt.search): building the faiss index over the largest set with the code
-   `blip2 shards search` runs, then p50/p99 latency of single queries, for each --factories.
+   `blip2 shards search` runs, then p50/p99 latency of single queries, for each --factories
+   (benchmarks/search.py measures search at millions of vectors).
+3. Exact dedup (capfilt.curate.exact_duplicates, hash-partitioned) for each N in --exact-sizes, on
+   synthetic score tables (_curate/scores, no images: the pass reads nothing else), 10k rows per
+   shard, a --dup-share of each shard re-using the sha256 of a row 7 shards back: wall time,
+   duplicates found vs planted, and the peak RSS of the largest Ray worker and of all processes,
+   side by side (memory per task should stay flat as N grows: --exact-rows-per-task bounds it).
 
 The embeddings are written as a real CAPFILT shard set (1-byte images) with clip-retrieval
 embedding files, 10k rows per shard; topics (within-topic cosine ~0.4) make the k-means
@@ -13,6 +19,7 @@ meaningful; each planted copy is an original plus noise (cosine 0.96-0.995), pla
 another shard.
 
     .venv/bin/python benchmarks/curate.py --sizes 100000 300000 1000000 --cpus 2
+    .venv/bin/python benchmarks/curate.py --sizes --exact-sizes 1000000 10000000 --cpus 2
 """
 from __future__ import annotations
 
@@ -30,11 +37,13 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from capfilt.curate_config import SearchConfig, SemDedupFilter  # noqa: E402
+from capfilt.curate import Plan, exact_duplicates  # noqa: E402
+from capfilt.curate_config import CurateConfig, SearchConfig, SemDedupFilter  # noqa: E402
 from capfilt.embeddings import read_embeddings, write_embeddings  # noqa: E402
 from capfilt.search import search, update_index  # noqa: E402
 from capfilt.semdedup import Candidates, normalized, semdedup  # noqa: E402
-from pipelines.schema import CAPFILT  # noqa: E402
+from pipelines.curation import SCORES_DIR  # noqa: E402
+from pipelines.schema import CAPFILT, CURATE_SCORES  # noqa: E402
 from pipelines.shardio import ShardSet, shard_name  # noqa: E402
 
 DIM, PER_SHARD, TOPICS, SHIFT = 768, 10_000, 2000, 7
@@ -63,11 +72,11 @@ def make_set(uri: str, rows: int, dup_share: float, seed: int = 0) -> set[tuple[
         keys = [f"{s:05d}-{r:05d}" for r in range(PER_SHARD)]
         planted |= {(f"{src:05d}-{p:05d}", keys[n_base + j]) for j, p in enumerate(picks.tolist())}
         score = np.random.default_rng([seed, s, 2]).uniform(0.15, 0.45, PER_SHARD).astype(np.float32)
-        table = pa.table({"key": keys, "source": ["bench"] * PER_SHARD, "url": pa.nulls(PER_SHARD, pa.string()),
-                          "sha256": pa.nulls(PER_SHARD, pa.string()), "image": [b"\0"] * PER_SHARD,
-                          "captions": [["a caption"]] * PER_SHARD, "scores": [[float(x)] for x in score],
-                          "candidates": pa.nulls(PER_SHARD, CAPFILT.schema.field("candidates").type),
-                          "original_caption": ["a caption"] * PER_SHARD}, schema=CAPFILT.schema)
+        cols = {"key": keys, "source": ["bench"] * PER_SHARD, "policy": ["web"] * PER_SHARD,
+                "image": [b"\0"] * PER_SHARD, "captions": [["a caption"]] * PER_SHARD,
+                "scores": [[float(x)] for x in score], "original_caption": ["a caption"] * PER_SHARD}
+        table = pa.table({f.name: cols.get(f.name, pa.nulls(PER_SHARD, f.type)) for f in CAPFILT.schema},
+                         schema=CAPFILT.schema)
         ss.write_shard(s, table, CAPFILT)
         write_embeddings(ss, s, table, emb, emb)
     ss.write_manifest(CAPFILT)
@@ -88,7 +97,8 @@ class SetLoader:
 
 
 class PeakMemory:
-    """Samples RSS of this process and every Ray process (``ray::`` workers, raylet, GCS) every 0.2 s."""
+    """Samples RSS of this process and its descendants (the Ray it started: ``ray::`` workers,
+    raylet, GCS; not other sessions' Ray) every 0.2 s."""
 
     def __init__(self):
         import psutil
@@ -97,16 +107,17 @@ class PeakMemory:
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
-        me = os.getpid()
+        me = self.psutil.Process()
         while not self.stop.is_set():
             total, worker = 0, 0
-            for p in self.psutil.process_iter(["pid", "cmdline", "memory_info"]):
-                cmd = " ".join(p.info["cmdline"] or [])
-                if p.info["pid"] == me or "ray::" in cmd or "/ray/" in cmd:
-                    rss = p.info["memory_info"].rss if p.info["memory_info"] else 0
-                    total += rss
-                    if "ray::" in cmd:
-                        worker = max(worker, rss)
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    rss, cmd = p.memory_info().rss, " ".join(p.cmdline())
+                except self.psutil.Error:   # ended meanwhile
+                    continue
+                total += rss
+                if "ray::" in cmd:
+                    worker = max(worker, rss)
             self.total, self.worker = max(self.total, total), max(self.worker, worker)
             self.stop.wait(0.2)
 
@@ -117,6 +128,16 @@ class PeakMemory:
     def __exit__(self, *exc):
         self.stop.set()
         self.thread.join()
+
+
+def start_ray(cpus: int):
+    """A local Ray of ``cpus`` CPUs for a benchmark, after printing the machine's load."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    print(f"machine: {os.cpu_count()} cores; load before: {os.getloadavg()[0]:.2f} (1-min average)", flush=True)
+    return ray
 
 
 def bench_semdedup(uri: str, planted: set, rows: int, cfg: SemDedupFilter) -> dict:
@@ -168,9 +189,43 @@ def bench_search(uri: str, factory: str, queries: int, seed: int = 0) -> dict:
             "index_mb": sum(f.stat().st_size for f in Path(cfg.index).glob("*")) / 2**20 if "://" not in uri else None}
 
 
+def write_scores(uri: str, shard: int, shards: int, dup_share: float) -> None:
+    """Score table ``shard``: sha256 of (shard, row), the first dup_share of rows copying shard - 7's."""
+    import hashlib
+
+    n_dup = int(PER_SHARD * dup_share)
+    src = (shard - SHIFT) % shards
+    sha = [hashlib.sha256(f"{src if r < n_dup else shard}/{r + (PER_SHARD // 2 if r < n_dup else 0)}".encode())
+           .hexdigest() for r in range(PER_SHARD)]      # copies point at the other shard's 2nd half: unique originals
+    score = np.random.default_rng([shard, 3]).uniform(0.15, 0.45, PER_SHARD).astype(np.float32)
+    cols = {"row": pa.array(np.arange(PER_SHARD, dtype=np.int32)), "key": [f"{shard:05d}-{r:05d}" for r in range(PER_SHARD)],
+            "source": ["bench"] * PER_SHARD, "sha256": sha, "policy": ["web"] * PER_SHARD, "clip_score": score}
+    table = pa.table({f.name: cols.get(f.name, pa.nulls(PER_SHARD, f.type)) for f in CURATE_SCORES.schema},
+                     schema=CURATE_SCORES.schema)
+    ShardSet(f"{uri}/{SCORES_DIR}").write_shard(shard, table, CURATE_SCORES)
+
+
+def bench_exact(work: Path, rows: int, dup_share: float, per_task: int) -> dict:
+    import ray
+
+    uri, shards = str(work / f"exact_{rows}"), rows // PER_SHARD
+    have = ShardSet(f"{uri}/{SCORES_DIR}").committed_indices()
+    ray.get([ray.remote(write_scores).remote(uri, s, shards, dup_share) for s in range(shards) if s not in have])
+    cfg = CurateConfig(exact_rows_per_task=per_task)
+    plan = Plan(cfg, None, f"{uri}/{SCORES_DIR}")
+    with PeakMemory() as mem:
+        started = time.time()
+        marks, found = exact_duplicates(plan, {i: PER_SHARD for i in range(shards)}, uri)
+        seconds = time.time() - started
+    return {"rows": rows, "seconds": seconds, "found": found, "planted": shards * int(PER_SHARD * dup_share),
+            "parts": marks.parts, "peak_worker_mb": mem.worker / 2**20, "peak_total_mb": mem.total / 2**20}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 300_000, 1_000_000])
+    ap.add_argument("--sizes", type=int, nargs="*", default=[100_000, 300_000, 1_000_000])
+    ap.add_argument("--exact-sizes", type=int, nargs="*", default=[], help="rows for the exact-dedup benchmark")
+    ap.add_argument("--exact-rows-per-task", type=int, default=CurateConfig.exact_rows_per_task)
     ap.add_argument("--dup-share", type=float, default=0.05, help="share of each shard that is a planted copy")
     ap.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray")
     ap.add_argument("--probes", type=int, nargs="+", default=[2], help="semdedup.probes values to compare")
@@ -179,12 +234,7 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="where the synthetic sets go (default: a temp dir)")
     args = ap.parse_args()
 
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False)
-    print(f"machine: {os.cpu_count()} cores; load before: {os.getloadavg()[0]:.2f} (1-min average)", flush=True)
+    ray = start_ray(args.cpus)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-curate-"))
     results, largest = [], None
     for rows in sorted(args.sizes):
@@ -199,15 +249,31 @@ def main() -> None:
             print(f"  semdedup {rows} rows probes={probes}: {r['seconds']:.1f} s, recall {r['recall']:.4f}, "
                   f"precision {r['precision']:.4f}, phases {r['phases']}", flush=True)
         largest = (uri, rows)
-    print("\nSemDeDup (threshold 0.95, defaults: sample 100k, auto clusters, rows_per_task 250k)")
-    print(f"{'rows':>9} {'probes':>6} {'clusters':>8} {'tasks':>5} {'seconds':>8} {'x time':>7} {'x rows':>7} "
-          f"{'recall':>7} {'precision':>9} {'worker MB':>9} {'total MB':>8}")
-    base = {p: next(r for r in results if r["probes"] == p) for p in args.probes}
+    if results:
+        print("\nSemDeDup (threshold 0.95, defaults: sample 100k, auto clusters, rows_per_task 250k)")
+        print(f"{'rows':>9} {'probes':>6} {'clusters':>8} {'tasks':>5} {'seconds':>8} {'x time':>7} {'x rows':>7} "
+              f"{'recall':>7} {'precision':>9} {'worker MB':>9} {'total MB':>8}")
+    base = {p: next((r for r in results if r["probes"] == p), None) for p in args.probes}
     for r in results:
         b = base[r["probes"]]
         print(f"{r['rows']:>9} {r['probes']:>6} {r['clusters']:>8} {r['groups']:>5} {r['seconds']:>8.1f} "
               f"{r['seconds'] / b['seconds']:>7.2f} {r['rows'] / b['rows']:>7.1f} {r['recall']:>7.4f} "
               f"{r['precision']:>9.4f} {r['peak_worker_mb']:>9.0f} {r['peak_total_mb']:>8.0f}")
+    exact = []
+    for rows in sorted(args.exact_sizes):
+        exact.append(bench_exact(work, rows, args.dup_share, args.exact_rows_per_task))
+        print(f"  exact dedup {rows} rows: {exact[-1]}", flush=True)
+    if exact:
+        print(f"\nExact dedup (sha256, exact_rows_per_task {args.exact_rows_per_task}; score tables only)")
+        print(f"{'rows':>10} {'parts':>5} {'seconds':>8} {'found':>9} {'planted':>9} {'worker MB':>9} "
+              f"{'x worker':>8} {'total MB':>8}")
+        for r in exact:
+            print(f"{r['rows']:>10} {r['parts']:>5} {r['seconds']:>8.1f} {r['found']:>9} {r['planted']:>9} "
+                  f"{r['peak_worker_mb']:>9.0f} {r['peak_worker_mb'] / exact[0]['peak_worker_mb']:>8.2f} "
+                  f"{r['peak_total_mb']:>8.0f}")
+    if largest is None:
+        ray.shutdown()
+        return
     uri, rows = largest
     print(f"\nsearch over {rows} vectors ({args.queries} single queries, k=10; IVF: nprobe 16)")
     print(f"{'factory':>14} {'build s':>8} {'p50 ms':>7} {'p99 ms':>7} {'index MB':>8} {'top-1 = all lists':>17}")

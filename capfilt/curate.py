@@ -4,7 +4,8 @@
              NSFW / aesthetic heads over the image embedding, LAION's punsafe / pwatermark where
              the shard has them, sha256 -> _curate/scores/part-NNNNN.parquet (kept: the record)
     plan     driver: the CLIP-score threshold (absolute and/or a quantile over the whole input)
-    exact    Ray tasks, one per sha256 partition: identical images, the best-scoring row stays
+    exact    Ray tasks, sha256 hash-partitioned (map over runs of shards, reduce per partition):
+             identical images, the best-scoring row stays
     semdedup capfilt.semdedup (k-means, clusters deduplicated in parallel tasks)
     write    Ray task per input shard: curated shard i (same CAPFILT contract, with its
              embeddings) and _removed/part-i (every removed row, whole, with reasons and scores)
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,12 +26,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from capfilt.curate_config import CurateConfig
 from capfilt.embeddings import has_embeddings, read_embeddings, write_embeddings
 from capfilt.semdedup import Candidates, Removed, semdedup
-from pipelines.curation import (AESTHETIC, CLIP_SCORE, EXACT_DUPLICATE, NEAR_DUPLICATE, NSFW, REASONS, REMOVED_DIR,
-                                SCORES_DIR, STATS_DIR, WATERMARK, WORK_DIR)
+from pipelines.curation import (AESTHETIC, BAD_EMBEDDING, CLIP_SCORE, EXACT_DUPLICATE, NEAR_DUPLICATE, NO_IMAGE, NSFW,
+                                REASONS, REMOVED_DIR, SCORES_DIR, STATS_DIR, WATERMARK, WORK_DIR)
 from pipelines.inspect import Distribution
 from pipelines.schema import CAPFILT, CURATE_SCORES, REMOVED, SchemaError, validate
 from pipelines.shardio import ShardSet, shard_index, shard_name
@@ -65,6 +68,16 @@ def kept_score(scores: list, use: str) -> float:
     return {"best": finite[0], "mean": float(np.mean(finite)), "min": min(finite)}[use]
 
 
+def _may_hold_null_images(pf) -> bool:
+    """From the footer's statistics (no image read): whether any row's image is null."""
+    leaf = [pf.metadata.schema.column(i).path for i in range(pf.metadata.num_columns)].index("image")
+    for g in range(pf.num_row_groups):
+        st = pf.metadata.row_group(g).column(leaf).statistics
+        if st is None or not st.has_null_count or st.null_count > 0:
+            return True
+    return False
+
+
 # -- score pass (Ray Data actors) -----------------------------------------------------------
 class ScoreStage:
     """Writes ``_curate/scores/part-i`` for each shard index it is given (heads loaded once per actor)."""
@@ -94,17 +107,22 @@ class ScoreStage:
         table = pf.read(columns=["key", "source", "sha256", "scores", "policy", "meta"])
         n = table.num_rows
         sha = table.column("sha256").to_pylist()
-        if any(s is None for s in sha):  # older shards: hash the image bytes themselves
+        no_image = np.zeros(n, bool)
+        if any(s is None for s in sha) or _may_hold_null_images(pf):   # older shards: hash the image bytes
             images = pf.read(columns=["image"]).column("image").to_pylist()
-            sha = [s or hashlib.sha256(img).hexdigest() for s, img in zip(sha, images)]
+            no_image = np.array([img is None for img in images], bool)
+            sha = [s or (hashlib.sha256(img).hexdigest() if img is not None else None) for s, img in zip(sha, images)]
+        emb = read_embeddings(self.src, index) if n and has_embeddings(self.src, index) else None
+        if emb is not None and len(emb) != n:
+            raise SchemaError(f"{self.src.url(name)}: {n} rows but {len(emb)} image embeddings (misaligned)")
+        bad_emb = ~np.isfinite(emb).all(axis=1) if emb is not None else np.zeros(n, bool)
         cols = {"row": pa.array(np.arange(n, dtype=np.int32)), "key": table.column("key"),
                 "source": table.column("source"), "sha256": pa.array(sha, pa.string()),
                 "policy": table.column("policy"),
                 "clip_score": pa.array([kept_score(s, self.cfg.clip_score.use)
                                         for s in table.column("scores").to_pylist()], pa.float32())}
-        emb = read_embeddings(self.src, index) if self.heads and n else None
-        if emb is not None and len(emb) != n:
-            raise SchemaError(f"{self.src.url(name)}: {n} rows but {len(emb)} image embeddings (misaligned)")
+        cols["defect"] = pa.array(np.where(no_image, NO_IMAGE, np.where(bad_emb, BAD_EMBEDDING, None)).tolist(),
+                                  pa.string())
         for head in ("aesthetic", "nsfw"):
             cols[head] = pa.array(score(self.heads[head], emb, self.device), pa.float32()) \
                 if head in self.heads and n else pa.nulls(n, pa.float32())
@@ -148,7 +166,8 @@ class Plan:
         def col(name: str, fill: float) -> np.ndarray:
             return pc.fill_null(scores.column(name), fill).to_numpy(zero_copy_only=False).astype(np.float64)
 
-        out = {}
+        defect = scores.column("defect")   # rows nothing downstream can use: always removed
+        out = {r: np.asarray(pc.fill_null(pc.equal(defect, r), False)) for r in (NO_IMAGE, BAD_EMBEDDING)}
         if c.clip_score.enabled and self.clip_threshold is not None:
             human = np.asarray(pc.fill_null(pc.equal(scores.column("policy"), "human"), False))
             out[CLIP_SCORE] = (col("clip_score", np.inf) < self.clip_threshold) & ~human
@@ -187,49 +206,105 @@ def clip_threshold(cfg: CurateConfig, scores: ShardSet, shards: list[int]) -> tu
 
 
 # -- exact duplicates (sha256) ----------------------------------------------------------------
-def _exact_partition(plan: Plan, shards: list[int], part: int, parts: int) -> dict[str, np.ndarray]:
-    """Rows of one sha256 partition whose image an earlier (better) row already has."""
-    cols = {f: [] for f in ("sha", "score", "key", "shard", "row")}
+# As the download plan dedups URLs: map tasks over runs of shards hash each live row's sha256 into
+# one of P partitions (object refs, no task reads every score table); one reduce task per partition
+# finds the duplicates and writes them, sorted by shard, to _curate/work/exact/part-PPPPP.parquet;
+# a shard's marks are then one filtered read per partition file. Memory per task: ~rows_per_task rows.
+EXACT_DIR = f"{WORK_DIR}/exact"
+EXACT_SCHEMA = pa.schema([("shard", pa.int32()), ("row", pa.int32()), ("dup_key", pa.string())])
+_CANDIDATE_SCHEMA = pa.schema([("sha", pa.string()), ("score", pa.float64()), ("key", pa.string()),
+                               ("shard", pa.int32()), ("row", pa.int32())])
+
+
+def _exact_map(plan: Plan, shards: list[int], parts: int) -> list[pa.Table]:
+    """The live rows of ``shards`` with a sha256, split into ``parts`` tables by hash."""
+    tables = []
     for i in shards:
         t = plan.read_scores(i)
-        sha = t.column("sha256").to_pylist()
-        live = plan.survivors(t)
-        mine = np.array([s is not None and int(s[:15], 16) % parts == part for s in sha], bool) & live
-        idx = np.flatnonzero(mine)
+        sha = t.column("sha256")
+        idx = np.flatnonzero(plan.survivors(t) & np.asarray(pc.is_valid(sha)))
         if not idx.size:
             continue
-        score = np.nan_to_num(pc.fill_null(t.column("clip_score"), np.nan).to_numpy(zero_copy_only=False),
-                              nan=-np.inf)
-        cols["sha"].append(np.asarray(sha, dtype=object)[idx].astype(str))
-        cols["score"].append(score[idx])
-        cols["key"].append(np.asarray(t.column("key").to_pylist(), dtype=str)[idx])
-        cols["shard"].append(np.full(idx.size, i, np.int64))
-        cols["row"].append(idx.astype(np.int64))
-    if not cols["sha"]:
-        return {"shard": np.empty(0, np.int64), "row": np.empty(0, np.int64), "dup_key": np.empty(0, str)}
-    d = {k: np.concatenate(v) for k, v in cols.items()}
+        take = pa.array(idx, pa.int64())
+        score = np.nan_to_num(pc.fill_null(t.column("clip_score"), np.nan).to_numpy(zero_copy_only=False)
+                              .astype(np.float64), nan=-np.inf)[idx]
+        tables.append(pa.table({"sha": sha.take(take), "score": score, "key": t.column("key").take(take),
+                                "shard": np.full(idx.size, i, np.int32), "row": idx.astype(np.int32)},
+                               schema=_CANDIDATE_SCHEMA))
+    table = pa.concat_tables(tables) if tables else _CANDIDATE_SCHEMA.empty_table()
+    which = np.array([int(s[:15], 16) % parts for s in table.column("sha").to_pylist()], np.int64)
+    out = [table.filter(pa.array(which == p)) for p in range(parts)]
+    return out if parts > 1 else out[0]
+
+
+def _exact_reduce(output_uri: str, part: int, *tables: pa.Table) -> int:
+    """Rows of one partition whose image an earlier (better) row already has: write their marks."""
+    t = pa.concat_tables(tables) if tables else _CANDIDATE_SCHEMA.empty_table()
+    d = {f: t.column(f).to_numpy(zero_copy_only=False) for f in ("score", "shard", "row")}
+    d.update({f: np.asarray(t.column(f).to_pylist(), dtype=str) for f in ("sha", "key")})
     order = np.lexsort((d["row"], d["shard"], d["key"], -d["score"], d["sha"]))
     d = {k: v[order] for k, v in d.items()}
     first = np.ones(len(order), bool)
     first[1:] = d["sha"][1:] != d["sha"][:-1]
     head = np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))  # index of each run's best row
-    dup = ~first
-    return {"shard": d["shard"][dup], "row": d["row"][dup], "dup_key": d["key"][head[dup]]}
+    dup = np.flatnonzero(~first)
+    marks = pa.table({"shard": d["shard"][dup], "row": d["row"][dup], "dup_key": d["key"][head[dup]]},
+                     schema=EXACT_SCHEMA)
+    marks = marks.take(pc.sort_indices(marks, [("shard", "ascending"), ("row", "ascending")]))
+    ss = ShardSet(output_uri)
+    ss.makedirs(EXACT_DIR)
+    buf = io.BytesIO()
+    pq.write_table(marks, buf, row_group_size=1 << 16)
+    ss.put(f"{EXACT_DIR}/part-{part:05d}.parquet", buf.getvalue())
+    return marks.num_rows
 
 
-def exact_duplicates(plan: Plan, shards: dict[int, int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """shard -> (rows, key of the row kept in their place)."""
+@dataclasses.dataclass
+class ExactMarks:
+    """Where the exact duplicates are (picklable): shard -> (rows, key of the row kept in their place)."""
+    output_uri: str
+    parts: int
+
+    def get(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        ss = ShardSet(self.output_uri)
+        tables = [pq.read_table(ss.path(f"{EXACT_DIR}/part-{p:05d}.parquet"), filesystem=ss.fs,
+                                filters=[("shard", "=", shard)], schema=EXACT_SCHEMA) for p in range(self.parts)]
+        t = pa.concat_tables(tables)
+        t = t.take(pc.sort_indices(t, [("row", "ascending")]))
+        return (t.column("row").to_numpy(zero_copy_only=False).astype(np.int64),
+                np.asarray(t.column("dup_key").to_pylist(), dtype=str))
+
+
+@dataclasses.dataclass
+class NoMarks:
+    def get(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        return np.empty(0, np.int64), np.empty(0, str)
+
+
+def exact_duplicates(plan: Plan, shards: dict[int, int], output_uri: str) -> tuple[ExactMarks, int]:
+    """Find every exact duplicate among ``shards`` (index -> rows); returns (their marks, how many)."""
     import ray
 
-    parts = max(1, -(-sum(shards.values()) // plan.cfg.exact_rows_per_task))
-    task = ray.remote(num_cpus=plan.cfg.write_num_cpus)(_exact_partition)
-    results = ray.get([task.remote(plan, list(shards), p, parts) for p in range(parts)])
-    out: dict[int, list] = {}
-    for r in results:
-        for s, row, key in zip(r["shard"].tolist(), r["row"].tolist(), r["dup_key"].tolist()):
-            out.setdefault(s, []).append((row, key))
-    return {s: (np.array([r for r, _ in sorted(v)], np.int64), np.array([k for _, k in sorted(v)], dtype=str))
-            for s, v in out.items()}
+    per_task = plan.cfg.exact_rows_per_task
+    parts = max(1, -(-sum(shards.values()) // per_task))
+    runs, cur, rows = [], [], 0
+    for i, n in shards.items():      # map tasks over runs of ~per_task rows
+        cur.append(i)
+        rows += n
+        if rows >= per_task:
+            runs.append(cur)
+            cur, rows = [], 0
+    runs += [cur] if cur else []
+    dst = ShardSet(output_uri)
+    if dst.fs.exists(dst.path(EXACT_DIR)):   # a crashed run's marks: never mixed into this one
+        dst.fs.rm(dst.path(EXACT_DIR), recursive=True)
+    plan_ref = ray.put(plan)
+    mapper = ray.remote(_exact_map).options(num_cpus=plan.cfg.write_num_cpus, num_returns=parts)
+    maps = [mapper.remote(plan_ref, run, parts) for run in runs]
+    maps = [m if parts > 1 else [m] for m in maps]
+    reducer = ray.remote(_exact_reduce).options(num_cpus=plan.cfg.write_num_cpus)
+    found = ray.get([reducer.remote(output_uri, p, *[m[p] for m in maps]) for p in range(parts)])
+    return ExactMarks(output_uri, parts), sum(found)
 
 
 # -- semantic duplicates ----------------------------------------------------------------------
@@ -238,11 +313,11 @@ class CurateCandidates:
     """semdedup's loader: a shard's rows that survived the earlier filters, with their embeddings."""
     plan: Plan
     input_uri: str
-    exact: dict[int, np.ndarray]        # shard -> rows removed as exact duplicates
+    exact: ExactMarks | NoMarks         # rows removed as exact duplicates
 
     def mask(self, index: int, scores: pa.Table) -> np.ndarray:
         keep = self.plan.survivors(scores)
-        keep[self.exact.get(index, np.empty(0, np.int64))] = False
+        keep[self.exact.get(index)[0]] = False
         return keep
 
     def __call__(self, index: int) -> Candidates:
@@ -256,7 +331,7 @@ class CurateCandidates:
 
 # -- write pass -------------------------------------------------------------------------------
 def write_curated_shard(plan: Plan, input_uri: str, output_uri: str, index: int,
-                        exact: tuple[np.ndarray, np.ndarray] | None, near: Removed | None) -> dict:
+                        exact: ExactMarks | NoMarks, near: Removed | None) -> dict:
     """Commit curated shard ``index`` (+ embeddings) and its side-table shard; returns its counts."""
     src, dst = ShardSet(input_uri), ShardSet(output_uri)
     name = shard_name(index)
@@ -269,7 +344,7 @@ def write_curated_shard(plan: Plan, input_uri: str, output_uri: str, index: int,
     dup_of = np.full(n, None, dtype=object)
     similarity = np.full(n, np.nan, np.float32)
     for reason, rows, keys, sims in (
-            (EXACT_DUPLICATE, *(exact or (np.empty(0, np.int64), np.empty(0, str))), None),
+            (EXACT_DUPLICATE, *exact.get(index), None),
             (NEAR_DUPLICATE, *((near.rows, near.dup_key) if near else (np.empty(0, np.int64), np.empty(0, str))),
              near.similarity if near else None)):
         mask = np.zeros(n, bool)
@@ -289,6 +364,9 @@ def write_curated_shard(plan: Plan, input_uri: str, output_uri: str, index: int,
              "similarity": pa.array(np.where(np.isnan(similarity[idx]), None, similarity[idx]).tolist(), pa.float32())}
     for col in ("clip_score", "aesthetic", "nsfw", "punsafe", "pwatermark"):
         extra[col] = scores.column(col).take(pa.array(idx, pa.int64()))
+    # REMOVED keeps CAPFILT's non-null image: a foreign shard's null image is recorded as b"" (reason no_image)
+    side = side.set_column(side.schema.get_field_index("image"), "image",
+                           pc.fill_null(side.column("image"), pa.scalar(b"", pa.binary())))
     side = pa.Table.from_arrays([*(side.column(f.name) for f in CAPFILT.schema), *extra.values()],
                                 names=[*CAPFILT.schema.names, *extra])
     kept_idx = np.flatnonzero(~removed)
@@ -311,7 +389,7 @@ def _fingerprint(cfg: CurateConfig, seed: int, src: ShardSet) -> dict:
     """What the output depends on: the filters, the seed and the input's shards."""
     filters = {f.name: dataclasses.asdict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
                if dataclasses.is_dataclass(getattr(cfg, f.name))}
-    shards = [dataclasses.asdict(src.shard_info(n)) for n in src.committed()]
+    shards = [dataclasses.asdict(i) for i in src.map_members(src.shard_info, src.committed())]   # many at a time
     return {"filters": filters, "seed": seed, "input": src.uri,
             "input_shards": hashlib.sha256(json.dumps(shards, sort_keys=True).encode()).hexdigest()}
 
@@ -354,13 +432,15 @@ def run_curate(cfg: CurateConfig, seed: int, log=print) -> dict:
         threshold, thresholds = clip_threshold(cfg, ShardSet(dst.url(SCORES_DIR)), list(shards))
         plan = Plan(cfg, threshold, dst.url(SCORES_DIR))
         t = time.time()
-        exact = exact_duplicates(plan, shards) if cfg.exact_dedup.enabled else {}
+        exact = exact_duplicates(plan, shards, dst.uri)[0] if cfg.exact_dedup.enabled else NoMarks()
         seconds["exact_dedup"] = round(time.time() - t, 2)
         near: dict[int, Removed] = {}
         if cfg.semdedup.enabled:
             t = time.time()
-            loader = CurateCandidates(plan, src.uri, {s: rows for s, (rows, _) in exact.items()})
-            counts = {i: int(loader.mask(i, plan.read_scores(i)).sum()) for i in shards}
+            loader = CurateCandidates(plan, src.uri, exact)
+            # many score tables at a time: at 12.9k shards one after the other took minutes on object stores
+            counts = dict(zip(shards, src.map_members(lambda i: int(loader.mask(i, plan.read_scores(i)).sum()),
+                                                      list(shards))))
             near, dedup_info = semdedup(loader, counts, dst.url(WORK_DIR), cfg.semdedup, seed, log=log)
             seconds["semdedup"] = round(time.time() - t, 2)
         import ray
@@ -368,7 +448,7 @@ def run_curate(cfg: CurateConfig, seed: int, log=print) -> dict:
         t = time.time()
         write = ray.remote(num_cpus=cfg.write_num_cpus)(write_curated_shard)
         plan_ref = ray.put(plan)
-        stats = ray.get([write.remote(plan_ref, src.uri, dst.uri, i, exact.get(i), near.get(i)) for i in pending])
+        stats = ray.get([write.remote(plan_ref, src.uri, dst.uri, i, exact, near.get(i)) for i in pending])
         seconds["write"] = round(time.time() - t, 2)
     summary = {"shards": len(shards), "shards_skipped": len(shards) - len(pending), "shards_written": len(pending),
                **summarize(stats), "thresholds": thresholds, "semdedup": dedup_info, "seconds": seconds,

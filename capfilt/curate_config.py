@@ -5,6 +5,7 @@ Every filter has its own sub-section with an ``enabled`` switch, e.g.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -113,11 +114,27 @@ class CurateConfig:
 class SearchConfig:
     """``blip2 shards search``: a faiss index over the image embeddings, queried with CLIP (capfilt.ranker)."""
     index: str = ""                     # where the index lives ("" : <shard set>/_index)
-    factory: str = "Flat"               # faiss index_factory string, inner product (e.g. IVF4096,SQ8)
-    train_rows: int = 200_000           # rows a trainable index (IVF, PQ) trains on, from the first shards
+    # "auto": chosen for the set's size within memory_gb (capfilt.search.choose_index); else any
+    # faiss index_factory string, inner product (e.g. Flat, IVF4096,SQ8, IVF16384_HNSW32,PQ96)
+    factory: str = "auto"
+    memory_gb: float = 16.0             # auto: the most RAM the index may take when it is searched
+    exact_rows: int = 100_000           # auto: up to this many vectors, exact search (Flat)
+    train_rows: int | None = None       # vectors a trainable index trains on (None: 64 per IVF list, >= 20k)
     nprobe: int = 32                    # IVF lists searched per query
     k: int = 10
+    rerank: int = 4                     # quantised indexes: rerank x k candidates re-scored exactly (1: none)
+    rows_per_task: int = 1_000_000      # vectors one fill task adds (its memory: rows x code bytes)
+    num_cpus: float = 1.0               # per train / fill / merge task (also its faiss threads)
 
     def validate(self) -> None:
-        if min(self.k, self.nprobe, self.train_rows) < 1:
-            raise ValueError(f"k, nprobe and train_rows must be >= 1, got {self.k}, {self.nprobe}, {self.train_rows}")
+        if not self.factory.strip():
+            raise ValueError("factory must be 'auto' or a faiss index_factory string")
+        if self.k < 1 or self.nprobe < 1 or self.rows_per_task < 1 or self.rerank < 1:
+            raise ValueError(f"k, nprobe, rows_per_task and rerank must be >= 1, got {self.k}, {self.nprobe}, "
+                             f"{self.rows_per_task}, {self.rerank}")
+        if self.train_rows is not None and self.train_rows < 1:
+            raise ValueError(f"train_rows must be >= 1 (or null), got {self.train_rows}")
+        if not (math.isfinite(self.memory_gb) and self.memory_gb > 0) or self.exact_rows < 0:
+            raise ValueError(f"need memory_gb > 0 (finite) and exact_rows >= 0, got {self.memory_gb}, {self.exact_rows}")
+        if not (math.isfinite(self.num_cpus) and self.num_cpus > 0):
+            raise ValueError(f"num_cpus must be > 0, got {self.num_cpus}")

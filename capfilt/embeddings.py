@@ -57,5 +57,19 @@ def read_embeddings(src: ShardSet, index: int, kind: str = "img_emb") -> np.ndar
     return np.load(io.BytesIO(src.fs.cat(src.path(embedding_paths(index)[kind]))))
 
 
+def read_embedding_rows(src: ShardSet, index: int, rows: list[int], kind: str = "img_emb") -> np.ndarray:
+    """Some rows of one shard's embeddings (float16), by range reads: never the whole file."""
+    with src.fs.open(src.path(embedding_paths(index)[kind]), "rb", block_size=1 << 16) as f:
+        fmt = np.lib.format
+        header = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
+        shape, _, dtype = header(f)
+        start, width = f.tell(), int(np.prod(shape[1:])) * dtype.itemsize
+        out = np.empty((len(rows), *shape[1:]), dtype)
+        for i, r in enumerate(rows):
+            f.seek(start + int(r) * width)
+            out[i] = np.frombuffer(f.read(width), dtype).reshape(shape[1:])
+    return out
+
+
 def read_metadata(src: ShardSet, index: int) -> pa.Table:
     return pq.read_table(io.BytesIO(src.fs.cat(src.path(embedding_paths(index)["metadata"]))))

@@ -16,10 +16,12 @@ SCORES_DIR = "_curate/scores"
 STATS_DIR = "_curate_stats"
 WORK_DIR = "_curate/work"          # scratch of the dedup passes, removed when the job ends
 
-# Removal reasons, in the order filters run: per-row filters first, then exact, then near duplicates.
+# Removal reasons, in the order filters run: unusable rows (a null image, a NaN/inf embedding) and
+# per-row filters first, then exact, then near duplicates.
+NO_IMAGE, BAD_EMBEDDING = "no_image", "bad_embedding"
 CLIP_SCORE, NSFW, WATERMARK, AESTHETIC = "clip_score", "nsfw", "watermark", "aesthetic"
 EXACT_DUPLICATE, NEAR_DUPLICATE = "exact_duplicate", "near_duplicate"
-ROW_REASONS = (CLIP_SCORE, NSFW, WATERMARK, AESTHETIC)
+ROW_REASONS = (NO_IMAGE, BAD_EMBEDDING, CLIP_SCORE, NSFW, WATERMARK, AESTHETIC)
 REASONS = (*ROW_REASONS, EXACT_DUPLICATE, NEAR_DUPLICATE)
 
 

@@ -139,6 +139,7 @@ def run_partitions(plan: Plan, cfg: DownloadConfig, shards: ShardSet, progress: 
     from tqdm import tqdm
 
     done = shards.committed_indices()
+    log(f"download: {plan.shards} shards, {len(done)} already committed, {plan.shards - len(done)} to run")
     todo = (p for p in plan.partitions() if p.index not in done)
     keys = plan.keys()
     keys_ref = ray.put(keys)

@@ -132,7 +132,7 @@ _CURATION_SCORES = [
 
 CURATE_SCORES = Contract(
     "curate_scores",
-    1,
+    2,
     pa.schema(
         [
             pa.field("row", pa.int32(), nullable=False),       # row index in the input shard
@@ -141,6 +141,7 @@ CURATE_SCORES = Contract(
             pa.field("sha256", pa.string()),                   # the shard's, else hashed from the image
             pa.field("policy", pa.string()),                   # "human" rows skip the CLIP-score filter
             *_CURATION_SCORES,
+            pa.field("defect", pa.string()),                   # no_image | bad_embedding (null: usable)
         ]
     ),
 )

@@ -69,8 +69,10 @@ def run(args, cfg) -> int:
 
 def _search(args, cfg) -> int:
     from capfilt.search import format_hits, run_search, write_search_page
+    from orchestration.ray_session import ensure_ray
 
     try:
+        ensure_ray(cfg.ray)   # the index is trained and filled by Ray tasks
         result = run_search(args.path, cfg.search, cfg.capfilt.ranker, text=args.text, image_path=args.image, k=args.k,
                             log=lambda m: print(m, file=sys.stderr, flush=True))
     except (FileNotFoundError, ValueError) as e:

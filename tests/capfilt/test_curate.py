@@ -5,16 +5,18 @@ import dataclasses
 import math
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from capfilt.curate import run_curate
 from capfilt.curate_config import (AestheticFilter, ClipScoreFilter, CurateConfig, ExactDedupFilter, NsfwFilter,
                                    SemDedupFilter, WatermarkFilter)
-from capfilt.embeddings import read_embeddings, read_metadata
+from capfilt.embeddings import read_embeddings, read_metadata, write_embeddings
 from capfilt.heads import build_head, load_head, save_head, score
 from pipelines.curation import REMOVED_DIR, SCORES_DIR
 from pipelines.schema import CAPFILT, CURATE_SCORES, REMOVED, SchemaError
-from pipelines.shardio import ShardSet, shard_name
+from pipelines.shardio import COMMITS, ShardSet, shard_name
 from tests.helpers.curation import write_curation_input
 
 QUIET = dict(log=lambda m: None)
@@ -52,8 +54,8 @@ def test_default_filters_remove_exactly_the_planted_rows(curated):
             assert row["duplicate_of"] is None and row["clip_score"] < 0.22
     s = summary["set"]
     assert (s["rows_in"], s["kept"], s["removed"], s["accounted"]) == (47, 36, 11, True)
-    assert s["by_reason"] == {"clip_score": 4, "nsfw": 0, "watermark": 0, "aesthetic": 0,
-                              "exact_duplicate": 3, "near_duplicate": 4}
+    assert s["by_reason"] == {"no_image": 0, "bad_embedding": 0, "clip_score": 4, "nsfw": 0, "watermark": 0,
+                              "aesthetic": 0, "exact_duplicate": 3, "near_duplicate": 4}
     assert summary["thresholds"]["quantile_score"] == pytest.approx(0.22, abs=1e-4)
 
 
@@ -170,3 +172,39 @@ def test_every_filter_switched_off_keeps_every_row(ray_local, corpus, tmp_path):
     summary = run_curate(cfg, seed=0, **QUIET)
     assert summary["set"]["kept"] == 47 and summary["set"]["removed"] == 0
     assert [r["key"] for r in read_rows(cfg.output, CAPFILT)] == data.keys
+
+
+def test_partitioned_exact_dedup_matches_one_partition_and_unusable_rows_are_removed(ray_local, corpus, tmp_path):
+    """sha256 partitions over map tasks (rows_per_task 5: 10 partitions, 10 map tasks) remove the
+    same rows as one partition; a null image (L4) and a NaN embedding (L5) are counted removals."""
+    data = write_curation_input(str(tmp_path / "in"), corpus)
+    taken = set().union(*data.removed.values(), data.duplicate_of.values())
+    ss = ShardSet(data.uri)
+    table = ss.read_shard(shard_name(1), CAPFILT)
+    free = [i for i, k in enumerate(table.column("key").to_pylist()) if k not in taken]
+    null_row, nan_row = free[0], free[1]
+    images = table.column("image").to_pylist()
+    images[null_row] = None
+    at = table.schema.get_field_index("image")
+    table = table.cast(table.schema.set(at, table.schema.field(at).with_nullable(True)))
+    table = table.set_column(at, table.schema.field(at), pa.array(images, pa.binary()))
+    emb = read_embeddings(ss, 1).astype(np.float32)
+    emb[nan_row] = np.nan
+    pq.write_table(table, ss.path(shard_name(1)))   # a foreign shard: our writer refuses a null image
+    ss.fs.rm(ss.path(f"{COMMITS}/{shard_name(1)}.json"))
+    write_embeddings(ss, 1, table, emb, emb)
+    keys = table.column("key").to_pylist()
+
+    runs = {}
+    for per_task in (10**9, 5):
+        cfg = CurateConfig(input=data.uri, output=str(tmp_path / f"out{per_task}"), exact_rows_per_task=per_task,
+                           semdedup=SemDedupFilter(enabled=False))
+        summary = run_curate(cfg, seed=0, **QUIET)
+        runs[per_task] = {r["key"]: (r["reasons"], r["duplicate_of"])
+                          for r in read_rows(f"{cfg.output}/{REMOVED_DIR}", REMOVED)}
+        assert summary["set"]["accounted"] and summary["set"]["by_reason"]["exact_duplicate"] == 3
+        assert (summary["set"]["by_reason"]["no_image"], summary["set"]["by_reason"]["bad_embedding"]) == (1, 1)
+    assert runs[5] == runs[10**9]
+    assert runs[5][keys[null_row]] == (["no_image"], None) and runs[5][keys[nan_row]] == (["bad_embedding"], None)
+    exact = {k: dup for k, (reasons, dup) in runs[5].items() if "exact_duplicate" in reasons}
+    assert exact == {k: data.duplicate_of[k] for k in data.removed["exact_duplicate"]}

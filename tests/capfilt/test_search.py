@@ -11,15 +11,17 @@ import pytest
 
 from capfilt.curate_config import SearchConfig
 from capfilt.embeddings import read_embeddings, write_embeddings
-from capfilt.search import QueryEncoder, run_search, search, update_index, write_search_page
+from capfilt.search import QueryEncoder, choose_index, run_search, search, update_index, write_search_page
 from capfilt.semdedup import normalized
 from orchestration.cli import main
 from pipelines.schema import CAPFILT
 from pipelines.shardio import ShardSet
 from tests.helpers.browser import CHROMIUM, chromium
+from tests.helpers.embeddings import write_embedding_set
 from tests.helpers.shards import capfilt_rows
 
 QUIET = dict(log=lambda m: None)
+pytestmark = pytest.mark.usefixtures("ray_local")   # the index is trained and filled by Ray tasks
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +159,76 @@ def test_an_interrupted_update_is_rebuilt(corpus, encoder, tmp_path):
     index, state, stats = update_index(uri, SearchConfig(), log=messages.append)
     assert any("disagree" in m for m in messages) and stats["rows"] == index.ntotal == 24
     assert [s["name"] for s in state["shards"]] == ["part-00000.parquet", "part-00001.parquet"]
+
+
+def clustered(n: int, dim: int = 16, clusters: int = 64, seed: int = 0) -> np.ndarray:
+    """Unit rows around ``clusters`` centres (neighbours are meaningful, as with CLIP embeddings)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim))
+    return normalized(centres[rng.integers(0, clusters, n)] + 0.3 * rng.normal(size=(n, dim))).astype(np.float32)
+
+
+def test_auto_picks_the_index_for_the_size_and_memory_budget():
+    cfg = SearchConfig()
+    assert choose_index(50_000, 768, cfg).factory == "Flat"                       # exact below exact_rows
+    assert choose_index(5_000_000, 768, cfg).factory == "IVF2048_HNSW32,SQ8"     # 3.9 GB: SQ8 fits 16 GB
+    big = choose_index(129_000_000, 768, cfg)                                    # SQ8 would take 100 GB
+    assert big.factory == "IVF8192_HNSW32,PQ96" and big.bytes <= 16 * 2**30 and big.train_rows == 64 * 8192
+    assert choose_index(129_000_000, 768, SearchConfig(memory_gb=128)).factory == "IVF8192_HNSW32,SQ8"
+    with pytest.raises(ValueError, match="fits search.memory_gb=16"):
+        choose_index(5_000_000_000, 768, cfg)
+    small = SearchConfig(exact_rows=1000)
+    assert choose_index(4000, 16, small).factory == "IVF64,SQ8"
+    assert choose_index(4000, 16, SearchConfig(exact_rows=1000, memory_gb=60_000 / 2**30)).factory == "IVF64,PQ4"
+    assert choose_index(4000, 16, SearchConfig(exact_rows=1000, train_rows=390)).factory == "IVF10,SQ8"  # <= rows/39
+
+
+def test_auto_index_is_filled_in_parallel_merged_and_recalls_exact_search(tmp_path):
+    emb = clustered(4000)
+    uri = str(tmp_path / "set")
+    write_embedding_set(uri, emb[:3500], per_shard=500)
+    cfg = SearchConfig(exact_rows=1000, rows_per_task=1000, nprobe=8)
+    index, state, stats = update_index(uri, cfg, **QUIET)
+    assert stats["factory"] == "IVF64,SQ8" and stats["parts"] == 4 and index.ntotal == 3500
+    write_embedding_set(uri, emb, per_shard=500)          # one more shard: merged into the stored index
+    index, state, stats = update_index(uri, cfg, **QUIET)
+    assert (stats["shards_added"], stats["rows"], index.ntotal) == (1, 4000, 4000)
+    queries = clustered(50, seed=1)
+    f16 = normalized(emb.astype(np.float16))
+    exact = np.argsort(-(queries @ f16.T), axis=1)[:, :10]
+    recall = {}
+    for rerank in (1, 4):   # 4: 40 candidates re-scored with the stored rows
+        found = [search(index, state, q, 10, cfg.nprobe, set_uri=uri, rerank=rerank) for q in queries]
+        recall[rerank] = np.mean([len({i for i, _ in f} & set(t)) / 10 for f, t in zip(found, exact.tolist())])
+    assert recall[1] >= 0.95 and recall[4] >= recall[1]
+    np.testing.assert_allclose([s for _, s in found[0]], f16[[i for i, _ in found[0]]] @ queries[0], atol=1e-5)
+    assert search(index, state, emb[3777], 1, cfg.nprobe)[0][0] == 3777   # ids = shard offset + row
+
+
+@pytest.mark.parametrize("factory", ["auto", "IVF2,Flat"])
+def test_nan_and_inf_embeddings_are_skipped_and_counted(tmp_path, factory):
+    emb = clustered(60)
+    emb[[3, 31]] = np.nan
+    emb[44, 2] = np.inf
+    uri = str(tmp_path / "set")
+    write_embedding_set(uri, emb, per_shard=20)
+    messages = []
+    index, state, stats = update_index(uri, SearchConfig(factory=factory, nprobe=2), log=messages.append)
+    assert (stats["rows"], stats["rows_skipped"]) == (57, 3) and index.ntotal == 57
+    assert [s["skipped"] for s in state["shards"]] == [1, 1, 1] and any("NaN or inf" in m for m in messages)
+    found = search(index, state, emb[32], 60, nprobe=2)
+    assert found[0][0] == 32 and not {3, 31, 44} & {i for i, _ in found}
+
+
+def test_bad_k_factory_and_too_few_training_rows_are_clear_errors(tmp_path, tiny_models, capsys):
+    uri = str(tmp_path / "set")
+    write_embedding_set(uri, clustered(11), per_shard=6)
+    common = ["shards", "search", uri, "--text", "a red circle", f"capfilt.ranker={tiny_models['ranker']}"]
+    for extra, message in ((["-k", "0"], "k (hits to return) must be >= 1, got 0"),
+                           (["-k", "-5"], "must be >= 1, got -5"),
+                           (["search.factory=Garbage"], "search.factory='Garbage' is not a faiss index_factory string"),
+                           (["search.factory=IVF4096,Flat"], "needs at least 4096 training vectors, the set has 11"),
+                           (["search.k=0"], "search: k, nprobe, rows_per_task and rerank must be >= 1")):
+        assert main(common + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err

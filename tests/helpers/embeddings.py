@@ -4,8 +4,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
+from capfilt.embeddings import write_embeddings
 from capfilt.semdedup import Candidates, normalized
+from pipelines.schema import CAPFILT
+from pipelines.shardio import ShardSet
+from tests.helpers.shards import capfilt_row
 
 
 def planted(n: int, dim: int, pairs: int, seed: int = 0, topics: int = 8, spread: float = 1.2,
@@ -47,3 +52,17 @@ class ArrayLoader:
     def split(cls, emb, score, key, per_shard: int) -> "ArrayLoader":
         return cls({i: (emb[s:s + per_shard].astype(np.float16), score[s:s + per_shard], key[s:s + per_shard])
                     for i, s in enumerate(range(0, len(emb), per_shard))})
+
+
+def write_embedding_set(uri: str, emb: np.ndarray, per_shard: int) -> list[str]:
+    """A CAPFILT set whose image embeddings are ``emb`` (1-byte images), ``per_shard`` rows a shard; returns the keys."""
+    ss, keys = ShardSet(uri), []
+    for i, s in enumerate(range(0, len(emb), per_shard)):
+        rows = [capfilt_row(f"emb/{s + r:06d}", bytes([r % 256]), ["a caption"], [0.3])
+                for r in range(min(per_shard, len(emb) - s))]
+        table = pa.Table.from_pylist(rows, schema=CAPFILT.arrow_schema())
+        ss.write_shard(i, table, CAPFILT)
+        write_embeddings(ss, i, table, emb[s:s + per_shard], emb[s:s + per_shard])
+        keys += [r["key"] for r in rows]
+    ss.write_manifest(CAPFILT)
+    return keys
