@@ -159,11 +159,8 @@ def teach_tiny_models(models: dict[str, Path], out_dir: Path, *, prompt: str, se
                       steps: dict[str, int] | None = None, images: int = 2048, size: int = 64) -> dict[str, Path]:
     """Taught copies of the captioner, ranker and OPT under ``out_dir/<name>`` (each reused once
     complete, so a second demo run skips it); the other models are passed through unchanged.
-
-    The default lessons make CapFilt worth its name on the demo's corpus: with 300 captioner and
-    600 ranker steps on 512 images, 16 % of the synthetic captions named their image and CapFilt's
-    best kept caption was right less often than the web's (74 % vs 75 %); with these, 42 % and
-    87–91 % (README, "What the demo does")."""
+    The lessons are as long as CapFilt's kept captions need to beat the demo's noisy web captions
+    clearly (shorter ones made them worse than the web's; README, "What the demo does")."""
     steps = {"captioner": 1200, "ranker": 2000, "opt": 200, **(steps or {})}
     out_dir = Path(out_dir)
     todo = [n for n in TAUGHT if not (out_dir / n / ".complete").exists()]
