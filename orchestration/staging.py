@@ -124,7 +124,7 @@ def vision_tower(m: PaperModel, cache_dir: str | None, work: Path) -> tuple[Path
         else:
             sd = torch.load(snap / shard, map_location="cpu", mmap=True, weights_only=True)
             state.update({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
-    config = Blip2Config.from_pretrained(str(snap)).vision_config
+    config = Blip2Config.from_pretrained(str(snap), trust_remote_code=False).vision_config
     with torch.device("meta"):
         tower = Blip2VisionModel(config)
     tower.load_state_dict(state, strict=True, assign=True)  # every tensor present, in its stored dtype

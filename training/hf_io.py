@@ -18,7 +18,7 @@ HF has no place for the ITG head or the temperature; they go to ``blip2_extra.sa
 ``embeddings.word_embeddings.weight``). HF's retrieval model has no CLIP ViT-L tower either, so a
 CLIP-based model is refused with an error rather than exported half.
 
-Import from transformers (:func:`load_retrieval`): a plain ``Blip2ForImageTextRetrieval``
+Import from transformers (:func:`training.stage1.load_retrieval`): a plain ``Blip2ForImageTextRetrieval``
 directory (a released checkpoint, or our export) becomes a :class:`training.stage1.Blip2Stage1`
 by the same renames backwards; ``ln_vision`` is HF's ``post_layernorm`` (its eps). Without
 ``blip2_extra.safetensors`` the ITG head and temperature keep their fresh values (evaluation,
@@ -99,50 +99,6 @@ def is_retrieval_dir(path: Path) -> bool:
         return False
     hf = json.loads(cfg.read_text())
     return hf.get("model_type") == "blip-2" and "Blip2ForImageTextRetrieval" in (hf.get("architectures") or [])
-
-
-def load_retrieval(cls, path: Path, overrides: dict):
-    """``cls`` (``Blip2Stage1``) from a plain ``Blip2ForImageTextRetrieval`` directory; ``overrides``
-    replace ModelConfig fields (``frozen_dtype``, ``max_text_len``, ...)."""
-    from safetensors.torch import load_file
-    from torch import nn
-    from transformers import Blip2ForImageTextRetrieval
-
-    from training.config import ModelConfig
-    from training.encoders import DTYPES, FrozenImageEncoder, cast_tower
-    from training.stage1 import TIED_KEYS, load_tokenizer
-
-    hf = Blip2ForImageTextRetrieval.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=False)
-    config = hf.config
-    cfg = ModelConfig(**{"vision": "eva_vit_g", "image_size": config.vision_config.image_size,
-                         "num_query_tokens": config.num_query_tokens, "embed_dim": config.image_text_hidden_size,
-                         "cross_attention_frequency": config.qformer_config.cross_attention_frequency,
-                         "ln_vision_init": "copy", **overrides})
-    weights = hf.state_dict()  # before post_layernorm leaves the tower (it is our ln_vision)
-    tower = hf.vision_model
-    ln = tower.post_layernorm
-    tower.post_layernorm = nn.Identity()
-    vision = FrozenImageEncoder("eva_vit_g", cast_tower(tower, DTYPES[cfg.frozen_dtype], cfg.frozen_weights), ln)
-    model = cls(cfg, vision, load_tokenizer(str(path)), config.qformer_config)
-    back = {theirs: ours for ours, theirs in RENAMES_TO_HF.items() if ours != "vision.model."}
-    sd = {}
-    for key, value in weights.items():
-        prefix = next((p for p in back if key.startswith(p)), None)
-        if prefix:
-            sd[back[prefix] + key[len(prefix):]] = value
-        elif not key.startswith("vision_model."):
-            sd[key] = value
-    extra = path / EXTRA_FILE
-    if extra.exists():
-        sd.update(load_file(str(extra)))
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    optional = set(TIED_KEYS) | (set() if extra.exists() else
-                                 {k for k in model.state_dict() if k.startswith("itg_head.") or k == "temp"})
-    missing = [k for k in missing if not k.startswith("vision.") and k not in optional]
-    if missing or unexpected:
-        raise KeyError(f"{path}: Blip2ForImageTextRetrieval weights do not fit: missing={missing} "
-                       f"unexpected={list(unexpected)}")
-    return model
 
 
 # -- LAVIS import -------------------------------------------------------------------------

@@ -123,7 +123,7 @@ class Blip2Stage1(nn.Module):
         from transformers import Blip2QFormerConfig
         from safetensors.torch import load_file
 
-        from training.hf_io import is_retrieval_dir, load_retrieval
+        from training.hf_io import is_retrieval_dir
 
         path = Path(local_dir(str(ckpt_dir)))
         if not (path / CONFIG_FILE).exists() and is_retrieval_dir(path):
@@ -275,3 +275,46 @@ class Blip2Stage1(nn.Module):
 
         loss = loss_itc + loss_itm + loss_itg
         return {"loss": loss, "loss_itc": loss_itc, "loss_itm": loss_itm, "loss_itg": loss_itg}
+
+
+def load_retrieval(cls, path: Path, overrides: dict):
+    """``cls`` (``Blip2Stage1``) from a plain ``Blip2ForImageTextRetrieval`` directory; ``overrides``
+    replace ModelConfig fields (``frozen_dtype``, ``max_text_len``, ...)."""
+    from safetensors.torch import load_file
+    from torch import nn
+    from transformers import Blip2ForImageTextRetrieval
+
+    from training.encoders import DTYPES, cast_tower
+    from training.hf_io import EXTRA_FILE, RENAMES_TO_HF
+
+    hf = Blip2ForImageTextRetrieval.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=False)
+    config = hf.config
+    cfg = ModelConfig(**{"vision": "eva_vit_g", "image_size": config.vision_config.image_size,
+                         "num_query_tokens": config.num_query_tokens, "embed_dim": config.image_text_hidden_size,
+                         "cross_attention_frequency": config.qformer_config.cross_attention_frequency,
+                         "ln_vision_init": "copy", **overrides})
+    weights = hf.state_dict()  # before post_layernorm leaves the tower (it is our ln_vision)
+    tower = hf.vision_model
+    ln = tower.post_layernorm
+    tower.post_layernorm = nn.Identity()
+    vision = FrozenImageEncoder("eva_vit_g", cast_tower(tower, DTYPES[cfg.frozen_dtype], cfg.frozen_weights), ln)
+    model = cls(cfg, vision, load_tokenizer(str(path)), config.qformer_config)
+    back = {theirs: ours for ours, theirs in RENAMES_TO_HF.items() if ours != "vision.model."}
+    sd = {}
+    for key, value in weights.items():
+        prefix = next((p for p in back if key.startswith(p)), None)
+        if prefix:
+            sd[back[prefix] + key[len(prefix):]] = value
+        elif not key.startswith("vision_model."):
+            sd[key] = value
+    extra = path / EXTRA_FILE
+    if extra.exists():
+        sd.update(load_file(str(extra)))
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    optional = set(TIED_KEYS) | (set() if extra.exists() else
+                                 {k for k in model.state_dict() if k.startswith("itg_head.") or k == "temp"})
+    missing = [k for k in missing if not k.startswith("vision.") and k not in optional]
+    if missing or unexpected:
+        raise KeyError(f"{path}: Blip2ForImageTextRetrieval weights do not fit: missing={missing} "
+                       f"unexpected={list(unexpected)}")
+    return model
