@@ -28,7 +28,7 @@ import pyarrow as pa
 from capfilt.config import CapFiltConfig
 from capfilt.embeddings import write_embeddings
 from capfilt.preprocess import OK, TOO_LARGE, UNDECODABLE, ZERO_SIZE, Preprocess
-from pipelines.adapters import DownloadSource, open_download_source, read_error
+from pipelines.adapters import DownloadSource, InputLimits, open_download_source, read_error
 from pipelines.storage import local_dir
 from pipelines.schema import CAPFILT, HUMAN
 from pipelines.shardio import ShardSet, shard_name
@@ -351,15 +351,16 @@ def summarize(stats: list[dict], seconds: float | None = None) -> dict:
     return total
 
 
-def run_capfilt(cfg: CapFiltConfig, seed: int, log=print) -> dict:
+def run_capfilt(cfg: CapFiltConfig, seed: int, log=print, limits: InputLimits | None = None) -> dict:
     """Run CapFilt from ``cfg.input`` (a DOWNLOAD shard set, or an img2dataset / WebDataset folder
     read through ``pipelines.adapters``) to ``cfg.output`` (CAPFILT shard set).
 
     Needs Ray initialised (``orchestration.ray_session.ensure_ray``). Raises SchemaError
     before any model loads when an input shard has the wrong schema. Returns the summary
-    of this run, with the whole output set's totals under ``"set"``.
+    of this run, with the whole output set's totals under ``"set"``. ``limits``: the caps of a
+    sample of an img2dataset / WebDataset input (the run's ``download.*``).
     """
-    src, dst = open_download_source(cfg.input, policy=cfg.input_policy), ShardSet(cfg.output)
+    src, dst = open_download_source(cfg.input, policy=cfg.input_policy, limits=limits), ShardSet(cfg.output)
     shards = check_input(src)
     dst.check_writable()
     done = dst.committed_indices()

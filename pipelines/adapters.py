@@ -347,13 +347,20 @@ class WebDatasetFolder(DownloadSource):
 
 @dataclass(frozen=True)
 class InputLimits:
-    """What one input sample may hold: the download job's own caps."""
+    """What one input sample may hold: the download job's own caps (``download.max_bytes``,
+    ``download.max_caption_bytes``), the run's values via :meth:`of`."""
     max_bytes: int = DownloadConfig.max_bytes
     captions: Limits = Limits(max_caption_bytes=DownloadConfig.max_caption_bytes)
 
+    @classmethod
+    def of(cls, download: DownloadConfig) -> "InputLimits":
+        return cls(download.max_bytes, Limits(max_url_bytes=download.max_url_bytes,
+                                              max_caption_bytes=download.max_caption_bytes))
 
-def open_download_source(uri: str, policy: str = "web") -> DownloadSource:
-    """The download-contract view of ``uri``; SchemaError when it is none of the layouts above."""
+
+def open_download_source(uri: str, policy: str = "web", limits: InputLimits | None = None) -> DownloadSource:
+    """The download-contract view of ``uri``; SchemaError when it is none of the layouts above.
+    ``limits``: the caps of an img2dataset / WebDataset sample (default: ``download.*``'s defaults)."""
     fs, root = fsspec.core.url_to_fs(uri)
     root = root.rstrip("/")
     folder = _Folder(uri.rstrip("/"), fs, root)
@@ -368,10 +375,10 @@ def open_download_source(uri: str, policy: str = "web") -> DownloadSource:
     if numbered and any(n.endswith("_stats.json") for n in names):
         fmt = ("webdataset" if any(n.endswith(".tar") for n in names) else
                "files" if any(t == "directory" and n.isdigit() for n, t in names.items()) else "parquet")
-        return Img2DatasetFolder(folder, fmt, numbered, policy=policy)
+        return Img2DatasetFolder(folder, fmt, numbered, policy=policy, limits=limits)
     tars = sorted(n for n in names if n.endswith(".tar") and not n.startswith((".", "_")))  # as resolve_files
     if tars:
-        return WebDatasetFolder(folder, tars, policy=policy)
+        return WebDatasetFolder(folder, tars, policy=policy, limits=limits)
     raise SchemaError(f"{uri} holds no committed shards (part-NNNNN.parquet), img2dataset output or WebDataset "
                       "tar shards")
 

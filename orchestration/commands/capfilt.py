@@ -19,11 +19,13 @@ def add_arguments(parser) -> None:
 def run(args, cfg) -> int:
     from capfilt.job import format_summary, run_capfilt
     from orchestration.ray_session import ensure_ray
+    from pipelines.adapters import InputLimits
     from pipelines.schema import SchemaError
 
     ensure_ray(cfg.ray)
     try:
-        summary = run_capfilt(cfg.capfilt, cfg.seed, log=lambda m: print(m, file=sys.stderr, flush=True))
+        summary = run_capfilt(cfg.capfilt, cfg.seed, log=lambda m: print(m, file=sys.stderr, flush=True),
+                              limits=InputLimits.of(cfg.download))  # an img2dataset/WebDataset sample's caps
     except (SchemaError, FileNotFoundError) as e:
         print(f"blip2 capfilt: {e}", file=sys.stderr)
         return 2

@@ -155,6 +155,21 @@ def test_wds_members_are_bounded_before_they_are_read(tmp_path, jpg):
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: no member was expanded
 
 
+def test_the_runs_download_caps_bound_adapter_samples(tmp_path, jpg):
+    """``download.max_bytes`` / ``max_caption_bytes`` as configured, not their defaults, bound an
+    img2dataset / WebDataset sample (blip2 capfilt passes InputLimits.of(cfg.download))."""
+    from pipelines.adapters import InputLimits
+    from pipelines.config import DownloadConfig
+
+    _wds(tmp_path, "caps", {"00000.tar": [("a.jpg", jpg), ("a.txt", b"short"), ("b.jpg", jpg), ("b.txt", b"y" * 300)]})
+    limits = InputLimits.of(DownloadConfig(max_bytes=len(jpg) - 1, max_caption_bytes=200))
+    rows, _ = _rows(open_download_source(str(tmp_path / "caps"), limits=limits))
+    assert [(r["key"], r["status"]) for r in rows] == [("webdataset/a", "too_large"), ("webdataset/b", "too_large")]
+    assert rows[0]["error"] == f"tar member a.jpg is {len(jpg)} bytes, over {len(jpg) - 1}"
+    rows, _ = _rows(open_download_source(str(tmp_path / "caps"), limits=InputLimits.of(DownloadConfig(max_caption_bytes=200))))
+    assert [r["status"] for r in rows] == ["ok", "bad_caption"]
+
+
 def test_wds_bad_samples_are_rows_with_a_status(tmp_path, jpg):
     cases = [b'{"caption": 123}', b'{"caption": ["x", "y"]}', b'{"url": 5, "caption": "ok"}', b"[1, 2]",
              b"[" * 100000, b'{"caption": "ok", "punsafe": "high", "WIDTH": "x", "all_captions": 5}']
