@@ -37,8 +37,9 @@ CaptionRuns = tuple[tuple[int, int, int], ...]  # (start, stop, k): human rows w
 
 
 # -- the sources a shard holds -----------------------------------------------------------------
-def _merge(runs: list[tuple[int, int, str]]) -> SourceRuns:
-    out: list[tuple[int, int, str]] = []
+def _merge(runs: list[tuple]) -> tuple:
+    """Adjacent (start, stop, value) runs of one value joined."""
+    out: list[tuple] = []
     for a, b, s in runs:
         if out and out[-1][2] == s and out[-1][1] == a:
             out[-1] = (out[-1][0], b, s)
@@ -93,13 +94,7 @@ def read_caption_runs(pf) -> CaptionRuns:
                   for p, c in zip(t.column("policy").to_pylist(), t.column("captions").to_pylist())]
             runs += [(start + i, start + i + 1, k) for i, k in enumerate(ks) if k != 1]
         start += rg.num_rows
-    out: list[tuple[int, int, int]] = []
-    for a, b, k in runs:
-        if out and out[-1][2] == k and out[-1][1] == a:
-            out[-1] = (out[-1][0], b, k)
-        else:
-            out.append((a, b, k))
-    return tuple(out)
+    return _merge(runs)
 
 
 def row_runs(shard) -> tuple[tuple[int, int, str, int], ...]:
