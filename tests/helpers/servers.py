@@ -161,10 +161,10 @@ class HostileHandler(SimpleHTTPRequestHandler):
             server.gate_max = max(getattr(server, "gate_max", 0), server.gate_now)
         try:
             time.sleep(float(q.get("delay", 0.2)))
-            return self._serve_file(parts)
-        finally:
-            with _COUNT_LOCK:
+        finally:  # the count drops before the response goes out: a client that starts its next request
+            with _COUNT_LOCK:  # as soon as it has read this one is never counted twice (a busy machine did)
                 server.gate_now -= 1
+        return self._serve_file(parts)
 
     def route_redirectbody(self, parts, q):
         self.send_response(302)
