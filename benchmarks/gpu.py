@@ -118,7 +118,7 @@ def stage1_rows(args, model, image_size, vocab, dev, compiled, trainable, frozen
     from torch.utils.flop_counter import FlopCounterMode
 
     from training.config import TrainConfig
-    from training.optim import autocast, build_optimizer, grad_scaler
+    from training.optim import autocast, build_optimizer, grad_scaler, optimizer_step
 
     rows = []
     for batch in args.batch:
@@ -132,10 +132,7 @@ def stage1_rows(args, model, image_size, vocab, dev, compiled, trainable, frozen
             with autocast(tcfg.precision, dev):
                 loss = model(pixels, texts)["loss"]
             scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            sched.step()
+            optimizer_step(opt, sched, scaler)
 
         model.train()
         if torch.cuda.is_available():

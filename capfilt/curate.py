@@ -35,7 +35,7 @@ from pipelines.curation import (AESTHETIC, BAD_EMBEDDING, CLIP_SCORE, EXACT_DUPL
                                 REASONS, REMOVED_DIR, SCORES_DIR, STATS_DIR, WATERMARK, WORK_DIR)
 from pipelines.inspect import Distribution
 from pipelines.schema import CAPFILT, CURATE_SCORES, REMOVED, SchemaError, validate
-from pipelines.shardio import ShardSet, shard_index, shard_name
+from pipelines.shardio import ShardSet, column_stats, shard_index, shard_name
 
 CONFIG_FILE = "_curate/config.json"
 QUANTILE_RESOLUTION = 1e-5   # the quantile pass keeps a histogram of scores at this resolution
@@ -70,12 +70,7 @@ def kept_score(scores: list, use: str) -> float:
 
 def _may_hold_null_images(pf) -> bool:
     """From the footer's statistics (no image read): whether any row's image is null."""
-    leaf = [pf.metadata.schema.column(i).path for i in range(pf.metadata.num_columns)].index("image")
-    for g in range(pf.num_row_groups):
-        st = pf.metadata.row_group(g).column(leaf).statistics
-        if st is None or not st.has_null_count or st.null_count > 0:
-            return True
-    return False
+    return any(st is None or not st.has_null_count or st.null_count > 0 for _, st in column_stats(pf, "image"))
 
 
 # -- score pass (Ray Data actors) -----------------------------------------------------------

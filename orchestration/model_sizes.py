@@ -75,13 +75,9 @@ def t5_config(repo_id: str):
 
 # -- tokenizers of the real vocabulary sizes (filler entries w<i>: one token per word) ---------
 def bert_tokenizer(vocab_size: int = BERT_VOCAB, dec_token: bool = False):
-    from transformers import BertTokenizer
+    from orchestration.tiny_models import bert_tokenizer_of
 
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(vocab_size - 5)]
-    tok = BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True)
-    if dec_token:
-        tok.add_special_tokens({"bos_token": "[DEC]"})
-    return tok
+    return bert_tokenizer_of([f"w{i}" for i in range(vocab_size - 5)], dec_token)
 
 
 def _byte_vocab(size: int, specials: list[str], suffix: str = "") -> dict:

@@ -154,7 +154,7 @@ def rehearse_training(cfg, stage: int, batch: int, steps: int, device: torch.dev
     from torch.utils.flop_counter import FlopCounterMode
 
     from training.loop import model_class
-    from training.optim import autocast, build_optimizer, grad_scaler
+    from training.optim import autocast, build_optimizer, grad_scaler, optimizer_step
 
     torch.manual_seed(0)
     t = time.perf_counter()
@@ -178,10 +178,7 @@ def rehearse_training(cfg, stage: int, batch: int, steps: int, device: torch.dev
                 with activations:
                     loss = model(pixels, texts)["loss"]
         scaler.scale(loss.float()).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        optimizer_step(optimizer, scheduler, scaler)
         return float(loss.detach())
 
     model.train()

@@ -30,16 +30,21 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 # -- tokenizers ---------------------------------------------------------------------------
-def bert_tokenizer(dec_token: bool = True):
-    """WordPiece over the corpus words; ``[DEC]`` appended last as BOS, like BLIP/LAVIS do."""
+def bert_tokenizer_of(words: list[str], dec_token: bool):
+    """An uncased WordPiece tokenizer: BERT's five special tokens, then ``words``; ``[DEC]``
+    appended last as BOS, like BLIP/LAVIS do."""
     from transformers import BertTokenizer
 
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + CHARS + [f"##{c}" for c in CHARS]
-    vocab = list(dict.fromkeys(vocab))
+    vocab = list(dict.fromkeys(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(words)))
     tok = BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True)
     if dec_token:
         tok.add_special_tokens({"bos_token": "[DEC]"})
     return tok
+
+
+def bert_tokenizer(dec_token: bool = True):
+    """WordPiece over the corpus words (see :func:`bert_tokenizer_of`)."""
+    return bert_tokenizer_of(WORDS + CHARS + [f"##{c}" for c in CHARS], dec_token)
 
 
 def _bpe(pre_tokenizer, alphabet: list[str], suffix: str | None = None) -> tuple[dict, list[tuple[str, str]]]:

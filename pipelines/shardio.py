@@ -43,6 +43,14 @@ SECRET_KEYS = frozenset({
     "mlflow_tracking_password", "mlflow_tracking_token", "github_token"})
 
 
+def column_stats(pf: pq.ParquetFile, name: str) -> list[tuple[int, Any]]:
+    """(rows, statistics or None) of each row group for the top-level column ``name``: what a
+    footer alone says about it."""
+    md = pf.metadata
+    leaf = next(j for j in range(md.num_columns) if md.schema.column(j).path == name)
+    return [(md.row_group(g).num_rows, md.row_group(g).column(leaf).statistics) for g in range(md.num_row_groups)]
+
+
 def shard_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 

@@ -38,7 +38,7 @@ from training.config import ModelConfig, TrainConfig
 from training.hooks import Hooks
 from training.ingest import IngestConfig, IngestSpec, ShardRows, iter_epoch, list_shards, step_samples, step_split
 from training.metrics import MetricsLog
-from training.optim import autocast, build_optimizer, grad_scaler
+from training.optim import autocast, build_optimizer, grad_scaler, optimizer_step
 from training.source_weights import SourceMix, check_weight_names
 from training.trackers import TrackingConfig, open_trackers
 
@@ -199,10 +199,7 @@ def train_loop_per_worker(config: dict) -> None:
             scaler.unscale_(optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, train.grad_clip))
         lr = scheduler.get_last_lr()[0]
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        optimizer_step(optimizer, scheduler, scaler)
         state.step += 1
         wc.hooks.maybe_kill(state.step, rank, world)
 

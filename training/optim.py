@@ -59,6 +59,15 @@ def autocast(precision: str, device: torch.device):
                           enabled=precision != "fp32")
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler) -> None:
+    """One optimizer step after the micro-batches' backward passes: the (scaled) update, the
+    scaler's new scale, gradients cleared, the LR schedule advanced, in that order."""
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+
+
 def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
     """A GradScaler that is active only for fp16 (bf16/fp32 need none)."""
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipelines.schema import HUMAN
+from pipelines.shardio import column_stats
 
 SourceRuns = tuple[tuple[int, int, str], ...]   # (start, stop, source) runs of a shard's rows, in order
 CaptionRuns = tuple[tuple[int, int, int], ...]  # (start, stop, k): human rows with k != 1 usable captions
@@ -59,18 +60,14 @@ def _runs_from_column(pf) -> SourceRuns:
 def read_source_runs(pf) -> SourceRuns:
     """The source runs of one shard (a ``pyarrow.parquet.ParquetFile``): from the row-group
     statistics when each row group holds one source, else from the column itself."""
-    md = pf.metadata
-    col = next(j for j in range(md.num_columns) if md.schema.column(j).path == "source")
     runs, start = [], 0
-    for g in range(md.num_row_groups):
-        rg = md.row_group(g)
-        if rg.num_rows == 0:
+    for rows, st in column_stats(pf, "source"):
+        if rows == 0:
             continue
-        st = rg.column(col).statistics
         if st is None or not st.has_min_max or st.min != st.max:
             return _runs_from_column(pf)
-        runs.append((start, start + rg.num_rows, str(st.min)))
-        start += rg.num_rows
+        runs.append((start, start + rows, str(st.min)))
+        start += rows
     return _merge(runs)
 
 
@@ -82,18 +79,14 @@ def usable_captions(captions) -> int:
 def read_caption_runs(pf) -> CaptionRuns:
     """The runs of human rows whose usable-caption count k is not 1, of one shard: only the row
     groups whose ``policy`` statistics admit a human row have their ``policy`` and ``captions`` read."""
-    md = pf.metadata
-    col = next(j for j in range(md.num_columns) if md.schema.column(j).path == "policy")
     runs, start = [], 0
-    for g in range(md.num_row_groups):
-        rg = md.row_group(g)
-        st = rg.column(col).statistics
-        if rg.num_rows and not (st is not None and st.has_min_max and st.min == st.max != HUMAN):
+    for g, (rows, st) in enumerate(column_stats(pf, "policy")):
+        if rows and not (st is not None and st.has_min_max and st.min == st.max != HUMAN):
             t = pf.read_row_group(g, columns=["policy", "captions"])
             ks = [usable_captions(c) if p == HUMAN else 1
                   for p, c in zip(t.column("policy").to_pylist(), t.column("captions").to_pylist())]
             runs += [(start + i, start + i + 1, k) for i, k in enumerate(ks) if k != 1]
-        start += rg.num_rows
+        start += rows
     return _merge(runs)
 
 
